@@ -1,0 +1,408 @@
+"""The hook specifications: the one file a backend author reads.
+
+Every op the zoo needs from hardware is one hook named ``accel_<op>``. A backend is a module (or object)
+whose functions carry the :data:`hookimpl` marker and the hook's name; it registers itself through the
+``accel_models.backends`` entry-point group (the entry-point name is the backend name).
+
+Calling convention
+------------------
+* Ops are **bound, not dispatched**: when a model is built, the core resolves each op to one function
+  (the selected backend's, else the reference backend's) and layers call that function directly with
+  **every keyword of the spec**. An implementation must therefore accept all the spec's parameter names
+  (the core checks this when it binds, and refuses a backend that does not). Positional calls never happen.
+* ``firstresult=True`` on every op: exactly one implementation computes it.
+* Index tensors have fixed dtypes so backends agree: ``positions`` int64, ``slot_mapping`` int64,
+  ``block_table`` / ``seq_lens`` / ``query_start_loc`` int32, ``topk_ids`` int32.
+* Floating inputs are float32, float16 or bfloat16 (and float64 on the reference backend). Unless a spec
+  says otherwise, outputs have the input's dtype and device; math accumulates in at least float32.
+  An op given a dtype or shape it does not support raises ``ValueError`` naming the argument and what is
+  supported.
+* "May be in place" means the op is allowed to write its result into the named input; callers always use
+  the returned tensors and treat such inputs as consumed.
+* The KV-cache ops (``kv_cache_layout``, ``allocate_kv_cache``, ``write_kv_cache``, ``paged_attention``)
+  form one group: a cache written in one backend's layout is readable only by that backend's ops, so the
+  core binds the four from the same backend, in fallback and in per-op overrides alike.
+
+Versioning
+----------
+The API major version is :data:`accel_models.types.HOOKSPEC_API_VERSION` (1). Each hook's docstring says
+the version that added it. A new hook is a minor addition (backends without it fall back); a change of an
+existing hook's keywords or math bumps the major version.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from accel_models.types import BackendInfo, KVCacheLayout
+
+PROJECT_NAME = "accel_models"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backend-level hooks
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_backend_info() -> BackendInfo:
+    """Describe the backend: name, device type, whether it is usable here and why not.
+
+    Required of every backend. Must be cheap and must never raise: a backend whose runtime is missing
+    (no torch_npu, no device) returns ``available=False`` with a ``reason`` that tells the user what is
+    missing and how to install it. Import heavy dependencies lazily, inside op functions or here.
+
+    Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalization and activations
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalization over the last dimension.
+
+    Args:
+        x: ``[..., hidden]``, float32/float16/bfloat16. Need not be contiguous.
+        weight: ``[hidden]``, same dtype as ``x``.
+        eps: added to the mean square.
+
+    Returns:
+        ``out`` of ``x``'s shape and dtype, a new tensor (``x`` is not modified)::
+
+            var = mean(float32(x) ** 2, dim=-1, keepdim=True)
+            out = (float32(x) * rsqrt(var + eps)).to(x.dtype) * weight
+
+        (normalize in float32, cast back, then scale: the order Hugging Face's Llama uses).
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add followed by RMS normalization.
+
+    Args:
+        x: ``[..., hidden]``, float32/float16/bfloat16.
+        residual: same shape and dtype as ``x``.
+        weight: ``[hidden]``.
+        eps: as in :func:`accel_rms_norm`.
+
+    Returns:
+        ``(out, residual_out)`` where ``residual_out = x + residual`` (in ``x``'s dtype) and
+        ``out = rms_norm(residual_out, weight, eps)``. May be in place: an implementation may write
+        ``residual_out`` into ``residual`` and ``out`` into ``x`` (as vLLM's kernel does).
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Gated SiLU (SwiGLU): ``x`` is ``[..., 2 * d]``; returns ``silu(x[..., :d]) * x[..., d:]``, ``[..., d]``.
+
+    Computed in at least float32, returned in ``x``'s dtype. ``x`` is not modified.
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Gated GELU: ``x`` is ``[..., 2 * d]``; returns ``gelu(x[..., :d], approximate) * x[..., d:]``.
+
+    ``approximate`` is ``"none"`` (erf form) or ``"tanh"`` (as ``torch.nn.functional.gelu``); anything
+    else is a ValueError. ``x`` is not modified.
+
+    Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply rotary position embedding to query and key.
+
+    Args:
+        positions: ``[num_tokens]`` int64, the absolute position of each token.
+        query: ``[num_tokens, num_heads * head_size]`` (or ``[num_tokens, num_heads, head_size]``).
+        key: ``[num_tokens, num_kv_heads * head_size]`` (or 3-D likewise), or None (query only).
+        cos_sin_cache: ``[max_position, rotary_dim]``: row ``p`` is ``cat(cos(p * inv_freq), sin(p * inv_freq))``
+            with ``inv_freq`` of length ``rotary_dim // 2`` (any scaling, e.g. YaRN's mscale, already folded in).
+            float32 or the query's dtype.
+        head_size: size of each head.
+        rotary_dim: number of leading dims of each head that rotate (``<= head_size``, even); the rest
+            pass through unchanged (partial rotary).
+        is_neox: True for the NeoX / Llama style (rotate the two halves ``[:r/2]`` and ``[r/2:]``),
+            False for the GPT-J style (rotate interleaved pairs ``(0, 1), (2, 3), ...``).
+
+    Returns:
+        ``(query_out, key_out)`` with the inputs' shapes and dtypes (``key_out`` None iff ``key`` is None).
+        For each head, with ``c, s = cos_sin_cache[positions].chunk(2, -1)`` and ``x1, x2`` the two
+        members of each rotated pair: ``x1' = x1 * c - x2 * s`` and ``x2' = x2 * c + x1 * s``.
+        ``cos``/``sin`` are cast to the query's dtype before the products (as Hugging Face does).
+        May be in place on ``query`` and ``key`` (as vLLM's kernel is). Positions outside
+        ``[0, max_position)`` are a ValueError where the backend can check cheaply.
+
+    Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paged KV cache and attention (one group: bound from the same backend)
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
+    """Declare this backend's KV-cache layout for one attention layer of the given shape.
+
+    Returns a :class:`~accel_models.types.KVCacheLayout`: the supported block sizes (tokens per block,
+    the first being the default; e.g. ``(16, 32, 64, 128)`` for the reference, ``(128,)`` for Ascend's
+    kernels) and the bytes one token slot occupies (keys and values together, including any padding),
+    which the runtime uses to size a cache from a memory budget. Raises ValueError for a head size or dtype the backend's
+    attention kernels do not support.
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_allocate_kv_cache(
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Allocate the KV cache of one attention layer: ``num_blocks`` blocks of ``block_size`` tokens.
+
+    Returns one tensor whose shape and layout are the backend's choice (only its own ``write_kv_cache``
+    and ``paged_attention`` read it). Its contents are unspecified (attention never reads slots that
+    were not written). ``block_size`` not among the layout's ``block_sizes`` is a ValueError.
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write keys and values of new tokens into the paged cache, in place.
+
+    Args:
+        key: ``[num_tokens, num_kv_heads, head_size]``.
+        value: ``[num_tokens, num_kv_heads, head_size]``.
+        kv_cache: the tensor returned by ``allocate_kv_cache``; modified in place.
+        slot_mapping: ``[num_tokens]`` int64; token ``i`` goes to slot ``slot_mapping[i]``, i.e. block
+            ``slot // block_size``, offset ``slot % block_size``. A negative slot means "skip this
+            token" (padding, e.g. in a captured graph).
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """Causal attention of a mixed batch (prefills, chunked prefills, decodes) over the paged cache.
+
+    The batch holds ``B`` sequences whose new query tokens are packed: sequence ``b`` owns query rows
+    ``query_start_loc[b]:query_start_loc[b+1]`` (``q_len_b`` of them). Its context is ``seq_lens[b]``
+    tokens (including its new tokens, whose K/V were already written with ``write_kv_cache``), stored
+    in blocks ``block_table[b, 0], block_table[b, 1], ...``. A decode has ``q_len_b == 1``; a prefill
+    ``q_len_b == seq_lens[b]``; a chunked prefill anything in between.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_size]``; ``num_heads`` a multiple of the cache's
+            ``num_kv_heads`` (GQA: query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``).
+        kv_cache: this layer's cache (the backend's own layout).
+        block_table: ``[B, max_blocks_per_seq]`` int32; entries past a sequence's last block are ignored.
+        seq_lens: ``[B]`` int32, context length of each sequence.
+        query_start_loc: ``[B + 1]`` int32, cumulative query lengths starting at 0.
+        max_query_len: ``max(q_len_b)`` (host int, for kernels that need it).
+        max_seq_len: ``max(seq_lens)`` (host int).
+        scale: softmax scale, usually ``head_size ** -0.5``.
+        sliding_window: None, or ``W``: a query at position ``p`` sees keys at positions ``p - W < k <= p``
+            (the ``W`` most recent tokens, itself included; Hugging Face's and vLLM's convention).
+        logits_soft_cap: None, or ``c``: logits become ``c * tanh(logits / c)`` after scaling.
+
+    Returns:
+        ``[num_tokens, num_heads, head_size]`` in the query's dtype. Query row ``i`` of sequence ``b``
+        sits at position ``p = seq_lens[b] - q_len_b + i`` and attends, causally, to the cached
+        positions ``k <= p`` (within the window)::
+
+            out = softmax(cap(scale * q . K[k]^T)) @ V[k]        # softmax in float32
+
+    Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_moe_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    num_expert_group: int | None,
+    topk_group: int | None,
+    e_score_correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Route tokens to experts.
+
+    Args:
+        router_logits: ``[num_tokens, num_experts]``, any float dtype.
+        top_k: experts per token.
+        scoring_func: ``"softmax"`` or ``"sigmoid"``: ``scores = softmax(float32(logits))`` or ``sigmoid(...)``.
+        renormalize: divide the selected weights by their sum (Mixtral, Qwen3-MoE; DeepSeek's ``norm_topk_prob``).
+        num_expert_group, topk_group: grouped top-k (DeepSeek-V2/V3): experts are split into
+            ``num_expert_group`` equal groups; a group's score is its max choice score (or, when a
+            correction bias is given, the sum of its two largest); only the ``topk_group`` best groups
+            are eligible. Both None for plain top-k.
+        e_score_correction_bias: None or ``[num_experts]`` float32 (DeepSeek-V3): added to the scores for
+            *choosing* experts (``choice = scores + bias``) but not to the returned weights.
+        routed_scaling_factor: multiplies the final weights (1.0 for none).
+
+    Returns:
+        ``(topk_weights, topk_ids)``, ``[num_tokens, top_k]`` float32 and int32: the chosen experts
+        (ordered by descending choice score) and their weights ``scores[ids]`` (renormalized if asked,
+        then times ``routed_scaling_factor``). Ties break toward the lower expert id.
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    """Apply the routed experts and sum their outputs weighted by the routing weights.
+
+    Args:
+        hidden_states: ``[num_tokens, hidden]``.
+        w13: ``[num_local_experts, 2 * intermediate, hidden]``: each expert's gate projection
+            (rows ``[:intermediate]``) stacked over its up projection (rows ``[intermediate:]``).
+        w2: ``[num_local_experts, hidden, intermediate]``: each expert's down projection.
+        topk_weights: ``[num_tokens, top_k]`` float32.
+        topk_ids: ``[num_tokens, top_k]`` int32 global expert ids.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (gated GELU, erf form).
+        expert_map: None (all experts are local: local id = global id), or ``[num_global_experts]``
+            int32 mapping a global id to its local index, ``-1`` for experts another rank holds
+            (expert parallelism); those contribute nothing here.
+
+    Returns:
+        ``[num_tokens, hidden]`` in ``hidden_states``' dtype::
+
+            out[t] = sum_j topk_weights[t, j] * w2[e] @ act_and_mul(w13[e] @ x[t]),  e = local(topk_ids[t, j])
+
+        with the matmuls in the input dtype (float32 accumulation) and the weighted sum in float32.
+
+    Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# W8A8 int8 quantization
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token int8 quantization.
+
+    Args:
+        x: ``[num_tokens, k]`` float (2-D; flatten leading dims first).
+
+    Returns:
+        ``(x_q, scales)``: ``x_q`` ``[num_tokens, k]`` int8 and ``scales`` ``[num_tokens, 1]`` float32::
+
+            amax = max(|float32(x)|, dim=-1)
+            scales = amax / 127                      # 0 for an all-zero row
+            x_q = round_half_even(x * (127 / amax))  # 0 where amax == 0; always within [-127, 127]
+
+        (the formulation of vLLM's kernel). Conformance allows an off-by-one in ``x_q`` where
+        ``x * 127 / amax`` lies within float32 rounding of a half-integer.
+
+    Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """int8 x int8 matrix product with per-token and per-channel scales (W8A8).
+
+    Args:
+        a: ``[m, k]`` int8 activations (from :func:`accel_dynamic_int8_quant`).
+        b: ``[n, k]`` int8 weights (the ``nn.Linear`` weight layout; may be a transposed view).
+        scale_a: ``[m, 1]`` float32 per-token scales.
+        scale_b: ``[n]`` float32 per-output-channel scales.
+        out_dtype: float32, float16 or bfloat16.
+        bias: None or ``[n]``.
+
+    Returns:
+        ``[m, n]`` of ``out_dtype``: ``(int32(a) @ int32(b).T) * scale_a * scale_b + bias``, products
+        accumulated exactly in int32, scaling in float32.
+
+    Added in API 1.
+    """

@@ -1,0 +1,408 @@
+"""The reference backend: every accel-models op in vectorized pure torch.
+
+It is the ground truth of the hookspecs (each function is the executable form of its docstring in
+``accel_models/hookspecs.py``), the fallback for ops a backend lacks, and fast enough to serve small
+models on a CPU. It runs on any device and dtype (float64 included): it never moves data off the input's
+device and never upcasts beyond the input's dtype except to accumulate in float32.
+
+It registers itself through the ``accel_models.backends`` entry point, exactly as a third party would.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+import torch.nn.functional as F
+
+from accel_models import BackendInfo, KVCacheLayout, hookimpl
+
+NAME = "reference"
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_BLOCK_SIZES = (16, 1, 2, 4, 8, 32, 64, 128, 256)
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("accel-backend-reference")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return None
+
+
+@hookimpl
+def accel_backend_info() -> BackendInfo:
+    # device_type "cpu" is where the reference puts new tensors by default; its ops follow their inputs.
+    return BackendInfo(name=NAME, device_type="cpu", available=True, reason=None, dist_backend="gloo",
+                       priority=-100, version=_version())
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks (ValueError naming the argument and what is supported)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
+
+
+def _check_index(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != ndim:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {got}")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalization and activations
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}")
+    xf = x.to(_acc(x.dtype))
+    var = xf.pow(2).mean(dim=-1, keepdim=True)
+    return (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight.to(x.dtype)
+
+
+@hookimpl
+def accel_fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+    residual_out = x + residual.to(x.dtype)
+    return accel_rms_norm(x=residual_out, weight=weight, eps=eps), residual_out
+
+
+def _split_gate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float("x", x)
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got {x.shape[-1]}")
+    d = x.shape[-1] // 2
+    acc = _acc(x.dtype)
+    return x[..., :d].to(acc), x[..., d:].to(acc)
+
+
+@hookimpl
+def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = _split_gate(x)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+@hookimpl
+def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    gate, up = _split_gate(x)
+    return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, is_neox: bool) -> torch.Tensor:
+    # x: [T, heads, head_size]; cos, sin: [T, 1, rotary_dim // 2] in x's dtype
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+@hookimpl
+def accel_rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_index("positions", positions, torch.int64, 1)
+    _check_float("query", query)
+    _check_float("cos_sin_cache", cos_sin_cache)
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
+        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
+        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
+    num_tokens = positions.shape[0]
+    cos_sin = cos_sin_cache.index_select(0, positions).to(query.dtype)
+    cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
+
+    def apply(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] != num_tokens or t.numel() % (num_tokens * head_size):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}]")
+        return _rotate(t.reshape(num_tokens, -1, head_size), cos, sin, rotary_dim, is_neox).reshape(t.shape)
+
+    return apply("query", query), (apply("key", key) if key is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# paged KV cache: layout [2, num_blocks, block_size, num_kv_heads, head_size] (keys, then values)
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
+    if dtype not in _FLOATS:
+        raise ValueError(f"KV-cache dtype {dtype} is not supported; supported: float32, float16, bfloat16, float64")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return KVCacheLayout(name="[2, num_blocks, block_size, num_kv_heads, head_size]", block_sizes=_BLOCK_SIZES,
+                         bytes_per_token=2 * num_kv_heads * head_size * itemsize)
+
+
+@hookimpl
+def accel_allocate_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    if block_size not in _BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported by the reference backend; supported: {_BLOCK_SIZES}")
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
+    return torch.empty((2, num_blocks, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            f"kv_cache has shape {tuple(kv_cache.shape)}; the reference layout is "
+            "[2, num_blocks, block_size, num_kv_heads, head_size] (allocate it with allocate_kv_cache)"
+        )
+
+
+@hookimpl
+def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _check_cache(kv_cache)
+    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
+    _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
+    expected = (slot_mapping.shape[0], kv_heads, head_size)
+    for name, t in (("key", key), ("value", value)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected} for this cache and slot_mapping")
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
+    flat[0].index_copy_(0, slots, key[valid].to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value[valid].to(kv_cache.dtype))
+
+
+@hookimpl
+def accel_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    _check_float("query", query)
+    _check_cache(kv_cache)
+    _check_index("block_table", block_table, torch.int32, 2)
+    _check_index("seq_lens", seq_lens, torch.int32, 1)
+    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
+    _, _, block_size, kv_heads, head_size = kv_cache.shape
+    num_tokens, num_heads, qd = query.shape
+    batch = seq_lens.shape[0]
+    if qd != head_size or num_heads % kv_heads:
+        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
+                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
+    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
+        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}]")
+    group = num_heads // kv_heads
+    dev = query.device
+    max_q, max_s = int(max_query_len), int(max_seq_len)
+
+    # Pad the packed queries to [B, max_q]: token t is row i of sequence b.
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
+    tok_seq = torch.repeat_interleave(torch.arange(batch, device=dev), q_lens.long(), output_size=num_tokens)
+    tok_row = torch.arange(num_tokens, device=dev) - query_start_loc[:-1].long()[tok_seq]
+    q = query.new_zeros((batch, max_q, num_heads, head_size))
+    q[tok_seq, tok_row] = query
+
+    # Gather each sequence's context: [B, max_s, kv_heads, head_size].
+    n_blocks = (max_s + block_size - 1) // block_size
+    blocks = block_table[:, :n_blocks].long()
+    k = kv_cache[0][blocks].flatten(1, 2)[:, :max_s].to(query.dtype)
+    v = kv_cache[1][blocks].flatten(1, 2)[:, :max_s].to(query.dtype)
+
+    # scores: [B, kv_heads, group, max_q, max_s]
+    qh = q.view(batch, max_q, kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
+    scores = torch.matmul(qh, k.permute(0, 2, 3, 1).unsqueeze(2)).to(_acc(query.dtype)) * scale
+    if logits_soft_cap:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+
+    # Query row i of sequence b sits at position seq_len - q_len + i; it sees keys k <= p (and > p - W).
+    q_pos = (seq_lens - q_lens).long()[:, None] + torch.arange(max_q, device=dev)[None, :]  # [B, max_q]
+    k_pos = torch.arange(max_s, device=dev)
+    visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, max_s]
+    if sliding_window:
+        visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3).unsqueeze(2))  # [B, kv_heads, group, max_q, D]
+    out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_q, num_heads, head_size)
+    return out[tok_seq, tok_row]
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixture of experts
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_moe_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    num_expert_group: int | None,
+    topk_group: int | None,
+    e_score_correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float("router_logits", router_logits)
+    num_tokens, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    acc = _acc(router_logits.dtype)
+    if scoring_func == "softmax":
+        scores = torch.softmax(router_logits.to(acc), dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = torch.sigmoid(router_logits.to(acc))
+    else:
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(acc)
+    if num_expert_group is not None and num_expert_group > 1:
+        if num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group:
+            raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
+                             f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
+        grouped = choice.view(num_tokens, num_expert_group, -1)
+        if e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        top_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_expert_group, dim=1), float("-inf"))
+    # a stable descending sort breaks ties toward the lower expert id
+    topk_ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    topk_weights = scores.gather(1, topk_ids)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights.to(torch.float32), topk_ids.to(torch.int32)
+
+
+@hookimpl
+def accel_fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_float("hidden_states", hidden_states)
+    _check_index("topk_ids", topk_ids, torch.int32, 2)
+    if activation not in ("silu", "gelu"):
+        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+    num_tokens, hidden = hidden_states.shape
+    num_local, two_inter, w13_hidden = w13.shape
+    if w13_hidden != hidden or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
+                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
+                         f"must both be [num_tokens={num_tokens}, top_k]")
+    top_k = topk_ids.shape[1]
+    acc = _acc(hidden_states.dtype)
+    ids = topk_ids.long().flatten()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]  # -1: held by another rank
+    # Sort the (token, choice) pairs by local expert and walk the runs of each expert present.
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids.clamp(min=-1) + 1, minlength=num_local + 1)[1:].tolist()
+    start = int((ids < 0).sum())
+    token_of = order // top_k
+    weight_of = topk_weights.flatten().to(acc)[order]
+    out = torch.zeros((num_tokens, hidden), dtype=acc, device=hidden_states.device)
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok = token_of[start : start + n]
+        h = hidden_states[tok] @ w13[e].t()
+        act = accel_silu_and_mul(x=h) if activation == "silu" else accel_gelu_and_mul(x=h, approximate="none")
+        y = act @ w2[e].t()
+        out.index_add_(0, tok, y.to(acc) * weight_of[start : start + n, None])
+        start += n
+    return out.to(hidden_states.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# W8A8
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    x_q = torch.round(xf * inv).clamp(-128, 127).to(torch.int8)
+    return x_q, (amax / 127.0).to(torch.float32)
+
+
+@hookimpl
+def accel_int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D int8 tensors, got a {a.dtype} {tuple(a.shape)}, b {b.dtype} {tuple(b.shape)}")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b must be [n, k={k}] (nn.Linear layout), got {tuple(b.shape)}")
+    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
+        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
+    if out_dtype not in _FLOATS:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16, float64")
+    if a.device.type == "cpu":
+        acc = (a.to(torch.int32) @ b.to(torch.int32).t()).to(torch.float32)  # exact in int32
+    else:  # devices without integer matmul: float64 is exact for |sum| < 2**53
+        acc = (a.to(torch.float64) @ b.to(torch.float64).t()).to(torch.float32)
+    out = acc * scale_a.to(torch.float32) * scale_b.to(torch.float32)[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)

@@ -15,8 +15,9 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded: missing, unexpected, mis-shaped or unreadable tensors, pickle formats."""
 
 
-class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture has no implementation in the zoo."""
+class UnsupportedModelError(ConfigError):
+    """The checkpoint's architecture has no implementation in the zoo (a ``ConfigError``, so a caller that
+    catches bad configs catches this too)."""
 
 
 __all__ = ["CheckpointError", "ConfigError", "UnsupportedModelError"]

@@ -1,0 +1,323 @@
+"""One check per op: build the case's tensors, run the backend's op and the reference in float64, compare.
+
+Every check returns a :class:`CheckResult` (the worst error over the op's outputs as a ratio to its
+tolerance, and what was compared); it never trusts numbers the backend produced for anything but the
+comparison. Inputs are drawn in float64, rounded to the tested dtype, and the reference sees the same
+rounded values, so the comparison measures the backend's arithmetic, not input rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from accel_models.backends import OpTable
+from accel_models.testing.tolerances import error_ratio, tolerance
+
+
+@dataclass
+class CheckResult:
+    ratio: float  # worst |out - ref| / tol over every compared output (<= 1 passes)
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= 1.0
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def _pair(x64: torch.Tensor, dtype: torch.dtype, device: Any, noncontig: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input for the backend in ``dtype`` on ``device``, the same rounded values in float64 on CPU)."""
+    low = x64.to(dtype)
+    ref = low.to(torch.float64)
+    if noncontig and low.dim() >= 1:
+        # the same values as a strided view into a wider buffer
+        wide = torch.zeros(*low.shape[:-1], low.shape[-1] * 2 + 1, dtype=dtype)
+        wide[..., 1 : low.shape[-1] * 2 + 1 : 2] = low
+        low = wide[..., 1::2][..., : x64.shape[-1]]
+        assert not low.is_contiguous() or low.numel() <= 1
+    return low.to(device), ref
+
+
+def _worst(*pairs: tuple[str, torch.Tensor, torch.Tensor], op: str, dtype: torch.dtype) -> CheckResult:
+    rtol, atol = tolerance(op, dtype)
+    worst, detail = 0.0, ""
+    for name, out, ref in pairs:
+        r = error_ratio(out, ref, rtol, atol)
+        if r > worst or not detail:
+            worst = max(worst, r)
+            diff = (out.detach().to("cpu", torch.float64) - ref).abs().max().item() if out.shape == ref.shape else float("nan")
+            detail = f"{name}: max abs err {diff:.3g} (rtol {rtol:g}, atol {atol:g})" if out.shape == ref.shape else \
+                f"{name}: shape {tuple(out.shape)} != expected {tuple(ref.shape)}"
+    return CheckResult(worst, detail)
+
+
+def _unchanged(name: str, before: torch.Tensor, after: torch.Tensor) -> CheckResult | None:
+    if not torch.equal(before.cpu(), after.cpu()):
+        return CheckResult(float("inf"), f"the op modified its input {name!r}, which the contract forbids")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_rms_norm(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    shape = (*case["leading"], case["hidden"])
+    x, x64 = _pair(_rand(g, *shape), dtype, device, case["noncontig"])
+    w, w64 = _pair(1 + 0.1 * _rand(g, case["hidden"]), dtype, device)
+    x_before = x.clone()
+    out = ops.rms_norm(x=x, weight=w, eps=case["eps"])
+    bad = _unchanged("x", x_before, x)
+    if bad:
+        return bad
+    return _worst(("out", out, ref.rms_norm(x=x64, weight=w64, eps=case["eps"])), op="rms_norm", dtype=dtype)
+
+
+def check_fused_add_rms_norm(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    shape = (*case["leading"], case["hidden"])
+    x, x64 = _pair(_rand(g, *shape), dtype, device, case["noncontig"])
+    r, r64 = _pair(_rand(g, *shape), dtype, device)
+    w, w64 = _pair(1 + 0.1 * _rand(g, case["hidden"]), dtype, device)
+    out, res = ops.fused_add_rms_norm(x=x, residual=r, weight=w, eps=case["eps"])
+    # residual_out is rounded to the dtype once (x + residual in the dtype); compare out against the
+    # normalization of that rounded sum, as the contract specifies.
+    res64 = (x64 + r64).to(dtype).to(torch.float64)
+    ref_out = ref.rms_norm(x=res64, weight=w64, eps=case["eps"])
+    return _worst(("residual_out", res, x64 + r64), ("out", out, ref_out), op="fused_add_rms_norm", dtype=dtype)
+
+
+def _check_act(op: str, case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    x, x64 = _pair(_rand(g, case["tokens"], 2 * case["d"]), dtype, device, case["noncontig"])
+    before = x.clone()
+    if op == "silu_and_mul":
+        out, expect = ops.silu_and_mul(x=x), ref.silu_and_mul(x=x64)
+    else:
+        a = case["approximate"]
+        out, expect = ops.gelu_and_mul(x=x, approximate=a), ref.gelu_and_mul(x=x64, approximate=a)
+    return _unchanged("x", before, x) or _worst(("out", out, expect), op=op, dtype=dtype)
+
+
+def check_silu_and_mul(case, ops, ref, dtype, device):
+    return _check_act("silu_and_mul", case, ops, ref, dtype, device)
+
+
+def check_gelu_and_mul(case, ops, ref, dtype, device):
+    return _check_act("gelu_and_mul", case, ops, ref, dtype, device)
+
+
+def rope_cache(max_position: int, rotary_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """A plain RoPE cos|sin cache in float64: ``[max_position, rotary_dim]``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    freqs = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def check_rotary_embedding(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    t, h, hk, d = case["tokens"], case["num_heads"], case["num_kv_heads"], case["head_size"]
+    pos = torch.randint(0, case["max_position"], (t,), generator=g, dtype=torch.int64)
+    qshape = (t, h, d) if case["three_d"] else (t, h * d)
+    kshape = (t, hk, d) if case["three_d"] else (t, hk * d)
+    q, q64 = _pair(_rand(g, *qshape), dtype, device)
+    k, k64 = _pair(_rand(g, *kshape), dtype, device) if case["with_key"] else (None, None)
+    cache64 = rope_cache(case["max_position"], case["rotary_dim"])
+    cache = cache64.to(torch.float32).to(device)
+    args = dict(head_size=d, rotary_dim=case["rotary_dim"], is_neox=case["is_neox"])
+    qo, ko = ops.rotary_embedding(positions=pos.to(device), query=q, key=k, cos_sin_cache=cache, **args)
+    # The contract casts cos/sin to the query's dtype before the products: give the reference those values.
+    cache_ref = cache.cpu().to(dtype).to(torch.float64)
+    qr, kr = ref.rotary_embedding(positions=pos, query=q64, key=k64, cos_sin_cache=cache_ref, **args)
+    pairs = [("query", qo, qr)]
+    if case["with_key"]:
+        if ko is None:
+            return CheckResult(float("inf"), "key_out is None although a key was given")
+        pairs.append(("key", ko, kr))
+    elif ko is not None:
+        return CheckResult(float("inf"), "key_out must be None when key is None")
+    return _worst(*pairs, op="rotary_embedding", dtype=dtype)
+
+
+def check_paged_attention(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """write_kv_cache + paged_attention on the backend's own cache layout, against the reference in float64.
+
+    Each sequence's earlier context is written in one call and its new tokens in a second one (as a
+    runtime does across steps); block ids are shuffled so block tables are not the identity.
+    """
+    g = _gen(case["seed"])
+    seqs, bs = case["seqs"], case["block_size"]
+    h, hk, d = case["num_heads"], case["num_kv_heads"], case["head_size"]
+    blocks_per_seq = [(ctx + bs - 1) // bs for ctx, _ in seqs]
+    num_blocks = sum(blocks_per_seq) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    max_blocks = max(blocks_per_seq)
+    block_table = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+    nxt = 0
+    for b, n in enumerate(blocks_per_seq):
+        block_table[b, :n] = perm[nxt : nxt + n].to(torch.int32)
+        nxt += n
+
+    def slots(b: int, start: int, end: int) -> torch.Tensor:
+        p = torch.arange(start, end)
+        return (block_table[b].long()[p // bs] * bs + p % bs).to(torch.int64)
+
+    ctx_k = [_rand(g, ctx, hk, d) for ctx, _ in seqs]
+    ctx_v = [_rand(g, ctx, hk, d) for ctx, _ in seqs]
+    q_all = _rand(g, sum(q for _, q in seqs), h, d)
+
+    layout = ops.kv_cache_layout(num_kv_heads=hk, head_size=d, dtype=dtype)
+    if bs not in layout.block_sizes:
+        return CheckResult(float("inf"), f"block size {bs} drawn from the layout's block_sizes {layout.block_sizes} was refused")
+    cache = ops.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d, dtype=dtype,
+                                  device=torch.device(device))
+    ref_cache = ref.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d,
+                                      dtype=torch.float64, device=torch.device("cpu"))
+    for phase in ("old", "new"):
+        keys, vals, sl = [], [], []
+        for b, (ctx, q) in enumerate(seqs):
+            lo, hi = (0, ctx - q) if phase == "old" else (ctx - q, ctx)
+            if hi > lo:
+                keys.append(ctx_k[b][lo:hi])
+                vals.append(ctx_v[b][lo:hi])
+                sl.append(slots(b, lo, hi))
+        if not keys:
+            continue
+        k, k64 = _pair(torch.cat(keys), dtype, device)
+        v, v64 = _pair(torch.cat(vals), dtype, device)
+        s = torch.cat(sl)
+        ops.write_kv_cache(key=k, value=v, kv_cache=cache, slot_mapping=s.to(device))
+        ref.write_kv_cache(key=k64, value=v64, kv_cache=ref_cache, slot_mapping=s)
+
+    q, q64 = _pair(q_all, dtype, device)
+    seq_lens = torch.tensor([ctx for ctx, _ in seqs], dtype=torch.int32)
+    qsl = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor([q for _, q in seqs]), 0)
+    common = dict(max_query_len=max(q for _, q in seqs), max_seq_len=max(ctx for ctx, _ in seqs), scale=d**-0.5,
+                  sliding_window=case["sliding_window"], logits_soft_cap=case["logits_soft_cap"])
+    out = ops.paged_attention(query=q, kv_cache=cache, block_table=block_table.to(device), seq_lens=seq_lens.to(device),
+                              query_start_loc=qsl.to(device), **common)
+    expect = ref.paged_attention(query=q64, kv_cache=ref_cache, block_table=block_table, seq_lens=seq_lens,
+                                 query_start_loc=qsl, **common)
+    return _worst(("out", out, expect), op="paged_attention", dtype=dtype)
+
+
+def check_moe_topk(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    logits, logits64 = _pair(_rand(g, case["tokens"], case["num_experts"], scale=2.0), dtype, device)
+    bias64 = (0.1 * _rand(g, case["num_experts"])).to(torch.float32) if case["bias"] else None
+    args = dict(top_k=case["top_k"], scoring_func=case["scoring_func"], renormalize=case["renormalize"],
+                num_expert_group=case["num_expert_group"], topk_group=case["topk_group"],
+                routed_scaling_factor=case["routed_scaling_factor"])
+    w, ids = ops.moe_topk(router_logits=logits, e_score_correction_bias=None if bias64 is None else bias64.to(device), **args)
+    rw, rids = ref.moe_topk(router_logits=logits64, e_score_correction_bias=None if bias64 is None else bias64.double(), **args)
+    if ids.dtype != torch.int32 or w.dtype != torch.float32:
+        return CheckResult(float("inf"), f"expected (float32 weights, int32 ids), got ({w.dtype}, {ids.dtype})")
+    if tuple(ids.shape) != tuple(rids.shape):
+        return CheckResult(float("inf"), f"topk_ids shape {tuple(ids.shape)} != {tuple(rids.shape)}")
+    ids_c = ids.cpu().long()
+    # Compare as sets per token, so near-ties in low precision may order differently; a different set is
+    # only accepted where the reference's k-th and (k+1)-th choice scores are a rounding apart.
+    same = (ids_c.sort(dim=1).values == rids.long().sort(dim=1).values).all(dim=1)
+    if not bool(same.all()):
+        scores = torch.softmax(logits64, -1) if case["scoring_func"] == "softmax" else torch.sigmoid(logits64)
+        choice = scores + (bias64.double() if bias64 is not None else 0)
+        srt = choice.sort(dim=1, descending=True).values
+        k = case["top_k"]
+        gap = (srt[:, k - 1] - srt[:, k]).abs() if k < srt.shape[1] else torch.full((srt.shape[0],), float("inf"))
+        rtol, _ = tolerance("moe_topk", dtype)
+        near_tie = gap <= 4 * max(rtol, 1e-6) * srt[:, k - 1].abs().clamp(min=1e-3)
+        bad = (~same) & (~near_tie)
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0])
+            return CheckResult(float("inf"), f"token {t}: experts {ids_c[t].tolist()} != expected {rids[t].tolist()}")
+        keep = same
+    else:
+        keep = torch.ones_like(same)
+    # weights aligned by expert id
+    order = ids_c[keep].argsort(dim=1)
+    rorder = rids.long()[keep].argsort(dim=1)
+    got = w.cpu()[keep].gather(1, order)
+    exp = rw[keep].gather(1, rorder)
+    return _worst(("topk_weights", got, exp), op="moe_topk", dtype=dtype)
+
+
+def check_fused_experts(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    t, hd, inter, e, k = case["tokens"], case["hidden"], case["intermediate"], case["num_experts"], case["top_k"]
+    x, x64 = _pair(_rand(g, t, hd), dtype, device)
+    w13, w13_64 = _pair(_rand(g, e, 2 * inter, hd, scale=hd**-0.5), dtype, device)
+    w2, w2_64 = _pair(_rand(g, e, hd, inter, scale=inter**-0.5), dtype, device)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(torch.int32)
+    wts = torch.softmax(_rand(g, t, k), -1).to(torch.float32)
+    expert_map = None
+    if case["ep"]:
+        # this rank holds every other expert; the rest are another rank's (-1)
+        local = torch.arange(0, e, 2)
+        expert_map = torch.full((e,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(local.numel(), dtype=torch.int32)
+        w13, w13_64, w2, w2_64 = w13[local.to(w13.device)], w13_64[local], w2[local.to(w2.device)], w2_64[local]
+    args = dict(topk_weights=wts, topk_ids=ids, activation=case["activation"], expert_map=expert_map)
+    dev_args = {kk: (v.to(device) if isinstance(v, torch.Tensor) else v) for kk, v in args.items()}
+    out = ops.fused_experts(hidden_states=x, w13=w13, w2=w2, **dev_args)
+    expect = ref.fused_experts(hidden_states=x64, w13=w13_64, w2=w2_64, **args)
+    return _worst(("out", out, expect), op="fused_experts", dtype=dtype)
+
+
+def check_dynamic_int8_quant(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    x64 = _rand(g, case["m"], case["k"])
+    if case["zero_row"]:
+        x64[0] = 0
+    x, x64 = _pair(x64, dtype, device)
+    xq, s = ops.dynamic_int8_quant(x=x)
+    rq, rs = ref.dynamic_int8_quant(x=x64)
+    if xq.dtype != torch.int8 or s.dtype != torch.float32 or tuple(s.shape) != (case["m"], 1):
+        return CheckResult(float("inf"), f"expected int8 x_q and float32 scales [m, 1], got {xq.dtype}, {s.dtype} {tuple(s.shape)}")
+    off = (xq.cpu().int() - rq.int()).abs().max().item() if xq.numel() else 0
+    if off > 1:
+        return CheckResult(float("inf"), f"x_q differs from the reference by {off} (at most 1 allowed at half-integers)")
+    return _worst(("scales", s, rs), op="dynamic_int8_quant", dtype=torch.float32)
+
+
+def check_int8_scaled_mm(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    g = _gen(case["seed"])
+    m, n, k = case["m"], case["n"], case["k"]
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    sa = (torch.rand(m, 1, generator=g, dtype=torch.float64) * 0.02 + 1e-3).to(torch.float32)
+    sb = (torch.rand(n, generator=g, dtype=torch.float64) * 0.02 + 1e-3).to(torch.float32)
+    bias, bias64 = _pair(_rand(g, n), dtype, device) if case["bias"] else (None, None)
+    out = ops.int8_scaled_mm(a=a.to(device), b=b.to(device), scale_a=sa.to(device), scale_b=sb.to(device),
+                             out_dtype=dtype, bias=bias)
+    # exact integer products, scales applied in float64: independent of the reference backend
+    expect = (a.long() @ b.long().t()).double() * sa.double() * sb.double()[None, :]
+    if bias64 is not None:
+        expect = expect + bias64
+    if out.dtype != dtype:
+        return CheckResult(float("inf"), f"out has dtype {out.dtype}, expected out_dtype {dtype}")
+    return _worst(("out", out, expect), op="int8_scaled_mm", dtype=dtype)
+
+
+CHECKS = {
+    "rms_norm": check_rms_norm,
+    "fused_add_rms_norm": check_fused_add_rms_norm,
+    "silu_and_mul": check_silu_and_mul,
+    "gelu_and_mul": check_gelu_and_mul,
+    "rotary_embedding": check_rotary_embedding,
+    "paged_attention": check_paged_attention,
+    "moe_topk": check_moe_topk,
+    "fused_experts": check_fused_experts,
+    "dynamic_int8_quant": check_dynamic_int8_quant,
+    "int8_scaled_mm": check_int8_scaled_mm,
+}

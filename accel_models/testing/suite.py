@@ -1,0 +1,48 @@
+"""``BackendConformance``: subclass it in a test module to run the whole kit on a backend under pytest."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+import torch
+
+from accel_models.backends import KV_CACHE_GROUP, OP_NAMES, resolve_ops
+
+_CHECKED = [op for op in OP_NAMES if op not in KV_CACHE_GROUP or op == "paged_attention"]
+
+
+class BackendConformance:
+    """Every op's contract on ``backend``, one test per (op, dtype), against the float64 reference.
+
+    Class attributes to set: ``backend`` (required); ``allow_unavailable`` (bind a backend that reports
+    itself unusable, e.g. one tested through an emulation); ``device`` (default: the backend's device type,
+    or "cpu" when unavailable); ``dtypes``; ``native_only`` (skip ops the backend falls back on);
+    ``max_examples``. The pytest options ``--accel-quick`` and ``--accel-max-examples`` apply too.
+    """
+
+    backend: ClassVar[str]
+    allow_unavailable: ClassVar[bool] = False
+    device: ClassVar[Any] = None
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.bfloat16)
+    native_only: ClassVar[bool] = True
+    max_examples: ClassVar[int | None] = None
+
+    @pytest.mark.parametrize("op", _CHECKED)
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+    def test_op_conformance(self, op: str, dtype: str, request: pytest.FixtureRequest) -> None:
+        from accel_models.testing.conformance import check_op
+
+        dt = getattr(torch, dtype)
+        if dt not in self.dtypes:
+            pytest.skip(f"{dtype} not in {type(self).__name__}.dtypes")
+        table = resolve_ops(self.backend, allow_unavailable=self.allow_unavailable)
+        if self.native_only and table.providers[op] != self.backend:
+            pytest.skip(f"{op} falls back to {table.providers[op]}")
+        ref = resolve_ops("reference", strict=True)
+        device = self.device or (table.device_type if table.info.available else "cpu")
+        quick = bool(request.config.getoption("accel_quick", default=False))
+        n = request.config.getoption("accel_max_examples", default=None) or self.max_examples
+        cases, worst, failure = check_op(op, table, ref, dtype=dt, device=device, quick=quick, max_examples=n)
+        assert failure is None, f"{self.backend}.{op} [{dtype}] fails its contract: {failure}"
+        assert cases > 0

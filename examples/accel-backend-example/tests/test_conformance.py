@@ -1,0 +1,32 @@
+"""The example backend proves itself with the accel-models conformance kit, as any backend would."""
+
+import torch
+
+import accel_models
+from accel_models.testing import BackendConformance, run_conformance
+
+
+class TestExampleBackend(BackendConformance):
+    backend = "example"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def test_installed_through_its_entry_point():
+    (status,) = [b for b in accel_models.list_backends() if b.name == "example"]
+    assert status.usable and status.source == "entry point"
+    assert status.ops == {"rms_norm", "silu_and_mul"}
+
+
+def test_everything_else_falls_back_to_the_reference():
+    ops = accel_models.resolve_ops("example")
+    assert ops.providers["rms_norm"] == "example"
+    assert ops.providers["silu_and_mul"] == "example"
+    assert set(ops.fallbacks) == set(ops.providers) - {"rms_norm", "silu_and_mul"}
+
+
+def test_report_marks_native_and_fallback_ops():
+    report = run_conformance("example", ops=["rms_norm", "silu_and_mul", "moe_topk"], quick=True)
+    by_op = {r.op: r for r in report.ops}
+    assert report.passed
+    assert by_op["rms_norm"].native and by_op["silu_and_mul"].native
+    assert not by_op["moe_topk"].native and by_op["moe_topk"].provider == "reference"

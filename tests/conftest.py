@@ -14,3 +14,8 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The suite pins the reference backend unless told otherwise: other backends installed in the same
+# environment (the example backend, say) would otherwise win auto-selection. Tests of auto-selection
+# clear this with monkeypatch.
+os.environ.setdefault("ACCEL_BACKEND", "reference")

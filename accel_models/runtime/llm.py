@@ -1,0 +1,560 @@
+"""``accel_models.LLM``: vLLM's offline API (``generate``, ``score``) and a step API for custom servers.
+
+Bad input policy (documented in the README's runtime section):
+
+* :meth:`LLM.add_request` (step API) raises ``ValueError`` for a bad request and queues nothing: the
+  caller (a server) answers that request with an error and everything else keeps running.
+* :meth:`LLM.generate` validates each prompt separately: a bad prompt (empty, longer than max_model_len,
+  token ids outside the vocabulary) gets a finished :class:`RequestOutput` whose ``error`` says what is
+  wrong and whose ``outputs[0].finish_reason`` is ``"error"``; the other prompts of the batch are
+  generated normally. Bad sampling values are rejected when the ``SamplingParams`` is built.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accel_models.runtime.kv_cache import KVCacheManager
+from accel_models.runtime.metadata import InputBuffers, MetadataBuilder
+from accel_models.runtime.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from accel_models.runtime.sampler import Sampler, SamplingRow, logprobs_at
+from accel_models.runtime.sampling_params import SamplingParams, default_sampling_params
+from accel_models.runtime.scheduler import Request, RequestStatus, Scheduler
+from accel_models.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("accel_models.runtime")
+
+#: Default KV-cache budget: fixed and modest (not a fraction of memory), overridable with kv_cache_memory.
+DEFAULT_KV_CACHE_MEMORY = 256 << 20
+
+Prompt = str | Sequence[int]
+
+
+def _attention_layers(model: torch.nn.Module) -> list[Any]:
+    from accel_models.layers.attention import Attention
+
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def check_stop_strings(text: str, new_char_count: int, stop: list[str],
+                       include_in_output: bool) -> tuple[str, int] | None:
+    """vLLM's stop-string check on the text after ``new_char_count`` new characters were appended.
+
+    Returns ``(stop_string, truncate_to)`` where ``truncate_to`` is -1 for no truncation, or None.
+    """
+    if not new_char_count or not stop:
+        return None
+    for s in stop:
+        idx = text.find(s, max(0, len(text) + 1 - new_char_count - len(s)))
+        if idx == -1:
+            continue
+        if include_in_output:
+            idx += len(s)
+            if idx >= len(text):
+                return s, -1
+        return s, idx
+    return None
+
+
+class LLM:
+    """A model, its paged KV cache and a continuous-batching scheduler.
+
+    Args:
+        model: a checkpoint directory (config.json + safetensors [+ tokenizer.json,
+            generation_config.json]).
+        backend, dtype, device: as in :func:`accel_models.load_model`.
+        max_num_seqs: sequences in one step at most.
+        max_model_len: prompt + output tokens at most per request (default: the model's
+            ``max_position_embeddings``, capped to what the KV cache holds).
+        block_size: tokens per KV-cache block (default: the backend's first supported size).
+        kv_cache_memory: bytes for the KV caches of all layers together (default 256 MiB).
+        max_num_batched_tokens: tokens in one step at most (prompts longer than this are prefilled in
+            chunks). Default ``max(2048, max_num_seqs)``.
+        seed: seed of the generator unseeded requests draw from (None: nondeterministic).
+        tokenizer: a directory or tokenizer.json to use instead of the checkpoint's.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        backend: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        *,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        block_size: int | None = None,
+        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        max_num_batched_tokens: int | None = None,
+        seed: int | None = None,
+        tokenizer: str | Path | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        from accel_models.loader import load_model
+        from accel_models.runner import ModelRunner
+
+        if max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        if kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}")
+        from accel_models.backends import resolve_ops
+
+        self.model_path = Path(model)
+        self.ops = resolve_ops(backend)
+        self.model = load_model(self.model_path, dtype=dtype, device=device, ops=self.ops)
+        self.config = getattr(self.model, "config", None)
+        if self.config is None:
+            from accel_models.config import load_config
+
+            self.config = load_config(self.model_path)
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype
+        kv_dtype = kv_cache_dtype or self.dtype
+
+        # Size the cache from the budget and the backend's layout.
+        layers = _attention_layers(self.model)
+        if not layers:
+            raise ValueError(f"{self.model_path}: the model has no zoo Attention layers to give a KV cache")
+        layouts = [self.ops.kv_cache_layout(num_kv_heads=a.num_kv_heads, head_size=a.head_size, dtype=kv_dtype)
+                   for a in layers]
+        supported = layouts[0].block_sizes
+        block_size = block_size or supported[0]
+        if block_size not in supported:
+            raise ValueError(f"block_size {block_size} is not supported by backend {self.ops.backend!r}; "
+                             f"supported: {supported}")
+        bytes_per_token = sum(lay.bytes_per_token for lay in layouts)
+        num_blocks = kv_cache_memory // (bytes_per_token * block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={kv_cache_memory} bytes holds no block of {block_size} tokens "
+                f"({bytes_per_token * block_size} bytes per block over {len(layers)} layers); raise it"
+            )
+        capacity = num_blocks * block_size
+        model_max = int(getattr(self.config, "max_position_embeddings", capacity))
+        if max_model_len is None:
+            max_model_len = min(model_max, capacity)
+        elif max_model_len > capacity:
+            need = -(-max_model_len // block_size) * block_size * bytes_per_token
+            raise ValueError(
+                f"max_model_len={max_model_len} does not fit the KV cache ({capacity} tokens in "
+                f"kv_cache_memory={kv_cache_memory} bytes); raise kv_cache_memory to at least {need} "
+                "or lower max_model_len"
+            )
+        elif max_model_len > model_max:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
+                             f"({model_max})")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens or max(2048, max_num_seqs)
+        if self.max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({max_num_seqs})")
+
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
+                                  kv_cache_dtype=kv_dtype, device=self.device, max_model_len=max_model_len)
+        self.kv = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=self.max_num_batched_tokens)
+        max_blocks = -(-max_model_len // block_size)
+        self.buffers = InputBuffers(max_num_seqs=max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                                    max_blocks_per_seq=max_blocks, device=self.device)
+        self.builder = MetadataBuilder(self.buffers, block_size)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+        self.sampler = Sampler(gen)
+
+        tok_path = Path(tokenizer) if tokenizer is not None else self.model_path
+        self.tokenizer: Tokenizer | None = None
+        if tokenizer is not None or (self.model_path / "tokenizer.json").is_file():
+            self.tokenizer = Tokenizer(tok_path)
+        self.generation_config = self._read_generation_config()
+        self.vocab_size = int(self.config.vocab_size)
+        self.eos_token_ids = self._eos_ids()
+        self._counter = itertools.count()
+        self._closed = False
+
+    # -- setup helpers ---------------------------------------------------------------------------------
+
+    def _read_generation_config(self) -> dict[str, Any]:
+        """generation_config.json (eos/bos ids falling back to config.json's) as a dict of set fields."""
+        import dataclasses
+
+        from accel_models.loader import load_generation_config
+
+        gc = load_generation_config(self.model_path)
+        return {k: v for k, v in dataclasses.asdict(gc).items() if v not in (None, ())}
+
+    def _eos_ids(self) -> frozenset[int]:
+        """Every id that ends a completion: generation_config's eos ids (several for Llama 3) and the
+        tokenizer's eos token."""
+        ids = set(self.generation_config.get("eos_token_ids", ()))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's defaults overridden by generation_config.json (temperature, top_k, top_p, ...)."""
+        return default_sampling_params(self.generation_config)
+
+    # -- context manager -------------------------------------------------------------------------------
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Abort everything and release the model and the KV caches."""
+        if self._closed:
+            return
+        for rid in list(self.scheduler.requests):
+            self.abort(rid)
+        self._closed = True
+        self.runner = None  # type: ignore[assignment]
+        self.model = None  # type: ignore[assignment]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLM was shut down; create a new one")
+
+    # -- step API ----------------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.model_path} has no tokenizer.json: pass token ids instead of text")
+            if not prompt:
+                raise ValueError("the prompt is empty; give at least one token")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        return None, self._check_ids(prompt)
+
+    def _check_ids(self, ids: Any) -> list[int]:
+        try:
+            out = [int(t) for t in ids]
+        except (TypeError, ValueError):
+            raise ValueError(f"a prompt must be a str or a list of int token ids, got {type(ids).__name__}") from None
+        if not out:
+            raise ValueError("the prompt is empty; give at least one token")
+        bad = [t for t in out if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return out
+
+    def _make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
+                      score: bool = False) -> Request:
+        self._check_open()
+        if params is None:
+            params = self.get_default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be an accel_models.SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt)
+        limit = self.max_model_len if score else self.max_model_len - 1
+        if len(ids) > limit:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len={self.max_model_len} allows "
+                             f"{limit}{'' if score else ' (one position is left for the first new token)'}; "
+                             "shorten it or raise max_model_len")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids {params.stop_token_ids} include ids outside [0, {self.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (tokenizer.json) to produce text")
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed)
+        detok = None
+        if self.tokenizer is not None and params.detokenize and not score:
+            detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        req = Request(request_id=str(request_id), prompt=text, prompt_token_ids=ids, params=params,
+                      max_tokens=max_tokens, eos_token_ids=self.eos_token_ids, score=score, generator=gen,
+                      detokenizer=detok)
+        if params.logprobs is not None:
+            req.logprobs = []
+            req.cumulative_logprob = 0.0
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]
+        return req
+
+    def add_request(self, request_id: str, prompt: Prompt, sampling_params: SamplingParams | None = None) -> None:
+        """Queue a request; it joins the running batch at the next :meth:`step`.
+
+        ``prompt``: text, a list of token ids, or ``{"prompt_token_ids": [...]}``. Raises ``ValueError``
+        (nothing queued) for a bad prompt, bad parameters or a request id already in use.
+        """
+        self.scheduler.add(self._make_request(request_id, prompt, sampling_params))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output (None if it is unknown)."""
+        req = self.scheduler.requests.get(str(request_id))
+        if req is None:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.requests)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; returns the (cumulative) output of every request that produced a token or
+        finished in it."""
+        self._check_open()
+        sched = self.scheduler.schedule()
+        if not sched.items:
+            return []
+        items = []
+        sample_rows: list[int] = []  # logits row of each sampling request
+        row = 0
+        plan = []
+        for it in sched.items:
+            req, n = it.request, it.num_new_tokens
+            end = req.num_computed_tokens + n
+            samples = end == req.num_tokens and not req.score
+            prompt_pass = (req.params.prompt_logprobs is not None or req.score) and not req.prompt_pass_done
+            k = n if prompt_pass else (1 if samples else 0)
+            items.append((req.all_token_ids, req.num_computed_tokens, n, self.kv.block_tables[req.request_id], k))
+            plan.append((req, n, row, k, samples, prompt_pass))
+            if samples:
+                sample_rows.append(row + k - 1)
+            row += k
+        inputs = self.builder.build(items)
+        logits = None
+        if row:
+            logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
+                                         inputs.logits_indices)
+        else:
+            self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
+                                inputs.logits_indices)
+        sampling = [p for p in plan if p[4]]
+        new_tokens: list[int] = []
+        out = None
+        if sampling:
+            assert logits is not None
+            rows = [SamplingRow(params=p[0].params, prompt_token_ids=p[0].prompt_token_ids,
+                                output_token_ids=p[0].output_token_ids, generator=p[0].generator,
+                                min_tokens_mask_ids=self._min_tokens_ids(p[0])) for p in sampling]
+            sel = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]
+            out = self.sampler(sel, rows)
+            new_tokens = out.token_ids
+        outputs: list[RequestOutput] = []
+        j = 0
+        for req, n, r0, k, samples, prompt_pass in plan:
+            prev = req.num_computed_tokens
+            req.num_computed_tokens += n
+            if prompt_pass:
+                assert logits is not None
+                self._prompt_pass(req, logits[r0 : r0 + k], prev, n)
+            if req.score and req.num_computed_tokens == req.num_tokens:
+                self.scheduler.finish(req, "length")
+                outputs.append(self._output(req))
+                continue
+            if not samples:
+                continue
+            assert out is not None
+            self._append(req, new_tokens[j], out.logprobs[j], out.sampled_logprob[j])
+            j += 1
+            outputs.append(self._output(req))
+        return outputs
+
+    # -- step helpers --------------------------------------------------------------------------------------
+
+    def _min_tokens_ids(self, req: Request) -> list[int]:
+        p = req.params
+        if p.min_tokens and len(req.output_token_ids) < p.min_tokens:
+            ids = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                ids |= req.eos_token_ids
+            return sorted(ids)
+        return []
+
+    def _prompt_pass(self, req: Request, logits: torch.Tensor, start: int, n: int) -> None:
+        """Logits of prompt positions ``start .. start + n - 1`` (rows of ``logits``)."""
+        prompt_len = len(req.prompt_token_ids)
+        if start == 0:  # (re)computed from the start, e.g. after a preemption
+            req.score_logits.clear()
+            if req.prompt_logprobs is not None:
+                req.prompt_logprobs = [None]
+        if req.score:
+            req.score_logits.append(logits.float().clone())
+            if start + n >= req.num_tokens:
+                req.prompt_pass_done = True
+            return
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        num = int(req.params.prompt_logprobs or 0)
+        assert req.prompt_logprobs is not None
+        for i in range(n):
+            nxt = start + i + 1
+            if nxt >= prompt_len:
+                break
+            d, _ = _position_logprobs(lp[i], req.prompt_token_ids[nxt], num)
+            req.prompt_logprobs.append(self._decoded(d))
+        if start + n >= prompt_len:
+            req.prompt_pass_done = True
+
+    def _decoded(self, d: PositionLogprobs) -> PositionLogprobs:
+        if self.tokenizer is not None:
+            for tid, lp in d.items():
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return d
+
+    def _append(self, req: Request, token: int, lps: PositionLogprobs | None, tok_lp: float | None) -> None:
+        p = req.params
+        req.append_token(token)
+        if lps is not None:
+            assert req.logprobs is not None and req.cumulative_logprob is not None and tok_lp is not None
+            req.logprobs.append(self._decoded(lps))
+            req.cumulative_logprob += tok_lp
+        n_out = len(req.output_token_ids)
+        finish: tuple[str, int | str | None] | None = None
+        stop_by_token = False
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                finish, stop_by_token = ("stop", None), True
+            elif token in p.stop_token_ids:
+                finish, stop_by_token = ("stop", token), True
+        # Text: a stop token is not detokenized unless include_stop_str_in_output.
+        if req.detokenizer is not None and not (stop_by_token and not p.include_stop_str_in_output):
+            new = req.detokenizer.step(token)
+            req.text = req.detokenizer.text
+            if finish is None and p.stop and n_out > p.min_tokens:
+                hit = check_stop_strings(req.text, len(new), p.stop, p.include_stop_str_in_output)
+                if hit is not None:
+                    s, cut = hit
+                    if cut != -1:
+                        req.text = req.text[:cut]
+                    finish = ("stop", s)
+        if finish is None and (n_out >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            finish = ("length", None)
+        if finish is not None:
+            self.scheduler.finish(req, finish[0], finish[1])
+
+    def _output(self, req: Request, error: str | None = None) -> RequestOutput:
+        comp = CompletionOutput(index=0, text=req.text, token_ids=list(req.output_token_ids),
+                                cumulative_logprob=req.cumulative_logprob,
+                                logprobs=list(req.logprobs) if req.logprobs is not None else None,
+                                finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=list(req.prompt_token_ids), outputs=[comp],
+                             finished=req.status is RequestStatus.FINISHED,
+                             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
+                             error=error)
+
+    # -- offline API ---------------------------------------------------------------------------------------
+
+    def _run(self, requests: list[Request | RequestOutput],
+             progress: Callable[[int, int], None] | None = None) -> list[RequestOutput]:
+        ids = []
+        for r in requests:
+            if isinstance(r, Request):
+                self.scheduler.add(r)
+                ids.append(r.request_id)
+        results: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        total = len(ids)
+        try:
+            while pending:
+                for o in self.step():
+                    if o.finished and o.request_id in pending:
+                        results[o.request_id] = o
+                        pending.discard(o.request_id)
+                        if progress is not None:
+                            progress(total - len(pending), total)
+                if pending and not self.scheduler.has_unfinished():  # pragma: no cover - defensive
+                    raise RuntimeError(f"requests {sorted(pending)[:4]} vanished from the scheduler")
+        except BaseException:
+            for rid in pending:
+                self.abort(rid)
+            raise
+        return [results[r.request_id] if isinstance(r, Request) else r for r in requests]
+
+    def _error_output(self, request_id: str, prompt: Any, exc: Exception) -> RequestOutput:
+        text = prompt if isinstance(prompt, str) else None
+        ids = [] if isinstance(prompt, str) or not isinstance(prompt, Iterable) else [
+            t for t in prompt if isinstance(t, int)]
+        return RequestOutput(request_id=request_id, prompt=text, prompt_token_ids=ids,
+                             outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason="error")],
+                             finished=True, error=str(exc))
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate completions for ``prompts`` (a str, a list of str, a list of token ids or a list of
+        lists of token ids); returns one :class:`RequestOutput` per prompt, in input order.
+
+        ``sampling_params``: one for all prompts, or one per prompt; None takes
+        :meth:`get_default_sampling_params`. ``progress(done, total)`` is called as requests finish.
+        """
+        self._check_open()
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"{len(sampling_params)} sampling_params for {len(prompts)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        reqs: list[Request | RequestOutput] = []
+        for prompt, params in zip(prompts, params_list):
+            rid = f"gen-{next(self._counter)}"
+            try:
+                reqs.append(self._make_request(rid, prompt, params))
+            except ValueError as exc:
+                reqs.append(self._error_output(rid, prompt, exc))
+        return self._run(reqs, progress)
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per-position logits (float32 ``[len, vocab]``, row ``i`` predicting token ``i + 1``) of each
+        token sequence, computed through the paged-KV path (chunked and batched like generation).
+        Raises ValueError for a bad sequence."""
+        self._check_open()
+        reqs: list[Request | RequestOutput] = [
+            self._make_request(f"score-{next(self._counter)}", ids, SamplingParams(max_tokens=1), score=True)
+            for ids in prompt_token_ids
+        ]
+        by_id = {r.request_id: r for r in reqs if isinstance(r, Request)}
+        self._run(reqs)
+        return [torch.cat(by_id[r.request_id].score_logits) for r in reqs if isinstance(r, Request)]
+
+
+def _position_logprobs(lp: torch.Tensor, token: int, n: int) -> tuple[PositionLogprobs, float]:
+    tok_lp = lp[token]
+    rank = int((lp > tok_lp).sum()) + 1
+    d: PositionLogprobs = {token: Logprob(float(tok_lp), rank)}
+    if n:
+        vals, idx = lp.topk(min(n, lp.shape[0]))
+        for r, (v, i) in enumerate(zip(vals.tolist(), idx.tolist()), start=1):
+            d.setdefault(i, Logprob(v, r))
+    return d, float(tok_lp)
+
+
+__all__ = ["DEFAULT_KV_CACHE_MEMORY", "LLM", "check_stop_strings", "logprobs_at"]

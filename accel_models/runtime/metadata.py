@@ -1,0 +1,123 @@
+"""The attention-metadata builder: one step's model inputs in persistent buffers.
+
+Every tensor a step needs (input ids, positions, slot mapping, query start locations, sequence lengths,
+block table, logits indices) lives in a buffer allocated once, sized by ``max_num_seqs``,
+``max_num_batched_tokens`` and the blocks per sequence. A step fills the leading part of each buffer and
+hands out views of it, so the addresses never change: a decode step of a fixed batch size can later be
+captured as a device graph (CUDA graph, ACL graph) and replayed with new contents.
+
+The host side is a set of numpy arrays (cheap to fill from Python); on a device other than the CPU each
+step copies them into device buffers of the same shapes (one copy per buffer). On the CPU the device
+buffers *are* the host arrays (shared memory), so there is no copy at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from accel_models.context import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    """What one model step consumes (views of the persistent buffers)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64: rows of the hidden states whose logits are needed
+
+
+class InputBuffers:
+    """Persistent host and device buffers for the inputs of one step."""
+
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_blocks_per_seq: int,
+                 device: torch.device | str | None) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.max_num_tokens = max_num_batched_tokens
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.device = torch.device(device if device is not None else "cpu")
+        T, B = max_num_batched_tokens, max_num_seqs
+        self.host = {
+            "input_ids": np.zeros(T, dtype=np.int64),
+            "positions": np.zeros(T, dtype=np.int64),
+            "slot_mapping": np.full(T, -1, dtype=np.int64),
+            "query_start_loc": np.zeros(B + 1, dtype=np.int32),
+            "seq_lens": np.zeros(B, dtype=np.int32),
+            "block_table": np.zeros((B, max_blocks_per_seq), dtype=np.int32),
+            "logits_indices": np.zeros(T, dtype=np.int64),
+        }
+        host_t = {k: torch.from_numpy(v) for k, v in self.host.items()}
+        self._on_host = self.device.type == "cpu"
+        if self._on_host:
+            self.dev = host_t
+        else:
+            self._pinned = {k: (v.pin_memory() if torch.cuda.is_available() else v) for k, v in host_t.items()}
+            self.dev = {k: torch.empty_like(v, device=self.device) for k, v in host_t.items()}
+
+    def prepare(self, num_tokens: int, num_seqs: int, num_logits: int, max_query_len: int,
+                max_seq_len: int, num_block_cols: int) -> StepInputs:
+        """Publish the first ``num_tokens`` / ``num_seqs`` entries (already written into :attr:`host`)."""
+        if not self._on_host:
+            for k, src in self._pinned.items():
+                src.copy_(torch.from_numpy(self.host[k]))
+                self.dev[k].copy_(src, non_blocking=True)
+        d = self.dev
+        md = AttentionMetadata(
+            query_start_loc=d["query_start_loc"][: num_seqs + 1],
+            seq_lens=d["seq_lens"][:num_seqs],
+            block_table=d["block_table"][:num_seqs, : max(num_block_cols, 1)],
+            slot_mapping=d["slot_mapping"][:num_tokens],
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            num_actual_tokens=num_tokens,
+        )
+        return StepInputs(input_ids=d["input_ids"][:num_tokens], positions=d["positions"][:num_tokens],
+                          attn_metadata=md, logits_indices=d["logits_indices"][:num_logits])
+
+
+class MetadataBuilder:
+    """Fills :class:`InputBuffers` from the scheduled requests of a step."""
+
+    def __init__(self, buffers: InputBuffers, block_size: int) -> None:
+        self.buffers = buffers
+        self.block_size = block_size
+
+    def build(self, items: list[tuple[list[int], int, int, list[int], int]]) -> StepInputs:
+        """``items``: per scheduled sequence ``(token_ids, num_computed, num_new, block_table, num_logits)``
+        where the step computes ``token_ids[num_computed : num_computed + num_new]`` and needs the logits of
+        its last ``num_logits`` new tokens (1 to sample, all of them for prompt logprobs, 0 for a chunk
+        of a prefill). Returns the step's inputs."""
+        h = self.buffers.host
+        bs = self.block_size
+        t = 0
+        n_logits = 0
+        max_q = max_s = 0
+        cols = 0
+        qsl = h["query_start_loc"]
+        qsl[0] = 0
+        for b, (tokens, start, n, table, k) in enumerate(items):
+            end = start + n
+            h["input_ids"][t : t + n] = tokens[start:end]
+            pos = np.arange(start, end, dtype=np.int64)
+            h["positions"][t : t + n] = pos
+            blocks = np.asarray(table, dtype=np.int64)
+            h["slot_mapping"][t : t + n] = blocks[pos // bs] * bs + pos % bs
+            nb = len(table)
+            h["block_table"][b, :nb] = table
+            cols = max(cols, nb)
+            h["seq_lens"][b] = end
+            t += n
+            qsl[b + 1] = t
+            if k == 1:
+                h["logits_indices"][n_logits] = t - 1
+                n_logits += 1
+            elif k:
+                h["logits_indices"][n_logits : n_logits + k] = np.arange(t - k, t)
+                n_logits += k
+            max_q = max(max_q, n)
+            max_s = max(max_s, end)
+        return self.buffers.prepare(t, len(items), n_logits, max_q, max_s, cols)

@@ -1,0 +1,572 @@
+"""The CUDA backend: Triton kernels for the accel-models ops, cuBLAS (through torch) where it already wins.
+
+Importing this module never needs a GPU or Triton: the kernels live in ``_triton_kernels`` and load on the
+first op call. ``accel_backend_info`` says whether the backend is usable here (a CUDA device and an
+importable Triton) and, if not, why.
+
+This file holds everything that runs on the host: availability, argument checks, the KV-cache layout,
+launch planning (:func:`attention_plan`) and the expert sort (:func:`moe_align`). They are plain Python and
+torch, so CI checks them without a GPU.
+
+KV-cache layout: ``[2, num_blocks, num_kv_heads, block_size, head_size]`` (keys, then values). A block of
+one KV head is one contiguous ``block_size x head_size`` tile, which is what attention reads.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from accel_models import BackendInfo, KVCacheLayout, hookimpl
+
+NAME = "cuda"
+PRIORITY = 100  # above the reference (-100): auto-selection picks CUDA wherever it is usable
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_SIZES = (16, 32, 64, 128)
+MAX_HEAD_SIZE = 256
+MAX_HIDDEN = 65536  # rms_norm / int8 quant keep one row in registers
+MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core dots
+KV_LAYOUT = "[2, num_blocks, num_kv_heads, block_size, head_size]"
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("accel-backend-cuda")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return None
+
+
+def _interpret() -> bool:
+    """Triton's interpreter (CPU tensors) is on: the CPU-side tests run the kernels this way."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def availability() -> tuple[bool, str | None]:
+    """``(available, reason)``: a CUDA device of compute capability 8.0+ and an importable Triton."""
+    if not torch.cuda.is_available():
+        build = torch.version.cuda
+        how = (f"torch {torch.__version__} is built for CUDA {build} but sees no device"
+               if build else f"torch {torch.__version__} is a CPU-only build")
+        return False, (f"no CUDA device: torch.cuda.is_available() is False ({how}); run on a machine with an "
+                       "NVIDIA GPU and a CUDA build of torch")
+    if importlib.util.find_spec("triton") is None:
+        return False, "Triton is not installed: `pip install triton` (it ships with CUDA builds of torch)"
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # a broken install must not break backend discovery
+        return False, f"Triton failed to import: {type(exc).__name__}: {exc}"
+    cap = torch.cuda.get_device_capability()
+    if cap < MIN_COMPUTE_CAPABILITY:
+        return False, (f"the CUDA device has compute capability {cap[0]}.{cap[1]}; the Triton kernels need "
+                       f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer (Ampere, Hopper, ...)")
+    return True, None
+
+
+@hookimpl
+def accel_backend_info() -> BackendInfo:
+    try:
+        available, reason = availability()
+    except Exception as exc:  # never raise from backend_info
+        available, reason = False, f"availability check failed: {type(exc).__name__}: {exc}"
+    return BackendInfo(name=NAME, device_type="cuda", available=available, reason=reason, dist_backend="nccl",
+                       priority=PRIORITY, version=_version())
+
+
+@functools.cache
+def _kernels() -> ModuleType:
+    try:
+        return importlib.import_module("accel_backend_cuda._triton_kernels")
+    except ImportError as exc:
+        raise RuntimeError(f"the CUDA backend needs Triton: {exc}; `pip install triton`") from exc
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks (ValueError naming the argument and what is supported)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda" and not (_interpret() and t.device.type == "cpu"):
+        raise ValueError(f"{name} is on {t.device}; the cuda backend's ops take CUDA tensors "
+                         "(build the model on a CUDA device, or select the reference backend)")
+
+
+def _check_float(name: str, t: Any) -> None:
+    _check_tensor(name, t)
+    if t.dtype not in FLOATS:
+        raise ValueError(f"{name} has dtype {t.dtype}; the cuda backend supports float32, float16 and bfloat16")
+
+
+def _check_index(name: str, t: Any, dtype: torch.dtype, ndim: int) -> None:
+    _check_tensor(name, t)
+    if t.dtype != dtype or t.dim() != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, last]`` with a unit stride on the last dim (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < x2.shape[1]):
+        x2 = x2.contiguous()
+    return x2
+
+
+# ----------------------------------------------------------------------------------------------------
+# normalization and activations
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
+    _check_float("x", x)
+    _check_float("weight", weight)
+    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1] if x.dim() else '?'},) "
+                         f"for x {tuple(x.shape)}")
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"x's last dimension {x.shape[-1]} exceeds the cuda backend's limit {MAX_HIDDEN}")
+
+
+@hookimpl
+def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_norm(x, weight)
+    out, _ = _kernels().rms_norm(_rows("x", x), None, weight, eps)
+    return out.view(x.shape)
+
+
+@hookimpl
+def accel_fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_norm(x, weight)
+    _check_float("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+    # New output tensors (not in place): same bytes moved, and no aliasing surprises for the caller.
+    out, res_out = _kernels().rms_norm(_rows("x", x), _rows("residual", residual), weight, eps)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+def _act(x: torch.Tensor, act: int) -> torch.Tensor:
+    _check_float("x", x)
+    if x.dim() == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got shape {tuple(x.shape)}")
+    out = _kernels().act_and_mul(_rows("x", x), act)
+    return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@hookimpl
+def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _act(x, 0)
+
+
+@hookimpl
+def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _act(x, 1 if approximate == "none" else 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_index("positions", positions, torch.int64, 1)
+    _check_float("query", query)
+    _check_float("cos_sin_cache", cos_sin_cache)
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
+        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
+        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
+    if cos_sin_cache.stride(1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    num_tokens = positions.shape[0]
+    kern = _kernels()
+
+    def apply(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() not in (2, 3) or t.shape[0] != num_tokens or t.numel() % max(num_tokens * head_size, 1) \
+                or (t.dim() == 3 and t.shape[2] != head_size):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}] "
+                             f"or [{num_tokens}, heads, {head_size}]")
+        if t.dtype != query.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}; expected the query's {query.dtype}")
+        if t.stride(-1) != 1:
+            t = t.contiguous()
+        t3 = t if t.dim() == 3 else t.unflatten(1, (-1, head_size))
+        kern.rotary_(positions, t3, cos_sin_cache, rotary_dim, is_neox)  # in place (allowed by the spec)
+        return t
+
+    q = apply("query", query)
+    k = apply("key", key) if key is not None else None
+    return q, k
+
+
+# ----------------------------------------------------------------------------------------------------
+# paged KV cache and attention
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
+    if dtype not in FLOATS:
+        raise ValueError(f"KV-cache dtype {dtype} is not supported; supported: float32, float16, bfloat16")
+    if not 0 < head_size <= MAX_HEAD_SIZE:
+        raise ValueError(f"head_size {head_size} is not supported by the cuda attention kernel; supported: "
+                         f"1..{MAX_HEAD_SIZE}")
+    if num_kv_heads <= 0:
+        raise ValueError(f"num_kv_heads must be positive, got {num_kv_heads}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return KVCacheLayout(name=KV_LAYOUT, block_sizes=BLOCK_SIZES, bytes_per_token=2 * num_kv_heads * head_size * itemsize)
+
+
+@hookimpl
+def accel_allocate_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported by the cuda backend; supported: {BLOCK_SIZES}")
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda" and not (_interpret() and device.type == "cpu"):
+        raise ValueError(f"device {device} is not a CUDA device; the cuda backend's KV cache lives on the GPU")
+    return torch.empty((2, num_blocks, num_kv_heads, block_size, head_size), dtype=dtype, device=device)
+
+
+def _check_cache(kv_cache: Any) -> None:
+    _check_float("kv_cache", kv_cache)
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3] not in BLOCK_SIZES \
+            or kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache has shape {tuple(kv_cache.shape)}; the cuda layout is {KV_LAYOUT} with "
+                         f"block_size in {BLOCK_SIZES} (allocate it with allocate_kv_cache)")
+
+
+@hookimpl
+def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _check_cache(kv_cache)
+    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
+    _, _, kv_heads, _, head_size = kv_cache.shape
+    expected = (slot_mapping.shape[0], kv_heads, head_size)
+    for name, t in (("key", key), ("value", value)):
+        _check_float(name, t)
+        if tuple(t.shape) != expected:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected} for this cache and slot_mapping")
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    _kernels().write_kv_cache(key, value, kv_cache, slot_mapping.contiguous())
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Launch shape of one paged-attention call (host-side; see ``_paged_attention_kernel``)."""
+
+    block_m: int  # rows per program: block_q query tokens x the GQA group of query heads
+    block_q: int  # query tokens per program
+    tile_n: int  # keys per inner-loop step (independent of the KV block size)
+    head_pad: int  # head_size rounded up to a power of two (>= 16 for the dots)
+    num_q_programs: int  # grid axis 0: an upper bound on the query blocks of all sequences
+    num_splits: int  # grid axis 2: KV ranges computed apart and merged (split-K; 1 = none)
+    num_warps: int
+    num_stages: int
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
+                   max_query_len: int, max_seq_len: int, num_sms: int,
+                   config: dict[str, dict[str, int]] | None = None,
+                   workspace_limit_bytes: int = 256 << 20) -> AttentionPlan:
+    """Choose the block shapes, the grid and the split-K factor for a batch.
+
+    Decode-like batches (every sequence's query rows fit one 16-row tile) use small tiles; when their
+    programs (sequences x KV heads) would not fill the GPU, the KV range is split so each SM gets work,
+    and a second small kernel merges the partial softmaxes.
+    """
+    if config is None:
+        config = {
+            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 3},
+            "attn_prefill": {"BLOCK_M": 64, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+        }
+    group = num_heads // num_kv_heads
+    head_pad = max(16, _pow2(head_size))
+    decode_like = max_query_len * group <= 16
+    cfg = config["attn_decode" if decode_like else "attn_prefill"]
+    block_m = max(cfg["BLOCK_M"], _pow2(group), 16)
+    block_q = max(1, min(block_m // group, _pow2(max(max_query_len, 1))))
+    tile_n = cfg["TILE_N"]
+    num_q_programs = num_tokens // block_q + num_seqs
+    busy = max(1, -(-num_tokens // block_q)) * num_kv_heads  # programs that do work (about)
+    splits = 1
+    if busy < 2 * num_sms and max_seq_len > 256:
+        splits = min(-(-4 * num_sms // busy), -(-max_seq_len // 256), 32)
+        per_split = num_tokens * num_heads * (head_pad + 2) * 4
+        splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
+    return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,
+                         num_q_programs=num_q_programs, num_splits=splits, num_warps=cfg["num_warps"],
+                         num_stages=cfg["num_stages"])
+
+
+@hookimpl
+def accel_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int | None,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    _check_float("query", query)
+    _check_cache(kv_cache)
+    _check_index("block_table", block_table, torch.int32, 2)
+    _check_index("seq_lens", seq_lens, torch.int32, 1)
+    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
+    _, _, kv_heads, _, head_size = kv_cache.shape
+    if query.dim() != 3 or query.shape[2] != head_size or query.shape[1] % kv_heads:
+        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
+                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
+    batch = seq_lens.shape[0]
+    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
+        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}], got "
+                         f"{tuple(query_start_loc.shape)} and {tuple(block_table.shape)}")
+    if sliding_window is not None and sliding_window < 0:
+        raise ValueError(f"sliding_window must be None or positive, got {sliding_window}")
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    kern = _kernels()
+    plan = attention_plan(num_tokens=query.shape[0], num_seqs=batch, num_heads=query.shape[1],
+                          num_kv_heads=kv_heads, head_size=head_size, max_query_len=int(max_query_len),
+                          max_seq_len=int(max_seq_len), num_sms=_num_sms(query.device), config=kern.CONFIG)
+    return kern.paged_attention(query, kv_cache, block_table, seq_lens.contiguous(), query_start_loc.contiguous(),
+                                scale, sliding_window, logits_soft_cap, plan)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mixture of experts
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_moe_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring_func: str,
+    renormalize: bool,
+    num_expert_group: int | None,
+    topk_group: int | None,
+    e_score_correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch on the GPU: a few small kernels over [tokens, experts]; not worth a Triton kernel yet."""
+    _check_float("router_logits", router_logits)
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [num_tokens, num_experts], got {tuple(router_logits.shape)}")
+    num_tokens, num_experts = router_logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    logits = router_logits.to(torch.float32)
+    if scoring_func == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(torch.float32)
+    if num_expert_group is not None and num_expert_group > 1:
+        if num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group:
+            raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
+                             f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
+        grouped = choice.view(num_tokens, num_expert_group, -1)
+        if e_score_correction_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        top_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_expert_group, dim=1), float("-inf"))
+    # a stable descending sort breaks ties toward the lower expert id (torch.topk does not promise that)
+    topk_ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    topk_weights = scores.gather(1, topk_ids)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    if routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
+
+
+def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the (token, choice) pairs by expert and pad each expert's run to a multiple of ``block_m``.
+
+    Args:
+        local_ids: ``[num_pairs]`` int64 local expert id of each pair (pair ``i`` is token ``i // top_k``),
+            ``-1`` for pairs routed to experts another rank holds.
+
+    Returns:
+        ``(sorted_pair, block_expert)``: ``sorted_pair`` ``[num_blocks * block_m]`` int32 holds pair indices
+        in expert order, padded with ``num_pairs``; ``block_expert`` ``[num_blocks]`` int32 is the expert of
+        each block of ``block_m`` rows (``-1`` for blocks past the end). No host synchronization: the sizes
+        are bounds known on the host (``num_pairs // block_m + min(num_experts, num_pairs) + 1`` blocks).
+    """
+    num_pairs = local_ids.numel()
+    dev = local_ids.device
+    num_blocks = num_pairs // block_m + min(num_experts, num_pairs) + 1
+    cap = num_blocks * block_m
+    e = torch.where(local_ids < 0, num_experts, local_ids)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(0, e, torch.ones_like(e))
+    counts = counts[:num_experts]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.sort(e, stable=True).indices
+    se = e[order]
+    sec = se.clamp(max=num_experts - 1)
+    dest = pad_start[sec] + torch.arange(num_pairs, device=dev) - cnt_start[sec]
+    dest = torch.where(se < num_experts, dest, cap)  # pairs held elsewhere go to a dummy slot
+    sorted_pair = torch.full((cap + 1,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_pair.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(num_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(pad_end, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pair[:cap], block_expert
+
+
+@hookimpl
+def accel_fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str,
+    expert_map: torch.Tensor | None,
+) -> torch.Tensor:
+    _check_float("hidden_states", hidden_states)
+    _check_float("w13", w13)
+    _check_float("w2", w2)
+    _check_index("topk_ids", topk_ids, torch.int32, 2)
+    _check_tensor("topk_weights", topk_weights)
+    if activation not in ("silu", "gelu"):
+        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [num_tokens, hidden], got {tuple(hidden_states.shape)}")
+    num_tokens, hidden = hidden_states.shape
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 and w2 must be 3-D ([E, 2I, hidden] and [E, hidden, I]), got {tuple(w13.shape)} "
+                         f"and {tuple(w2.shape)}")
+    num_local, two_inter, w13_hidden = w13.shape
+    if w13_hidden != hidden or two_inter % 2 or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
+                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
+    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden_states' dtype {hidden_states.dtype}")
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
+                         f"must both be [num_tokens={num_tokens}, top_k]")
+    if expert_map is not None:
+        _check_index("expert_map", expert_map, torch.int32, 1)
+    kern = _kernels()
+    ids = topk_ids.reshape(-1).to(torch.int64)
+    if expert_map is not None:
+        ids = expert_map.to(torch.int64)[ids]
+    num_pairs = ids.numel()
+    large = num_pairs >= 4 * num_local * 16  # about 64+ pairs per expert: compute-bound tiles
+    cfg_up = kern.CONFIG["moe_large" if large else "moe_small"]
+    cfg_down = kern.CONFIG["moe_down_large" if large else "moe_small"]
+    align = moe_align(ids, num_local, cfg_up["BLOCK_M"])
+    x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
+    return kern.fused_experts(x, w13.contiguous(), w2.contiguous(), topk_weights, topk_ids, 0 if activation == "silu" else 1,
+                              align, cfg_up, cfg_down)
+
+
+# ----------------------------------------------------------------------------------------------------
+# W8A8
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    if x.shape[1] > MAX_HIDDEN:
+        raise ValueError(f"x's last dimension {x.shape[1]} exceeds the cuda backend's limit {MAX_HIDDEN}")
+    return _kernels().dynamic_int8_quant(_rows("x", x))
+
+
+def _int_mm_padding(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Padded sizes torch._int_mm (cuBLASLt int8) accepts: m > 16, k and n multiples of 8."""
+    return max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+
+
+@hookimpl
+def accel_int8_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """cuBLASLt int8 GEMM (torch._int_mm, exact int32 accumulation), zero-padded to the shapes it takes."""
+    _check_tensor("a", a)
+    _check_tensor("b", b)
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"a and b must be 2-D int8 tensors, got a {a.dtype} {tuple(a.shape)}, b {b.dtype} {tuple(b.shape)}")
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"b must be [n, k={k}] (nn.Linear layout), got {tuple(b.shape)}")
+    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
+        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
+    if out_dtype not in FLOATS:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    if a.device.type == "cuda":
+        mp, kp, np_ = _int_mm_padding(m, k, n)
+        ap = a if (mp, kp) == (m, k) else torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))
+        bp = b if (np_, kp) == (n, k) else torch.nn.functional.pad(b, (0, kp - k, 0, np_ - n))
+        acc = torch._int_mm(ap, bp.t())[:m, :n].to(torch.float32)
+    else:  # the interpreter's CPU tensors
+        acc = (a.to(torch.int32) @ b.to(torch.int32).t()).to(torch.float32)
+    out = acc * scale_a.to(torch.float32) * scale_b.to(torch.float32)[None, :]
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)

@@ -1,0 +1,528 @@
+"""Triton kernels of the CUDA backend and their launchers.
+
+Imported lazily (first op call), never by ``import accel_backend_cuda``: a machine without Triton or CUDA
+can import the backend and see why it is unusable. The launchers take arguments the host side
+(``accel_backend_cuda/__init__.py``) has already checked and planned; they only allocate outputs and launch.
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's interpreter (the CPU-side
+tests use that). The interpreter has no libdevice, so the few libdevice calls sit behind the constexpr
+``LIBDEVICE`` and have a portable twin for the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # Triton >= 3.0
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    from triton.language.extra.cuda import libdevice
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+LIBDEVICE = not INTERPRET
+
+#: Launch parameters. The benchmark script may overwrite entries to sweep them; these are the defaults
+#: chosen from the H100 measurements in docs/cuda-notes.md.
+CONFIG: dict[str, dict[str, int]] = {
+    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 3},
+    "attn_prefill": {"BLOCK_M": 64, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+    "moe_small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "moe_large": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    "moe_down_large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+}
+
+
+def _tl_dtype_ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+@triton.jit
+def _tanh(x, LIB: tl.constexpr):
+    if LIB:
+        y = libdevice.tanh(x)
+    else:
+        y = 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    return y
+
+
+@triton.jit
+def _rint(x, LIB: tl.constexpr):
+    if LIB:
+        y = libdevice.rint(x)
+    else:  # round half to even for |x| < 2**22 (int8 range): the float32 magic-number trick
+        y = (x + 12582912.0) - 12582912.0
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMS norm (+ fused residual add)
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, N, x_stride, res_stride, eps,
+                     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + rows64[:, None] * res_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (x + r).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + rows64[:, None] * N + cols[None, :], x, mask=mask)
+        x = x.to(tl.float32)
+    var = tl.sum(x * x, axis=1) / N
+    rstd = tl.rsqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    y = (x * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
+    tl.store(out_ptr + rows64[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x2, residual2: [rows, N] with unit column stride. Returns (out, residual_out or None), contiguous."""
+    n_rows, n = x2.shape
+    out = torch.empty((n_rows, n), dtype=x2.dtype, device=x2.device)
+    res_out = torch.empty_like(out) if residual2 is not None else out
+    block = triton.next_power_of_2(n)
+    rows = max(1, min(16, 2048 // block))
+    warps = 4 if block * rows <= 2048 else (8 if block * rows <= 8192 else 16)
+    if n_rows:
+        _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+            x2, residual2 if residual2 is not None else x2, weight, out, res_out, n_rows, n, x2.stride(0),
+            residual2.stride(0) if residual2 is not None else 0, float(eps),
+            HAS_RES=residual2 is not None, ROWS=rows, BLOCK=block, num_warps=warps)
+    return out, (res_out if residual2 is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gated activations
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _act_and_mul_kernel(x_ptr, out_ptr, d, x_stride, ACT: tl.constexpr, BLOCK: tl.constexpr, LIB: tl.constexpr):
+    # ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    g = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g), LIB))
+    tl.store(out_ptr + row * d + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def act_and_mul(x2: torch.Tensor, act: int) -> torch.Tensor:
+    n_rows, two_d = x2.shape
+    d = two_d // 2
+    out = torch.empty((n_rows, d), dtype=x2.dtype, device=x2.device)
+    block = min(1024, triton.next_power_of_2(max(d, 1)))
+    if n_rows and d:
+        _act_and_mul_kernel[(n_rows, triton.cdiv(d, block))](x2, out, d, x2.stride(0), ACT=act, BLOCK=block,
+                                                            LIB=LIBDEVICE, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rotary embedding (in place)
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, x_ptr, cache_ptr, n_heads, half, x_stride_t, x_stride_h, cache_stride,
+                   IS_NEOX: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
+    i = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr + t)
+    imask = i < half
+    dt = x_ptr.dtype.element_ty
+    c = tl.load(cache_ptr + pos * cache_stride + i, mask=imask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(cache_ptr + pos * cache_stride + half + i, mask=imask, other=0.0).to(dt).to(tl.float32)
+    if IS_NEOX:
+        o1 = i
+        o2 = i + half
+    else:
+        o1 = 2 * i
+        o2 = 2 * i + 1
+    base = x_ptr + t.to(tl.int64) * x_stride_t + heads[:, None].to(tl.int64) * x_stride_h
+    mask = (heads < n_heads)[:, None] & imask[None, :]
+    x1 = tl.load(base + o1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + o2[None, :], mask=mask, other=0.0).to(tl.float32)
+    # each product rounded to the input dtype, as the eager (Hugging Face) formula does
+    y1 = (x1 * c[None, :]).to(dt).to(tl.float32) - (x2 * s[None, :]).to(dt).to(tl.float32)
+    y2 = (x2 * c[None, :]).to(dt).to(tl.float32) + (x1 * s[None, :]).to(dt).to(tl.float32)
+    tl.store(base + o1[None, :], y1.to(dt), mask=mask)
+    tl.store(base + o2[None, :], y2.to(dt), mask=mask)
+
+
+def rotary_(positions: torch.Tensor, x3: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
+            is_neox: bool) -> None:
+    """Rotate x3 ([T, heads, head_size], unit stride on the last dim) in place."""
+    t, n_heads, _ = x3.shape
+    half = rotary_dim // 2
+    half_pad = triton.next_power_of_2(half)
+    heads_blk = max(1, min(triton.next_power_of_2(n_heads), 4096 // half_pad))
+    if t and n_heads:
+        _rotary_kernel[(t, triton.cdiv(n_heads, heads_blk))](
+            positions, x3, cos_sin_cache, n_heads, half, x3.stride(0), x3.stride(1), cos_sin_cache.stride(0),
+            IS_NEOX=is_neox, HEADS=heads_blk, HALF=half_pad, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paged KV cache: [2, num_blocks, num_kv_heads, block_size, head_size]
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, head_size, k_stride_t, k_stride_h, v_stride_t,
+                     v_stride_h, c_stride_kv, c_stride_blk, c_stride_h, c_stride_tok,
+                     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        d = tl.arange(0, HEAD_PAD)
+        dmask = d < head_size
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        dst = cache_ptr + blk * c_stride_blk + h * c_stride_h + off * c_stride_tok + d
+        k = tl.load(k_ptr + t.to(tl.int64) * k_stride_t + h * k_stride_h + d, mask=dmask)
+        v = tl.load(v_ptr + t.to(tl.int64) * v_stride_t + h * v_stride_h + d, mask=dmask)
+        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=dmask)
+        tl.store(dst + c_stride_kv, v.to(cache_ptr.dtype.element_ty), mask=dmask)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    t, kv_heads, head_size = key.shape
+    block_size = kv_cache.shape[3]
+    if t:
+        _write_kv_kernel[(t, kv_heads)](
+            key, value, kv_cache, slot_mapping, head_size, key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            BLOCK_SIZE=block_size, HEAD_PAD=triton.next_power_of_2(head_size), num_warps=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paged attention: one kernel for decodes, prefills and chunked prefills
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query blocks hold program ``target``: block b starts at qsl[b] // BLOCK_Q + b."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        val = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if val <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    scale, soft_cap, window, num_seqs, num_tokens, num_heads, head_size, num_splits,
+    q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+    kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, bt_stride,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, LIB: tl.constexpr,
+):
+    # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
+    # tokens x GROUP query heads sharing this KV head (GQA packed into the M dimension of the dots).
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    qb = pid - (q_start // BLOCK_Q + b)
+    if qb * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + b)
+        ctx = seq_len - q_len  # position of the sequence's first query token
+
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = qb * BLOCK_Q + offs_m // GROUP  # token index within the sequence's queries
+        head = kvh * GROUP + offs_m % GROUP
+        row_ok = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+        q_pos = ctx + tok
+        offs_d = tl.arange(0, HEAD_PAD)
+        d_ok = offs_d < head_size
+        q_rows = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + q_rows[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+        first_pos = ctx + qb * BLOCK_Q
+        k_hi = tl.minimum(first_pos + BLOCK_Q, seq_len)  # keys [k_lo, k_hi) can be visible to this block
+        k_lo = 0
+        if USE_WINDOW:
+            k_lo = tl.maximum(first_pos - window + 1, 0)
+        tile_lo = k_lo // TILE_N
+        tile_hi = tl.cdiv(k_hi, TILE_N)
+        if SPLIT:
+            per = tl.cdiv(tile_hi - tile_lo, num_splits)
+            t0 = tile_lo + split * per
+            t1 = tl.minimum(t0 + per, tile_hi)
+        else:
+            t0 = tile_lo
+            t1 = tile_hi
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+        kv_base = kv_ptr + kvh.to(tl.int64) * kv_stride_h
+        bt_row = bt_ptr + b.to(tl.int64) * bt_stride
+        for t in range(t0, t1):
+            offs_n = t * TILE_N + tl.arange(0, TILE_N)
+            n_ok = offs_n < k_hi
+            blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+            kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+            k = tl.load(kv_base + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            k = k.to(q.dtype)
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee")
+            else:
+                s = tl.dot(q, k)
+            s = s * scale
+            if USE_CAP:
+                s = soft_cap * _tanh(s / soft_cap, LIB)
+            vis = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+            if USE_WINDOW:
+                vis = vis & (offs_n[None, :] > q_pos[:, None] - window)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
+            if IEEE:
+                pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(q.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        if SPLIT:
+            # partial results [split, token, head]: unnormalized acc, running max and sum
+            idx = (split * num_tokens + q_rows) * num_heads + head
+            tl.store(part_acc_ptr + idx[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + 2 * idx, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + 2 * idx + 1, l_i, mask=row_ok)
+        else:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_heads, head_size, num_splits,
+                         o_stride_t, o_stride_h, SPLITS: tl.constexpr, HEAD_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    s_ok = sp < num_splits
+    idx = (sp * num_tokens + t) * num_heads + h
+    m = tl.load(part_ml_ptr + 2 * idx, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + 2 * idx + 1, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    denom = tl.sum(w * l, 0)
+    d = tl.arange(0, HEAD_PAD)
+    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_PAD + d[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + t * o_stride_t + h * o_stride_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_size)
+
+
+def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, scale, sliding_window,
+                    logits_soft_cap, plan) -> torch.Tensor:
+    """``plan`` comes from ``accel_backend_cuda.attention_plan`` (block shapes, grid, splits)."""
+    num_tokens, num_heads, head_size = query.shape
+    kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(query)
+    if num_tokens == 0:
+        return out
+    head_pad = plan.head_pad
+    split = plan.num_splits > 1
+    if split:
+        part_acc = torch.empty((plan.num_splits, num_tokens, num_heads, head_pad), dtype=torch.float32,
+                               device=query.device)
+        part_ml = torch.empty((plan.num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)
+    else:
+        part_acc = part_ml = out
+    grid = (plan.num_q_programs, kv_heads, plan.num_splits)
+    _paged_attention_kernel[grid](
+        query, kv_cache, block_table, seq_lens, query_start_loc, out, part_acc, part_ml,
+        float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0), seq_lens.shape[0], num_tokens,
+        num_heads, head_size, plan.num_splits,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
+        GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m,
+        BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
+        USE_CAP=bool(logits_soft_cap), SPLIT=split, IEEE=_tl_dtype_ieee(query.dtype), LIB=LIBDEVICE,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if split:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out, num_tokens, num_heads, head_size, plan.num_splits, out.stride(0),
+            out.stride(1), SPLITS=triton.next_power_of_2(plan.num_splits), HEAD_PAD=head_pad, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused experts: grouped GEMM over the (token, choice) pairs sorted by expert
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr, num_pairs, hidden, inter,
+                        x_stride, w_stride_e, w_stride_n, w_stride_k, TOPK: tl.constexpr, ACT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr, LIB: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ptr + offs_m)
+        m_ok = pair < num_pairs
+        tok = (pair // TOPK).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * x_stride + offs_k[None, :]
+        w_base = w_ptr + e * w_stride_e
+        g_ptrs = w_base + offs_n[None, :].to(tl.int64) * w_stride_n + offs_k[:, None] * w_stride_k
+        u_ptrs = g_ptrs + inter * w_stride_n
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_ok = (k0 + offs_k) < hidden
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * w_stride_k
+            u_ptrs += BLOCK_K * w_stride_k
+        dt = act_ptr.dtype.element_ty
+        g = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
+        u = acc_u.to(dt).to(tl.float32)
+        if ACT == 0:
+            a_out = g / (1.0 + tl.exp(-g))
+        else:
+            a_out = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        tl.store(act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (a_out * u).to(dt),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, weights_ptr, out_ptr, num_pairs, hidden,
+                     inter, w_stride_e, w_stride_n, w_stride_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_pair_ptr + offs_m)
+        m_ok = pair < num_pairs
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hidden
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_k[None, :]
+        b_ptrs = w_ptr + e * w_stride_e + offs_n[None, :].to(tl.int64) * w_stride_n + offs_k[:, None] * w_stride_k
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_ok = (k0 + offs_k) < inter
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bw = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, bw, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, bw, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * w_stride_k
+        wt = tl.load(weights_ptr + pair, mask=m_ok, other=0.0)
+        y = acc.to(act_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def fused_experts(hidden_states, w13, w2, topk_weights, local_ids, act, align, cfg_up, cfg_down) -> torch.Tensor:
+    """``align``: (sorted_pair [cap], block_expert [num_blocks]) from ``accel_backend_cuda.moe_align``."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = local_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    inter = w2.shape[2]
+    sorted_pair, block_expert = align
+    num_blocks = block_expert.shape[0]
+    dt = hidden_states.dtype
+    ieee = _tl_dtype_ieee(dt)
+    act_buf = torch.empty((sorted_pair.shape[0], inter), dtype=dt, device=hidden_states.device)
+    per_pair = torch.zeros((num_pairs, hidden), dtype=torch.float32, device=hidden_states.device)
+    if num_pairs == 0:
+        return torch.zeros_like(hidden_states)
+    bm = cfg_up["BLOCK_M"]
+    _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg_up["BLOCK_N"]))](
+        hidden_states, w13, sorted_pair, block_expert, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
+        w13.stride(0), w13.stride(1), w13.stride(2), TOPK=top_k, ACT=act, BLOCK_M=bm, BLOCK_N=cfg_up["BLOCK_N"],
+        BLOCK_K=cfg_up["BLOCK_K"], IEEE=ieee, LIB=LIBDEVICE, num_warps=cfg_up["num_warps"],
+        num_stages=cfg_up["num_stages"])
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg_down["BLOCK_N"]))](
+        act_buf, w2, sorted_pair, block_expert, weights, per_pair, num_pairs, hidden, inter, w2.stride(0),
+        w2.stride(1), w2.stride(2), BLOCK_M=bm, BLOCK_N=cfg_down["BLOCK_N"], BLOCK_K=cfg_down["BLOCK_K"],
+        IEEE=ieee, num_warps=cfg_down["num_warps"], num_stages=cfg_down["num_stages"])
+    return per_pair.view(num_tokens, top_k, hidden).sum(1).to(dt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# W8A8: dynamic per-token int8 quantization
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int8_quant_kernel(x_ptr, q_ptr, s_ptr, k, x_stride, BLOCK: tl.constexpr, LIB: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < k
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), 0)
+    inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.where(amax > 0, amax, 1.0)), 0.0)
+    q = _rint(x * inv, LIB)
+    q = tl.minimum(tl.maximum(q, -128.0), 127.0)
+    tl.store(q_ptr + row * k + cols, q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + row, tl.math.div_rn(amax, 127.0))
+
+
+def dynamic_int8_quant(x2: torch.Tensor):
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x2.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
+    if m and k:
+        block = triton.next_power_of_2(k)
+        _int8_quant_kernel[(m,)](x2, q, s, k, x2.stride(0), BLOCK=block, LIB=LIBDEVICE,
+                                 num_warps=4 if block <= 4096 else 8)
+    elif m:
+        s.zero_()
+    return q, s

@@ -10,7 +10,9 @@ Model code sees **one normalized form** whatever the input was:
 
 * ``head_dim`` is an int (the family's default when absent, ``hidden_size // num_attention_heads`` when
   null or when the family has no default);
-* ``num_key_value_heads`` is an int (the family's default when absent, ``num_attention_heads`` when null);
+* ``num_key_value_heads`` is an int (the family's transformers default when absent: Llama
+  ``num_attention_heads``, Mistral/Mixtral 8, Qwen2/Qwen3 32, Qwen2-MoE 16, Qwen3-MoE 4; and
+  ``num_attention_heads`` when null);
 * ``rope_parameters`` is a transformers-5-style dict: ``{"rope_type": ..., "rope_theta": float, ...}`` plus
   the type's own fields, with the values transformers would derive filled in (see :func:`normalize_rope`);
 * ``dtype`` is a dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"``) or None;
@@ -429,9 +431,17 @@ class ModelConfig(BaseModel):
         return self.model_dump(mode="json")
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A re-validated copy with ``changes`` applied (derived fields such as head_dim are kept unless
-        changed too)."""
-        return type(self).from_dict({**self.to_dict(), **changes})
+        """A re-validated copy with ``changes`` applied.
+
+        Derived fields keep their normalized values unless changed too (``head_dim`` stays when
+        ``hidden_size`` changes); ``layer_types`` is derived again when the layer count or window changes.
+        """
+        data = {**self.to_dict(), **changes}
+        if "layer_types" not in changes and changes.keys() & {
+            "num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers"
+        }:
+            data.pop("layer_types")  # derived again from the changed fields
+        return type(self).from_dict(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> ModelConfig:
@@ -466,6 +476,7 @@ class Qwen2Config(ModelConfig):
     """
 
     architecture_names: ClassVar[tuple[str, ...]] = ("Qwen2ForCausalLM",)
+    num_key_value_heads: int | None = Field(default=32, gt=0)  # transformers' default when absent
     max_position_embeddings: int = Field(default=32768, gt=0)
     use_sliding_window: bool = False
     sliding_window: int | None = Field(default=4096, ge=0)
@@ -564,6 +575,7 @@ class Qwen2MoeConfig(Qwen2Config, _QwenMoeFields):
     """
 
     architecture_names: ClassVar[tuple[str, ...]] = ("Qwen2MoeForCausalLM",)
+    num_key_value_heads: int | None = Field(default=16, gt=0)  # transformers' default when absent
     shared_expert_intermediate_size: int = Field(ge=0)
     qkv_bias: bool = True
 

@@ -431,7 +431,8 @@ def accel_fused_experts(
     num_experts = expert_map.shape[0] if expert_map is not None else num_local
     max_padded = ids.numel() + num_experts * (_MOE_BLOCK_M - 1)
     sorted_ids = torch.empty((max_padded,), dtype=torch.int32, device=dev)
-    block_experts = torch.empty((max_padded // _MOE_BLOCK_M,), dtype=torch.int32, device=dev)
+    # zeros, not empty: blocks past num_tokens_post_pad are never written, and are still mapped below
+    block_experts = torch.zeros((max_padded // _MOE_BLOCK_M,), dtype=torch.int32, device=dev)
     num_post_pad = torch.empty((1,), dtype=torch.int32, device=dev)
     k._moe_C.moe_align_block_size(ids, int(num_experts), _MOE_BLOCK_M, sorted_ids, block_experts, num_post_pad)
     if expert_map is not None:  # global -> local expert id, -1 for experts held by another rank

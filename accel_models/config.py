@@ -680,7 +680,8 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Any) -> Mod
 
     Args:
         source: a checkpoint directory (its ``config.json`` is read), a path to a config.json, a dict, or
-            an object with ``to_dict()`` (e.g. a transformers ``PretrainedConfig``).
+            an object with ``to_dict()`` (e.g. a transformers ``PretrainedConfig``; when it has no
+            ``architectures``, its ``model_type`` picks the family).
 
     Returns:
         the family's :class:`ModelConfig` subclass, picked by the first supported name in ``architectures``.
@@ -707,7 +708,11 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | Any) -> Mod
     elif isinstance(source, Mapping):
         data = source
     elif hasattr(source, "to_dict"):
-        data = source.to_dict()
+        # A transformers config built in code has no `architectures` until a model saves it: its
+        # model_type names the family.
+        data = dict(source.to_dict())
+        if not data.get("architectures") and data.get("model_type") in _MODEL_TYPE_TO_ARCH:
+            data["architectures"] = [_MODEL_TYPE_TO_ARCH[data["model_type"]]]
     else:
         raise ConfigError(
             f"load_config takes a directory, a config.json path or a dict, got {type(source).__name__}"

@@ -6,6 +6,7 @@ implementation) reading the same config.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -376,7 +377,7 @@ HF_TINY = dict(_tiny_hf_configs())
 
 @pytest.mark.parametrize("name", sorted(HF_TINY))
 def test_save_pretrained_configs_round_trip(name, tmp_path):
-    hf_cfg = HF_TINY[name]
+    hf_cfg = copy.deepcopy(HF_TINY[name])
     hf_cfg.architectures = [type(hf_cfg).__name__.replace("Config", "ForCausalLM")]  # as a model's save_pretrained
     hf_cfg.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
@@ -522,3 +523,12 @@ def test_absent_fields_take_transformers_defaults(arch):
         data.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
     cfg = load_config(data)
     assert_matches_hf(cfg, hf_config(data))
+
+
+@pytest.mark.parametrize("name", sorted(HF_TINY))
+def test_transformers_config_objects_are_accepted(name):
+    hf_cfg = copy.deepcopy(HF_TINY[name])
+    hf_cfg.architectures = None
+    cfg = load_config(hf_cfg)  # built in code: no architectures, the model_type names the family
+    assert type(cfg).__name__ == type(hf_cfg).__name__
+    assert_matches_hf(cfg, hf_cfg)

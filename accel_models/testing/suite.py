@@ -46,3 +46,14 @@ class BackendConformance:
         cases, worst, failure = check_op(op, table, ref, dtype=dt, device=device, quick=quick, max_examples=n)
         assert failure is None, f"{self.backend}.{op} [{dtype}] fails its contract: {failure}"
         assert cases > 0
+
+    @pytest.mark.parametrize("model", ["llama", "mixtral"])
+    def test_model_matches_reference(self, model: str) -> None:
+        """Tiny zoo models on the backend give the reference backend's logits (prefill + decode)."""
+        from accel_models.testing.models import check_model
+
+        table = resolve_ops(self.backend, allow_unavailable=self.allow_unavailable)
+        device = self.device or (table.device_type if table.info.available else "cpu")
+        result = check_model(model, self.backend, dtype=torch.float32, device=device,
+                             allow_unavailable=self.allow_unavailable)
+        assert result["status"] == "pass", f"{self.backend}: {result}"

@@ -127,3 +127,12 @@ def test_writing_a_backend_doc_is_generated_from_the_hookspecs():
     text = doc.read_text()
     generated = text[text.index(BEGIN): text.index(END) + len(END)]
     assert generated == render(), "docs/writing-a-backend.md is stale: run python -m accel_models.testing.docs"
+
+
+def test_model_level_check_passes_reference_and_catches_wrong_rms_norm(wrong_backend):
+    from accel_models.testing.models import check_model
+
+    good = check_model("llama", "reference", dtype=torch.float32, device="cpu")
+    assert good["status"] == "pass", good
+    bad = check_model("llama", wrong_backend, dtype=torch.float32, device="cpu")
+    assert bad["status"] == "fail" and float(bad["error"]) > 1e-4, bad

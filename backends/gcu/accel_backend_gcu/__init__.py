@@ -263,9 +263,11 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
             raise ValueError(f"{name} has shape {got}; expected {expected} for this cache and slot_mapping")
     key_cache, value_cache = kv_cache.unbind(0)
     scale = _unit_scale(kv_cache.device)
-    # kv_cache_dtype "auto": the cache holds the model dtype, no scaling; negative slots are skipped.
+    # kv_cache_dtype "auto": the cache holds the model dtype, no scaling; negative slots are skipped. Keys and
+    # values are often row-strided views of a fused qkv projection: the TopsATen wrapper takes dense tensors.
     kernels()._C_cache_ops.reshape_and_cache_flash(
-        key.to(kv_cache.dtype), value.to(kv_cache.dtype), key_cache, value_cache, slot_mapping, "auto", scale, scale
+        key.to(kv_cache.dtype).contiguous(), value.to(kv_cache.dtype).contiguous(), key_cache, value_cache,
+        slot_mapping.contiguous(), "auto", scale, scale,
     )
 
 

@@ -74,24 +74,25 @@ def emulated_flash_attn_varlen_func(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_
         blocks = block_table[b, :n_blocks].long()
         keys = k[blocks].reshape(-1, k.shape[2], head_size)[:sk].float()  # [sk, Hk, D]
         vals = v[blocks].reshape(-1, v.shape[2], head_size)[:sk].float()
-        for h in range(num_heads):
-            qh = q[q0:q1, h].float()  # [sq, D]
-            scores = (qh @ keys[:, h // group].T) * scale  # [sq, sk]
-            if softcap and softcap > 0:
-                scores = softcap * torch.tanh(scores / softcap)
-            i = torch.arange(sq)[:, None]
-            j = torch.arange(sk)[None, :]
-            diag = i + sk - sq
-            keep = torch.ones(sq, sk, dtype=torch.bool)
-            if causal:
-                keep &= j <= diag
-            if left >= 0:
-                keep &= j >= diag - left
-            if right >= 0 and not causal:
-                keep &= j <= diag + right
-            scores = scores.masked_fill(~keep, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows give zeros
-            result[q0:q1, h] = (probs @ vals[:, h // group]).to(result.dtype)
+        qs = q[q0:q1].float().transpose(0, 1)  # [H, sq, D]
+        ks = keys.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, sk, D]: query head h reads KV head h // group
+        vs = vals.repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [H, sq, sk]
+        if softcap and softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(sk)[None, :]
+        diag = i + sk - sq
+        keep = torch.ones(sq, sk, dtype=torch.bool)
+        if causal:
+            keep &= j <= diag
+        if left >= 0:
+            keep &= j >= diag - left
+        if right >= 0 and not causal:
+            keep &= j <= diag + right
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows give zeros
+        result[q0:q1] = (probs @ vs).transpose(0, 1).to(result.dtype)
     return result
 
 

@@ -238,13 +238,13 @@ def _paged_attention_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     scale, soft_cap, window, num_seqs, num_tokens, num_heads, head_size, num_splits,
     q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-    kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, bt_stride,
-    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, bt_stride, group,
+    BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, LIB: tl.constexpr,
 ):
     # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
-    # tokens x GROUP query heads sharing this KV head (GQA packed into the M dimension of the dots).
+    # tokens x group query heads sharing this KV head (GQA packed into the M dimension of the dots).
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -257,9 +257,9 @@ def _paged_attention_kernel(
         ctx = seq_len - q_len  # position of the sequence's first query token
 
         offs_m = tl.arange(0, BLOCK_M)
-        tok = qb * BLOCK_Q + offs_m // GROUP  # token index within the sequence's queries
-        head = kvh * GROUP + offs_m % GROUP
-        row_ok = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+        tok = qb * BLOCK_Q + offs_m // group  # token index within the sequence's queries
+        head = kvh * group + offs_m % group
+        row_ok = (offs_m < BLOCK_Q * group) & (tok < q_len)
         q_pos = ctx + tok
         offs_d = tl.arange(0, HEAD_PAD)
         d_ok = offs_d < head_size
@@ -373,7 +373,7 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
         num_heads, head_size, plan.num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
-        GROUP=num_heads // kv_heads, BLOCK_SIZE=block_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m,
+        num_heads // kv_heads, BLOCK_SIZE=block_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m,
         BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap), SPLIT=split, IEEE=_tl_dtype_ieee(query.dtype), LIB=LIBDEVICE,
         num_warps=plan.num_warps, num_stages=plan.num_stages)

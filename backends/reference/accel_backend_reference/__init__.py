@@ -144,6 +144,9 @@ def accel_rotary_embedding(
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
         raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
     num_tokens = positions.shape[0]
+    if num_tokens and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must lie in [0, max_position={cos_sin_cache.shape[0]}) of cos_sin_cache, "
+                         f"got values in [{int(positions.min())}, {int(positions.max())}]")
     cos_sin = cos_sin_cache.index_select(0, positions).to(query.dtype)
     cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
 
@@ -234,6 +237,11 @@ def accel_paged_attention(
     group = num_heads // kv_heads
     dev = query.device
     max_q, max_s = int(max_query_len), int(max_seq_len)
+    if block_table.shape[1] * block_size < max_s:
+        raise ValueError(f"block_table has {block_table.shape[1]} columns of {block_size}-token blocks, too few "
+                         f"for max_seq_len={max_s}")
+    if batch and int(seq_lens.max()) > max_s:
+        raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
 
     # Pad the packed queries to [B, max_q]: token t is row i of sequence b.
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
@@ -242,11 +250,17 @@ def accel_paged_attention(
     q = query.new_zeros((batch, max_q, num_heads, head_size))
     q[tok_seq, tok_row] = query
 
-    # Gather each sequence's context: [B, max_s, kv_heads, head_size].
+    # Gather each sequence's context: [B, max_s, kv_heads, head_size]. Block-table entries past a
+    # sequence's last block may hold anything (they are ignored): read block 0 in their place. Slots past
+    # seq_len were never written and may hold NaN/inf: zero them, since 0-probability * NaN is NaN.
     n_blocks = (max_s + block_size - 1) // block_size
+    seq_blocks = (seq_lens.long() + block_size - 1) // block_size  # [B]
     blocks = block_table[:, :n_blocks].long()
-    k = kv_cache[0][blocks].flatten(1, 2)[:, :max_s].to(query.dtype)
-    v = kv_cache[1][blocks].flatten(1, 2)[:, :max_s].to(query.dtype)
+    blocks = blocks.masked_fill(torch.arange(n_blocks, device=dev)[None, :] >= seq_blocks[:, None], 0)
+    k_pos = torch.arange(max_s, device=dev)
+    in_context = (k_pos[None, :] < seq_lens.long()[:, None])[:, :, None, None]  # [B, max_s, 1, 1]
+    k = kv_cache[0][blocks].flatten(1, 2)[:, :max_s].to(query.dtype).masked_fill(~in_context, 0)
+    v = kv_cache[1][blocks].flatten(1, 2)[:, :max_s].to(query.dtype).masked_fill(~in_context, 0)
 
     # scores: [B, kv_heads, group, max_q, max_s]
     qh = q.view(batch, max_q, kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
@@ -256,7 +270,6 @@ def accel_paged_attention(
 
     # Query row i of sequence b sits at position seq_len - q_len + i; it sees keys k <= p (and > p - W).
     q_pos = (seq_lens - q_lens).long()[:, None] + torch.arange(max_q, device=dev)[None, :]  # [B, max_q]
-    k_pos = torch.arange(max_s, device=dev)
     visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, max_s]
     if sliding_window:
         visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
@@ -284,7 +297,12 @@ def accel_moe_topk(
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_float("router_logits", router_logits)
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be 2-D [num_tokens, num_experts], got {tuple(router_logits.shape)}")
     num_tokens, num_experts = router_logits.shape
+    if e_score_correction_bias is not None and tuple(e_score_correction_bias.shape) != (num_experts,):
+        raise ValueError(f"e_score_correction_bias must be [num_experts={num_experts}], "
+                         f"got {tuple(e_score_correction_bias.shape)}")
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
     acc = _acc(router_logits.dtype)
@@ -299,6 +317,9 @@ def accel_moe_topk(
         if num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group:
             raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
                              f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
+        if top_k > topk_group * (num_experts // num_expert_group):
+            raise ValueError(f"top_k={top_k} exceeds the {topk_group * (num_experts // num_expert_group)} experts "
+                             f"of the topk_group={topk_group} groups eligible in grouped top-k")
         grouped = choice.view(num_tokens, num_expert_group, -1)
         if e_score_correction_bias is None:
             group_scores = grouped.amax(dim=-1)
@@ -330,6 +351,12 @@ def accel_fused_experts(
     _check_index("topk_ids", topk_ids, torch.int32, 2)
     if activation not in ("silu", "gelu"):
         raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be 2-D [num_tokens, hidden], got {tuple(hidden_states.shape)}")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dim() != 3 or w.dtype != hidden_states.dtype:
+            raise ValueError(f"{name} must be a 3-D tensor of hidden_states' dtype {hidden_states.dtype}, "
+                             f"got {w.dtype} {tuple(w.shape)}")
     num_tokens, hidden = hidden_states.shape
     num_local, two_inter, w13_hidden = w13.shape
     if w13_hidden != hidden or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
@@ -338,6 +365,8 @@ def accel_fused_experts(
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
         raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
                          f"must both be [num_tokens={num_tokens}, top_k]")
+    if expert_map is not None:
+        _check_index("expert_map", expert_map, torch.int32, 1)
     top_k = topk_ids.shape[1]
     acc = _acc(hidden_states.dtype)
     ids = topk_ids.long().flatten()
@@ -346,6 +375,9 @@ def accel_fused_experts(
     # Sort the (token, choice) pairs by local expert and walk the runs of each expert present.
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids.clamp(min=-1) + 1, minlength=num_local + 1)[1:].tolist()
+    if len(counts) > num_local:
+        raise ValueError(f"topk_ids (through expert_map, if given) name local expert {len(counts) - 1}, but w13 holds "
+                         f"only {num_local} experts: pass expert_map for expert parallelism")
     start = int((ids < 0).sum())
     token_of = order // top_k
     weight_of = topk_weights.flatten().to(acc)[order]
@@ -375,7 +407,7 @@ def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     xf = x.to(torch.float32) if x.dtype != torch.float64 else x
     amax = xf.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    x_q = torch.round(xf * inv).clamp(-128, 127).to(torch.int8)
+    x_q = torch.round(xf * inv).clamp(-127, 127).to(torch.int8)
     return x_q, (amax / 127.0).to(torch.float32)
 
 

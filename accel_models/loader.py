@@ -404,6 +404,8 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     Raises ConfigError for malformed JSON or wrongly typed fields.
     """
     directory = Path(path)
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: not a checkpoint directory (no such directory)")
     data: dict[str, Any] = {}
     gen_path = directory / "generation_config.json"
     where = str(gen_path)

@@ -532,3 +532,36 @@ def test_transformers_config_objects_are_accepted(name):
     cfg = load_config(hf_cfg)  # built in code: no architectures, the model_type names the family
     assert type(cfg).__name__ == type(hf_cfg).__name__
     assert_matches_hf(cfg, hf_cfg)
+
+
+@given(
+    rope_type=st.sampled_from(["yarn", "longrope"]),
+    factor=st.one_of(st.none(), st.floats(1.0, 64.0)),
+    mscale=st.one_of(st.none(), st.floats(0.1, 2.0)),
+    mscale_all_dim=st.one_of(st.none(), st.floats(0.1, 2.0)),
+    original=st.sampled_from([512, 1024, 4096]),
+    stretch=st.sampled_from([1, 2, 8]),
+    legacy=st.booleans(),
+)
+def test_derived_rope_values_match_transformers(rope_type, factor, mscale, mscale_all_dim, original, stretch, legacy):
+    """factor and attention_factor as transformers derives them when computing the frequencies."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"factor": factor, "original_max_position_embeddings": original}
+    if rope_type == "yarn":
+        rope.update({k: v for k, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)) if v is not None})
+    else:
+        rope.update(short_factor=[1.0] * 8, long_factor=[2.0] * 8)
+    data = {"architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 64, "intermediate_size": 48,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "max_position_embeddings": original * stretch}
+    if legacy:  # 4.x: rope_theta beside rope_scaling with "type"
+        data.update(rope_theta=5e5, rope_scaling={"type": rope_type, **rope})
+    else:
+        data.update(rope_parameters={"rope_type": rope_type, "rope_theta": 5e5, **rope})
+    cfg = load_config(data)
+    hf_cfg = hf_config(data)
+    _, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg)
+    assert cfg.rope_parameters["attention_factor"] == pytest.approx(attention_factor, rel=1e-12)
+    want_factor = factor if factor is not None else stretch
+    assert cfg.rope_parameters["factor"] == pytest.approx(want_factor, rel=1e-12)
+    assert cfg.rope_parameters["rope_theta"] == 5e5

@@ -220,6 +220,19 @@ class LazyTensor:
         except Exception as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {self.name!r}: {exc} (the file is corrupted)") from None
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None) -> Any:
+        return torch.Size(self.shape) if dim is None else self.shape[dim]
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """Read ``length`` entries from ``start`` along ``dim`` only (what a TP weight_loader takes)."""
+        dim = dim % self.ndim
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self[index]
+
     def materialize(self) -> torch.Tensor:
         try:
             return self._convert(self._handle.get_tensor(self.name))

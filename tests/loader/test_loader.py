@@ -366,6 +366,13 @@ def test_lazy_tensors_read_slices(tmp_path):
     # read only a rank's rows (as a TP rank would), after the iterator moved on
     assert torch.equal(lazy[2:4], w[2:4].double())
     assert torch.equal(lazy.materialize(), w.double())
+    assert torch.equal(lazy.narrow(1, 3, 2), w.narrow(1, 3, 2).double()) and lazy.size(0) == 8 and lazy.ndim == 2
+    assert torch.equal(lazy.narrow(-1, 0, 3), w[:, :3].double())
+
+
+def test_bad_device_is_a_value_error(ckpt):
+    with pytest.raises(ValueError, match="device 'warp-drive' is not a torch device"):
+        load_model(ckpt, device="warp-drive")
 
 
 # ----------------------------------------------------------------------------------------------------

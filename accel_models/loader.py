@@ -331,7 +331,7 @@ def load_model(
         find_checkpoint_files(directory)  # raises the clear error
     config = load_config(directory)
     ckpt = find_checkpoint_files(directory)
-    check_checkpoint_files(ckpt)
+    stored = check_checkpoint_files(ckpt)
     model_cls = _model_class(config)
 
     if ops is None:
@@ -364,6 +364,12 @@ def load_model(
         ) from exc
     if loaded is None:
         raise TypeError(f"{type(model).__name__}.load_weights must return the set of parameter names it loaded")
+    unread = sorted(stored.keys() - yielded)
+    if unread:  # a model bug, not a checkpoint problem: tensors would be dropped silently
+        raise RuntimeError(
+            f"{type(model).__name__}.load_weights stopped before reading {len(unread)} checkpoint tensor(s) "
+            f"(e.g. {', '.join(unread[:5])}): it must consume the whole iterable"
+        )
     missing = sorted(_params_to_load(model) - set(loaded))
     if missing:
         shown = ", ".join(missing[:20]) + (f" ... and {len(missing) - 20} more" if len(missing) > 20 else "")

@@ -280,6 +280,8 @@ class StandIn(nn.Module):
         for name, tensor in weights:
             if StandIn.behaviour == "runtime_error":
                 raise RuntimeError(f"size mismatch for {name}")
+            if StandIn.behaviour == "stops_early":
+                break
             target = {"model.norm.weight": "norm", "model.embed_tokens.weight": "embed"}.get(name)
             if target is not None:
                 getattr(self, target).data.copy_(tensor)
@@ -331,6 +333,12 @@ def test_foreign_errors_in_load_weights_become_checkpoint_errors(ckpt, stand_in)
 def test_load_weights_must_return_the_loaded_names(ckpt, stand_in):
     stand_in.behaviour = "returns_none"
     with pytest.raises(TypeError, match="must return the set of parameter names"):
+        load_model(ckpt)
+
+
+def test_load_weights_must_read_every_tensor(ckpt, stand_in):
+    stand_in.behaviour = "stops_early"
+    with pytest.raises(RuntimeError, match="stopped before reading 20 checkpoint tensor"):
         load_model(ckpt)
 
 

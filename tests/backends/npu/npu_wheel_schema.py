@@ -40,7 +40,7 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / "accel-models-torch-npu-wheel"
 
 
-def fetch_wheel(timeout: float = 75.0) -> tuple[Path | None, str]:
+def fetch_wheel(timeout: float = 60.0) -> tuple[Path | None, str]:
     """The cached wheel, downloading it first if needed. Returns (path, "") or (None, why it failed)."""
     directory = cache_dir()
     pattern = f"torch_npu-{TORCH_NPU_VERSION}-*.whl"
@@ -49,7 +49,7 @@ def fetch_wheel(timeout: float = 75.0) -> tuple[Path | None, str]:
         return Path(found[0]), ""
     directory.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "pip", "download", f"torch-npu=={TORCH_NPU_VERSION}", "--no-deps",
-            "--disable-pip-version-check", "-q", "-d", str(directory)]
+            "--disable-pip-version-check", "-q", "--retries", "1", "--timeout", "15", "-d", str(directory)]
     # This interpreter's platform first; else the Linux x86_64 CPython 3.11 wheel (the schemas are the same).
     attempts = [base, base + ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"]]
     errors = []
@@ -64,6 +64,8 @@ def fetch_wheel(timeout: float = 75.0) -> tuple[Path | None, str]:
             return Path(found[0]), ""
         lines = (proc.stderr or proc.stdout or "").strip().splitlines()
         errors.append(lines[-1] if lines else f"`pip download` exited with {proc.returncode}")
+        if "No matching distribution" not in (proc.stderr or ""):
+            break  # a network failure: the platform-pinned retry would fail the same way
     return None, "; ".join(errors)
 
 

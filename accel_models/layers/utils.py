@@ -45,17 +45,6 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str = "") -> None:
     dst.copy_(src)
 
 
-def narrow_checked(t: torch.Tensor, dim: int, start: int, length: int, what: str = "") -> torch.Tensor:
-    """``t.narrow(dim, start, length)``, raising ValueError (not IndexError) when ``t`` is too small."""
-    if t.dim() <= dim or t.shape[dim] < start + length:
-        where = f" ({what})" if what else ""
-        raise ValueError(
-            f"shape mismatch{where}: checkpoint tensor of shape {tuple(t.shape)} has no rows "
-            f"[{start}, {start + length}) along dim {dim}"
-        )
-    return t.narrow(dim, start, length)
-
-
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
     """Copy a whole (unsharded) tensor into ``param``."""
     if shard_id is not None:

@@ -17,17 +17,24 @@ from accel_models.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaFo
 from accel_models.models.utils import WeightLoadReport
 
 
+#: HF hidden_act -> fused_experts activation (gelu is the erf form, as in the op)
+_EXPERT_ACTIVATIONS = {"silu": "silu", "gelu": "gelu"}
+
+
 class MixtralMoE(nn.Module):
     """Router (``gate``, replicated) and experts (``experts``, a :class:`FusedMoE`): ``[T, H]`` -> ``[T, H]``."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
-                 renormalize: bool = True, prefix: str = "") -> None:
+                 renormalize: bool = True, hidden_act: str = "silu", prefix: str = "") -> None:
         super().__init__()
+        if hidden_act not in _EXPERT_ACTIVATIONS:
+            raise ValueError(f"{prefix}: hidden_act {hidden_act!r} is not supported for MoE experts; supported: "
+                             f"{', '.join(_EXPERT_ACTIVATIONS)}")
         self.prefix = prefix
         self.hidden_size = hidden_size
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, prefix=f"{prefix}.gate")
         self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize=renormalize,
-                                prefix=f"{prefix}.experts")
+                                activation=_EXPERT_ACTIVATIONS[hidden_act], prefix=f"{prefix}.experts")
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         router_logits, _ = self.gate(hidden_states)  # [T, E]
@@ -44,6 +51,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     def _make_mlp(self, config: Any) -> None:
         self.block_sparse_moe = MixtralMoE(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
                                            config.intermediate_size, renormalize=True,
+                                           hidden_act=config.hidden_act,
                                            prefix=f"{self.prefix}.block_sparse_moe")
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

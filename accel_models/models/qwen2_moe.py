@@ -18,7 +18,8 @@ class Qwen2MoeSparseMoeBlock(MixtralMoE):
 
     def __init__(self, config: Any, *, prefix: str = "") -> None:
         super().__init__(config.num_experts, config.num_experts_per_tok, config.hidden_size,
-                         config.moe_intermediate_size, renormalize=config.norm_topk_prob, prefix=prefix)
+                         config.moe_intermediate_size, renormalize=config.norm_topk_prob,
+                         hidden_act=config.hidden_act, prefix=prefix)
         shared = getattr(config, "shared_expert_intermediate_size", 0) or 0
         if shared > 0:
             self.shared_expert = Qwen2MLP(config.hidden_size, shared, config.hidden_act,

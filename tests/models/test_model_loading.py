@@ -205,3 +205,11 @@ def test_config_json_of_both_formats_builds_the_same_model(ckpt_root, tmp_path):
     (old / "config.json").write_text(json.dumps(cfg))
     model = load_model(old, backend="reference", dtype="float32", device="cpu")
     assert _rel_err(ModelRunner(model).forward_sequences(SEQUENCES[:1]), hf_logits(hf, SEQUENCES[:1])) <= 1e-5
+
+
+def test_moe_with_an_unsupported_activation_is_refused_not_silently_silu():
+    from accel_models.models.mixtral import MixtralMoE
+
+    with build_context(BuildContext(ops=resolve_ops("reference"))):
+        with pytest.raises(ValueError, match="hidden_act 'relu' is not supported for MoE experts"):
+            MixtralMoE(4, 2, 8, 4, hidden_act="relu", prefix="model.layers.0.block_sparse_moe")

@@ -23,6 +23,11 @@ __version__ = "0.1.0"
 # Heavier parts load on first use, so `import accel_models` stays cheap for backend packages.
 _LAZY = {
     "load_model": "accel_models.loader",
+    "load_config": "accel_models.config",
+    "load_generation_config": "accel_models.loader",
+    "ConfigError": "accel_models.errors",
+    "CheckpointError": "accel_models.errors",
+    "UnsupportedModelError": "accel_models.errors",
     "ModelRunner": "accel_models.runner",
     "LLM": "accel_models.runtime.llm",
     "SamplingParams": "accel_models.runtime.sampling_params",
@@ -42,6 +47,11 @@ __all__ = [
     "HOOKSPEC_API_VERSION",
     "BackendError",
     "BackendInfo",
+    "CheckpointError",
+    "ConfigError",
+    "UnsupportedModelError",
+    "load_config",
+    "load_generation_config",
     "CompletionOutput",
     "KVCacheLayout",
     "LLM",

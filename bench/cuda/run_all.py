@@ -289,6 +289,9 @@ def section_big() -> dict:
             ang = torch.arange(8192, dtype=torch.float64)[:, None] * inv[None, :]
             cs = torch.cat([ang.cos(), ang.sin()], -1).float()
             for neox, rd in ((True, 128), (False, 64)):
+                inv = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+                ang = torch.arange(8192, dtype=torch.float64)[:, None] * inv[None, :]
+                cs = torch.cat([ang.cos(), ang.sin()], -1).float()
                 q = torch.randn(4096, 32 * 128, generator=g).to(dtype)
                 k = torch.randn(4096, 8, 128, generator=g).to(dtype)
                 cq, ck = ops.rotary_embedding(positions=pos.to(DEV), query=q.to(DEV), key=k.to(DEV), cos_sin_cache=cs.to(DEV),
@@ -532,6 +535,35 @@ def section_bench(ceil: dict, tune: bool) -> dict:
              "rel_err_vs_float64": rel_err(o.view(B, Hq, 1, D), e)})
         del cache, kc, vc, rcache
         torch.cuda.empty_cache()
+    # small batch, long context: split-K spreads 4 x 8 (sequence, KV head) programs over the SMs
+    B, ctx, Hq, Hk, D, bs = 4, 16384, 32, 8, 128, 16
+    nb = B * ctx // bs
+    cache = torch.randn(2, nb, Hk, bs, D, device=DEV, dtype=dt)
+    bt = torch.randperm(nb, generator=g).view(B, ctx // bs).to(torch.int32).to(DEV)
+    meta = dict(block_table=bt, seq_lens=torch.full((B,), ctx, dtype=torch.int32, device=DEV),
+                query_start_loc=torch.arange(B + 1, dtype=torch.int32, device=DEV), max_query_len=1,
+                max_seq_len=ctx, scale=D**-0.5, sliding_window=None, logits_soft_cap=None)
+    qd = torch.randn(B, Hq, D, device=DEV, dtype=dt)
+    plan = C.attention_plan(num_tokens=B, num_seqs=B, num_heads=Hq, num_kv_heads=Hk, head_size=D, max_query_len=1,
+                            max_seq_len=ctx, num_sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                            config=K.CONFIG)
+    nosplit = C.AttentionPlan(**{**plan.__dict__, "num_splits": 1})
+    t_nosplit = bench_ms(lambda: K.paged_attention(qd, cache, bt, meta["seq_lens"], meta["query_start_loc"],
+                                                   D**-0.5, None, None, nosplit))
+    rcache = cache.permute(0, 1, 3, 2, 4).contiguous()
+    torch_ms = bench_ms(lambda: ref.paged_attention(query=qd, kv_cache=rcache, **meta))
+    del rcache
+    kc = cache[0].permute(0, 2, 1, 3)[bt.long()].reshape(B, ctx, Hk, D).transpose(1, 2).contiguous()
+    vc = cache[1].permute(0, 2, 1, 3)[bt.long()].reshape(B, ctx, Hk, D).transpose(1, 2).contiguous()
+    qs = qd.view(B, Hq, 1, D)
+    sdpa = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, kc, vc, enable_gqa=True))
+    row(f"paged_attention decode B=4 ctx {ctx} 32/8 heads d128 bf16 (split-K)",
+        B * ctx * Hk * D * 2 * 2 + 2 * qd.numel() * 2, 4 * B * Hq * ctx * D,
+        bench_ms(lambda: ops.paged_attention(query=qd, kv_cache=cache, **meta)), torch_ms,
+        "reference (torch gather+matmul)", {"splits": plan.num_splits, "no_split_ms": t_nosplit,
+                                            "torch_sdpa_contiguous_ms": sdpa})
+    del cache, kc, vc
+    torch.cuda.empty_cache()
     # prefill: 4 x 2048 causal (compute-bound)
     B, S, Hq, Hk, D, bs = 4, 2048, 32, 8, 128, 16
     nb = B * S // bs

@@ -34,6 +34,8 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_SIZE = 256
 MAX_HIDDEN = 65536  # rms_norm / int8 quant keep one row in registers
+#: Shared memory a kernel's pipelined tiles may take (H100: 227 KiB per block; some left for the epilogue).
+SMEM_BUDGET = 216 * 1024
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core dots
 KV_LAYOUT = "[2, num_blocks, num_kv_heads, block_size, head_size]"
 
@@ -307,7 +309,7 @@ def _pow2(n: int) -> int:
 
 def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_size: int,
                    max_query_len: int, max_seq_len: int, num_sms: int,
-                   config: dict[str, dict[str, int]] | None = None,
+                   config: dict[str, dict[str, int]] | None = None, itemsize: int = 2,
                    workspace_limit_bytes: int = 256 << 20) -> AttentionPlan:
     """Choose the block shapes, the grid and the split-K factor for a batch.
 
@@ -317,8 +319,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     """
     if config is None:
         config = {
-            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 3},
-            "attn_prefill": {"BLOCK_M": 64, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+            "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
         }
     group = num_heads // num_kv_heads
     head_pad = max(16, _pow2(head_size))
@@ -327,6 +329,15 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     block_m = max(cfg["BLOCK_M"], _pow2(group), 16)
     block_q = max(1, min(block_m // group, _pow2(max(max_query_len, 1))))
     tile_n = cfg["TILE_N"]
+    num_stages = cfg["num_stages"]
+
+    def smem() -> int:  # the query tile plus num_stages pipelined K and V tiles
+        return (block_m * head_pad + num_stages * 2 * tile_n * head_pad) * itemsize
+
+    while smem() > SMEM_BUDGET and tile_n > 16:
+        tile_n //= 2
+    while smem() > SMEM_BUDGET and num_stages > 1:
+        num_stages -= 1
     num_q_programs = num_tokens // block_q + num_seqs
     busy = max(1, -(-num_tokens // block_q)) * num_kv_heads  # programs that do work (about)
     splits = 1
@@ -336,7 +347,7 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
     return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,
                          num_q_programs=num_q_programs, num_splits=splits, num_warps=cfg["num_warps"],
-                         num_stages=cfg["num_stages"])
+                         num_stages=num_stages)
 
 
 @hookimpl
@@ -374,7 +385,8 @@ def accel_paged_attention(
     kern = _kernels()
     plan = attention_plan(num_tokens=query.shape[0], num_seqs=batch, num_heads=query.shape[1],
                           num_kv_heads=kv_heads, head_size=head_size, max_query_len=int(max_query_len),
-                          max_seq_len=int(max_seq_len), num_sms=_num_sms(query.device), config=kern.CONFIG)
+                          max_seq_len=int(max_seq_len), num_sms=_num_sms(query.device), config=kern.CONFIG,
+                          itemsize=query.element_size())
     return kern.paged_attention(query, kv_cache, block_table, seq_lens.contiguous(), query_start_loc.contiguous(),
                                 scale, sliding_window, logits_soft_cap, plan)
 
@@ -430,6 +442,27 @@ def accel_moe_topk(
     if routed_scaling_factor != 1.0:
         topk_weights = topk_weights * routed_scaling_factor
     return topk_weights, topk_ids.to(torch.int32)
+
+
+def fit_moe_config(cfg: dict[str, int], itemsize: int, *, gate_up: bool) -> dict[str, int]:
+    """Shrink a fused-experts tile config until its pipelined tiles fit :data:`SMEM_BUDGET`.
+
+    Per stage the gate/up kernel holds an activation tile ``BLOCK_M x BLOCK_K`` and two weight tiles
+    ``BLOCK_K x BLOCK_N``; the down kernel one of each. float32 (4 bytes) needs smaller tiles than bf16.
+    """
+    cfg = dict(cfg)
+
+    def need() -> int:
+        per_stage = cfg["BLOCK_M"] * cfg["BLOCK_K"] + (2 if gate_up else 1) * cfg["BLOCK_K"] * cfg["BLOCK_N"]
+        return cfg["num_stages"] * per_stage * itemsize
+
+    while need() > SMEM_BUDGET and cfg["BLOCK_K"] > 32:
+        cfg["BLOCK_K"] //= 2
+    while need() > SMEM_BUDGET and cfg["BLOCK_N"] > 32:
+        cfg["BLOCK_N"] //= 2
+    while need() > SMEM_BUDGET and cfg["num_stages"] > 1:
+        cfg["num_stages"] -= 1
+    return cfg
 
 
 def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,12 +542,14 @@ def accel_fused_experts(
         ids = expert_map.to(torch.int64)[ids]
     num_pairs = ids.numel()
     large = num_pairs >= 4 * num_local * 16  # about 64+ pairs per expert: compute-bound tiles
-    cfg_up = kern.CONFIG["moe_large" if large else "moe_small"]
-    cfg_down = kern.CONFIG["moe_down_large" if large else "moe_small"]
+    itemsize = hidden_states.element_size()
+    cfg_up = fit_moe_config(kern.CONFIG["moe_large" if large else "moe_small"], itemsize, gate_up=True)
+    cfg_down = fit_moe_config(kern.CONFIG["moe_down_large" if large else "moe_small"], itemsize, gate_up=False)
+    cfg_down = {**cfg_down, "BLOCK_M": cfg_up["BLOCK_M"]}  # both kernels walk the same sorted blocks
     align = moe_align(ids, num_local, cfg_up["BLOCK_M"])
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
-    return kern.fused_experts(x, w13.contiguous(), w2.contiguous(), topk_weights, topk_ids, 0 if activation == "silu" else 1,
-                              align, cfg_up, cfg_down)
+    return kern.fused_experts(x, w13.contiguous(), w2.contiguous(), topk_weights, ids.view(num_tokens, -1),
+                              0 if activation == "silu" else 1, align, cfg_up, cfg_down)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ LIBDEVICE = not INTERPRET
 #: Launch parameters. The benchmark script may overwrite entries to sweep them; these are the defaults
 #: chosen from the H100 measurements in docs/cuda-notes.md.
 CONFIG: dict[str, dict[str, int]] = {
-    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 3},
-    "attn_prefill": {"BLOCK_M": 64, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
-    "moe_small": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    "moe_large": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
-    "moe_down_large": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+    "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
+    "moe_small": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "moe_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    "moe_down_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 }
 
 
@@ -437,7 +437,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr
 
 
 @triton.jit
-def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, weights_ptr, out_ptr, num_pairs, hidden,
+def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr, num_pairs, hidden,
                      inter, w_stride_e, w_stride_n, w_stride_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -463,13 +463,29 @@ def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, weights_
                 acc = tl.dot(a, bw, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K * w_stride_k
-        wt = tl.load(weights_ptr + pair, mask=m_ok, other=0.0)
-        y = acc.to(act_ptr.dtype.element_ty).to(tl.float32) * wt[:, None]
-        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+        # y in the input dtype (the reference's matmul output); the weighted fp32 sum happens in _moe_sum_kernel
+        tl.store(out_ptr + pair[:, None].to(tl.int64) * hidden + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, weights_ptr, ids_ptr, out_ptr, hidden, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_j w[t, j] * y[t * TOPK + j] in float32; pairs whose expert is elsewhere (id < 0) add 0."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        w = tl.load(weights_ptr + t * TOPK + j)
+        here = tl.load(ids_ptr + t * TOPK + j) >= 0
+        y = tl.load(y_ptr + (t * TOPK + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(here, w * y, 0.0)  # a select: an unwritten (even NaN) row of y never leaks in
+    tl.store(out_ptr + t * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fused_experts(hidden_states, w13, w2, topk_weights, local_ids, act, align, cfg_up, cfg_down) -> torch.Tensor:
-    """``align``: (sorted_pair [cap], block_expert [num_blocks]) from ``accel_backend_cuda.moe_align``."""
+    """``local_ids``: [num_tokens, top_k] int64 local expert ids (-1: held elsewhere); ``align``:
+    (sorted_pair [cap], block_expert [num_blocks]) from ``accel_backend_cuda.moe_align``."""
     num_tokens, hidden = hidden_states.shape
     top_k = local_ids.shape[1]
     num_pairs = num_tokens * top_k
@@ -479,21 +495,25 @@ def fused_experts(hidden_states, w13, w2, topk_weights, local_ids, act, align, c
     dt = hidden_states.dtype
     ieee = _tl_dtype_ieee(dt)
     act_buf = torch.empty((sorted_pair.shape[0], inter), dtype=dt, device=hidden_states.device)
-    per_pair = torch.zeros((num_pairs, hidden), dtype=torch.float32, device=hidden_states.device)
     if num_pairs == 0:
         return torch.zeros_like(hidden_states)
+    y = torch.empty((num_pairs, hidden), dtype=dt, device=hidden_states.device)  # every local pair is written
     bm = cfg_up["BLOCK_M"]
     _moe_gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg_up["BLOCK_N"]))](
         hidden_states, w13, sorted_pair, block_expert, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
         w13.stride(0), w13.stride(1), w13.stride(2), TOPK=top_k, ACT=act, BLOCK_M=bm, BLOCK_N=cfg_up["BLOCK_N"],
         BLOCK_K=cfg_up["BLOCK_K"], IEEE=ieee, LIB=LIBDEVICE, num_warps=cfg_up["num_warps"],
         num_stages=cfg_up["num_stages"])
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg_down["BLOCK_N"]))](
-        act_buf, w2, sorted_pair, block_expert, weights, per_pair, num_pairs, hidden, inter, w2.stride(0),
+        act_buf, w2, sorted_pair, block_expert, y, num_pairs, hidden, inter, w2.stride(0),
         w2.stride(1), w2.stride(2), BLOCK_M=bm, BLOCK_N=cfg_down["BLOCK_N"], BLOCK_K=cfg_down["BLOCK_K"],
         IEEE=ieee, num_warps=cfg_down["num_warps"], num_stages=cfg_down["num_stages"])
-    return per_pair.view(num_tokens, top_k, hidden).sum(1).to(dt)
+    out = torch.empty_like(hidden_states)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    block = min(1024, triton.next_power_of_2(hidden))
+    _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](y, weights, local_ids.reshape(-1).contiguous(), out,
+                                                               hidden, TOPK=top_k, BLOCK=block, num_warps=4)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

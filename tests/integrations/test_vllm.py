@@ -90,6 +90,8 @@ def _env(extra: dict[str, str | None], cache_root: Path) -> dict[str, str]:
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # two engines share the cores: do not pin both to one
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # vllm_scenario.py importable in vLLM's spawned processes (apply_model sends one of its functions)
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p),
     })
     env.pop("ACCEL_VLLM_OVERRIDE", None)
     for key, value in extra.items():
@@ -289,6 +291,8 @@ def test_plugin_reaches_spawned_workers_and_compiled_path_works(scenarios: Scena
     mp = _ok(r["llama_multiprocess"])
     _assert_ours(mp, "LlamaForCausalLM")
     assert_same_generation(mp, theirs)
+    assert mp["torch_compile"] == {"enabled": False, "compiled": False}  # enforce_eager
     compiled = _ok(r["llama_compiled"])
     _assert_ours(compiled, "LlamaForCausalLM")
+    assert compiled["torch_compile"] == {"enabled": True, "compiled": True}, compiled["torch_compile"]
     assert_same_generation(compiled, theirs)

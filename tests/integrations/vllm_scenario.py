@@ -35,7 +35,18 @@ def _model_info(model):  # runs inside the worker (pickled by value in multiproc
         "model_class": f"{cls.__module__}.{cls.__qualname__}",
         "accel_backend": None if ops is None else ops.backend,
         "accel_providers": None if ops is None else dict(ops.providers),
+        # set by vLLM's support_torch_compile: whether it compiles this model, and whether it has
+        "torch_compile": {"enabled": not getattr(model, "do_not_compile", True),
+                          "compiled": bool(getattr(model, "compiled", False))},
     }
+
+
+def _importable_model_info():
+    """``_model_info`` from this file imported as the module ``vllm_scenario`` (the test puts this directory
+    on PYTHONPATH): vLLM's engine core pickles it by reference for its workers, and they import it."""
+    import vllm_scenario
+
+    return vllm_scenario._model_info
 
 
 def _logprob_dicts(steps):
@@ -114,7 +125,7 @@ def run(spec: dict) -> dict:
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": [_logprob_dicts(o.outputs[0].logprobs) for o in outs],
         "prompt_logprobs": [_logprob_dicts(o.prompt_logprobs) for o in outs],
-        **llm.apply_model(_model_info)[0],
+        **llm.apply_model(_importable_model_info())[0],
         "probe_calls": None if probe is None else probe.calls,
         "startup_s": round(t_start, 1),
         "total_s": round(time.time() - t0, 1),

@@ -144,7 +144,9 @@ def accel_rotary_embedding(
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
         raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
     num_tokens = positions.shape[0]
-    if num_tokens and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+    # value check skipped under torch.compile: data-dependent branches cannot be traced (vLLM compiles the zoo)
+    if num_tokens and not torch.compiler.is_compiling() and (
+            int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
         raise ValueError(f"positions must lie in [0, max_position={cos_sin_cache.shape[0]}) of cos_sin_cache, "
                          f"got values in [{int(positions.min())}, {int(positions.max())}]")
     cos_sin = cos_sin_cache.index_select(0, positions).to(query.dtype)

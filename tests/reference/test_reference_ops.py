@@ -500,6 +500,8 @@ BAD_INPUTS = [
     ("rotary_embedding", _rope_kwargs(cos_sin_cache=cos_sin_cache(4, 4).float()), "cos_sin_cache"),
     ("rotary_embedding", _rope_kwargs(query=_f(2, 12)), "query"),
     ("rotary_embedding", _rope_kwargs(key=_f(3, 8)), "key"),
+    ("rotary_embedding", _rope_kwargs(query=_f(2, 1, 16)), "query"),
+    ("rotary_embedding", _rope_kwargs(positions=torch.zeros(0, dtype=torch.int64), query=_f(0, 12)), "query"),
     ("kv_cache_layout", dict(num_kv_heads=2, head_size=8, dtype=torch.int8), "dtype"),
     ("allocate_kv_cache", dict(num_blocks=4, block_size=3, num_kv_heads=2, head_size=8, dtype=torch.float32,
                                device=torch.device("cpu")), "block_size"),
@@ -550,6 +552,26 @@ def test_bad_input_is_a_value_error_naming_the_argument(ops, op, kwargs, arg):
 
 def test_every_op_has_a_bad_input_case():
     assert {op for op, _, _ in BAD_INPUTS} == set(accel_models.backends.OP_NAMES)
+
+
+def test_empty_batch(ops):
+    """Zero tokens (e.g. a data-parallel rank with no requests running a dummy step) is not an error."""
+    q, k = ops.rotary_embedding(positions=torch.zeros(0, dtype=torch.int64), query=_f(0, 32), key=_f(0, 2, 8),
+                                cos_sin_cache=cos_sin_cache(8, 8).float(), head_size=8, rotary_dim=8, is_neox=False)
+    assert q.shape == (0, 32) and k.shape == (0, 2, 8)
+    cache = torch.zeros(2, 4, 16, 2, 8)
+    ops.write_kv_cache(key=_f(0, 2, 8), value=_f(0, 2, 8), kv_cache=cache, slot_mapping=torch.zeros(0, dtype=torch.int64))
+    out = ops.paged_attention(**_attn_kwargs(query=_f(0, 4, 8), block_table=torch.zeros(0, 1, dtype=_i32),
+                                             seq_lens=torch.zeros(0, dtype=_i32), query_start_loc=torch.zeros(1, dtype=_i32),
+                                             max_query_len=0, max_seq_len=0))
+    assert out.shape == (0, 4, 8)
+    w, ids = ops.moe_topk(**_topk_kwargs(router_logits=_f(0, 8)))
+    assert w.shape == ids.shape == (0, 2)
+    assert ops.fused_experts(**_experts_kwargs(hidden_states=_f(0, 8), topk_weights=torch.ones(0, 1),
+                                               topk_ids=torch.zeros(0, 1, dtype=_i32))).shape == (0, 8)
+    x_q, scales = ops.dynamic_int8_quant(x=_f(0, 8))
+    assert x_q.shape == (0, 8) and scales.shape == (0, 1)
+    assert ops.int8_scaled_mm(**_mm_kwargs(a=torch.ones(0, 4, dtype=torch.int8), scale_a=torch.ones(0, 1))).shape == (0, 3)
 
 
 def test_float64_stays_float64_and_on_the_input_device(ops):

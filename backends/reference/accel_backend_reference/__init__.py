@@ -153,9 +153,13 @@ def accel_rotary_embedding(
     cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
 
     def apply(name: str, t: torch.Tensor) -> torch.Tensor:
-        if t.shape[0] != num_tokens or t.numel() % (num_tokens * head_size):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}]")
-        return _rotate(t.reshape(num_tokens, -1, head_size), cos, sin, rotary_dim, is_neox).reshape(t.shape)
+        # [T, heads * head_size] or [T, heads, head_size] (checked without dividing by T, which may be 0)
+        if (t.dim() not in (2, 3) or t.shape[0] != num_tokens or t.shape[-1] % head_size
+                or (t.dim() == 3 and t.shape[-1] != head_size)):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}] "
+                             f"or [{num_tokens}, heads, {head_size}]")
+        heads = t.shape[1] if t.dim() == 3 else t.shape[1] // head_size
+        return _rotate(t.reshape(num_tokens, heads, head_size), cos, sin, rotary_dim, is_neox).reshape(t.shape)
 
     return apply("query", query), (apply("key", key) if key is not None else None)
 

@@ -312,9 +312,10 @@ def accel_moe_topk(
         routed_scaling_factor: multiplies the final weights (1.0 for none).
 
     Returns:
-        ``(topk_weights, topk_ids)``, ``[num_tokens, top_k]`` float32 and int32: the chosen experts
-        (ordered by descending choice score) and their weights ``scores[ids]`` (renormalized if asked,
-        then times ``routed_scaling_factor``). Ties break toward the lower expert id.
+        ``(topk_weights, topk_ids)``, ``[num_tokens, top_k]`` float32 (float64 when ``router_logits`` is
+        float64, so float64 models stay float64 end to end) and int32: the chosen experts (ordered by
+        descending choice score) and their weights ``scores[ids]`` (renormalized if asked, then times
+        ``routed_scaling_factor``). Ties break toward the lower expert id.
 
     Added in API 1.
     """
@@ -337,7 +338,7 @@ def accel_fused_experts(
         w13: ``[num_local_experts, 2 * intermediate, hidden]``: each expert's gate projection
             (rows ``[:intermediate]``) stacked over its up projection (rows ``[intermediate:]``).
         w2: ``[num_local_experts, hidden, intermediate]``: each expert's down projection.
-        topk_weights: ``[num_tokens, top_k]`` float32.
+        topk_weights: ``[num_tokens, top_k]`` float32 (float64 for float64 hidden states).
         topk_ids: ``[num_tokens, top_k]`` int32 global expert ids.
         activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (gated GELU, erf form).
         expert_map: None (all experts are local: local id = global id), or ``[num_global_experts]``

@@ -5,9 +5,8 @@ through the paged-KV path (``ModelRunner``: one mixed batch of all sequences); t
 sequence alone. Tolerances (max abs difference over max |logit|):
 
 * float32: <= 1e-5.
-* float64: <= 1e-10 for dense families, with transformers' float32 islands (RMSNorm upcast, router
-  softmax) widened to float64 (``widen_hf_to_float64``). MoE families: <= 1e-6, because the hookspec
-  fixes ``moe_topk``'s routing weights to float32 (a float32 rounding of each weight, ~6e-8 relative).
+* float64: <= 1e-10, with transformers' float32 islands (RMSNorm upcast, router softmax) widened to
+  float64 (``widen_hf_to_float64``); ``moe_topk`` returns float64 routing weights for float64 logits.
 * bfloat16: the zoo in bfloat16 against transformers in float32 is within 2x transformers-in-bfloat16's
   own error against float32, plus 1.6e-2 (the bfloat16 tolerance of DESIGN.md's table) of max |logit|.
 """
@@ -84,8 +83,7 @@ def test_float64_logits_match_transformers(case, ckpt_root):
     ours = ModelRunner(model).forward_sequences(SEQUENCES)
     assert ours[0].dtype == torch.float64
     ref = hf_logits(hf64, SEQUENCES)
-    tol = 1e-6 if case.moe else 1e-10
-    assert _rel_err(ours, ref) <= tol
+    assert _rel_err(ours, ref) <= 1e-10
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (

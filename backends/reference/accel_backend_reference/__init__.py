@@ -340,7 +340,8 @@ def accel_moe_topk(
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     topk_weights = topk_weights * routed_scaling_factor
-    return topk_weights.to(torch.float32), topk_ids.to(torch.int32)
+    out_dtype = torch.float64 if router_logits.dtype == torch.float64 else torch.float32
+    return topk_weights.to(out_dtype), topk_ids.to(torch.int32)
 
 
 @hookimpl

@@ -354,8 +354,11 @@ def load_model(
     model.requires_grad_(False)
 
     yielded: set[str] = set()
+    # Under tensor parallelism each rank reads only its shard: the weight_loaders narrow lazy tensors
+    # (memory-mapped slices) instead of full ones.
+    lazy = ctx.tp_group.world_size > 1
     try:
-        loaded = model.load_weights(iter_checkpoint_tensors(ckpt, params_dtype, seen=yielded))
+        loaded = model.load_weights(iter_checkpoint_tensors(ckpt, params_dtype, seen=yielded, lazy=lazy))
     except (CheckpointError, ConfigError):
         raise
     except Exception as exc:

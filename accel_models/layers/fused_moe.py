@@ -95,6 +95,10 @@ class FusedMoE(nn.Module):
                                  f"{tuple(loaded_weight.shape)}, expected {full}")
             inter = self.intermediate_size
             for e in range(self.num_experts):
+                if not self.expert_start <= e < self.expert_end:  # another rank's expert: not even read
+                    for s in (("w1", "w3") if is_w13 else ("w2",)):
+                        mark_loaded(param, (e, s))
+                    continue
                 if is_w13:
                     self.weight_loader(param, loaded_weight[e, :inter], "w1", e)
                     self.weight_loader(param, loaded_weight[e, inter:], "w3", e)

@@ -35,7 +35,12 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str = "") -> None:
-    """Copy ``src`` into ``dst`` (with dtype conversion), raising ValueError on a shape mismatch."""
+    """Copy ``src`` into ``dst`` (with dtype conversion), raising ValueError on a shape mismatch.
+
+    ``src`` may be a lazy checkpoint tensor (``accel_models.loader.LazyTensor``): it is read here, whole.
+    """
+    if not isinstance(src, torch.Tensor) and hasattr(src, "materialize"):
+        src = src.materialize()
     if tuple(dst.shape) != tuple(src.shape):
         where = f" ({what})" if what else ""
         raise ValueError(

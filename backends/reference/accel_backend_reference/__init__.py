@@ -249,28 +249,35 @@ def accel_paged_attention(
     if batch and int(seq_lens.max()) > max_s:
         raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
 
-    # Pad the packed queries to [B, max_q]: token t is row i of sequence b.
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
-    tok_seq = torch.repeat_interleave(torch.arange(batch, device=dev), q_lens.long(), output_size=num_tokens)
-    tok_row = torch.arange(num_tokens, device=dev) - query_start_loc[:-1].long()[tok_seq]
-    q = query.new_zeros((batch, max_q, num_heads, head_size))
-    q[tok_seq, tok_row] = query
+    # A pure decode batch (one query row per sequence) is already [B, 1, heads, D]; otherwise pad the packed
+    # queries to [B, max_q]: token t is row i of sequence b.
+    decode = max_q == 1 and num_tokens == batch
+    if decode:
+        q = query.view(batch, 1, num_heads, head_size)
+    else:
+        tok_seq = torch.repeat_interleave(torch.arange(batch, device=dev), q_lens.long(), output_size=num_tokens)
+        tok_row = torch.arange(num_tokens, device=dev) - query_start_loc[:-1].long()[tok_seq]
+        q = query.new_zeros((batch, max_q, num_heads, head_size))
+        q[tok_seq, tok_row] = query
 
-    # Gather each sequence's context: [B, max_s, kv_heads, head_size]. Block-table entries past a
-    # sequence's last block may hold anything (they are ignored): read block 0 in their place. Slots past
-    # seq_len were never written and may hold NaN/inf: zero them, since 0-probability * NaN is NaN.
+    # Gather each sequence's context (keys and values in one index): [2, B, kv_heads, max_s, D]. Block-table
+    # entries past a sequence's last block may hold anything (they are ignored): read block 0 in their
+    # place. Slots past seq_len were never written and may hold NaN/inf: zero them (0 * NaN is NaN).
     n_blocks = (max_s + block_size - 1) // block_size
     seq_blocks = (seq_lens.long() + block_size - 1) // block_size  # [B]
     blocks = block_table[:, :n_blocks].long()
     blocks = blocks.masked_fill(torch.arange(n_blocks, device=dev)[None, :] >= seq_blocks[:, None], 0)
     k_pos = torch.arange(max_s, device=dev)
-    in_context = (k_pos[None, :] < seq_lens.long()[:, None])[:, :, None, None]  # [B, max_s, 1, 1]
-    k = kv_cache[0][blocks].flatten(1, 2)[:, :max_s].to(query.dtype).masked_fill(~in_context, 0)
-    v = kv_cache[1][blocks].flatten(1, 2)[:, :max_s].to(query.dtype).masked_fill(~in_context, 0)
+    kv = kv_cache[:, blocks].flatten(2, 3)[:, :, :max_s]  # [2, B, max_s, kv_heads, D] (a new tensor)
+    kv = kv.masked_fill_((k_pos[None, :] >= seq_lens.long()[:, None])[None, :, :, None, None], 0)
+    kv = kv.to(query.dtype).permute(0, 1, 3, 2, 4).contiguous()  # [2, B, kv_heads, max_s, D]
+    k, v = kv[0], kv[1]
 
-    # scores: [B, kv_heads, group, max_q, max_s]
-    qh = q.view(batch, max_q, kv_heads, group, head_size).permute(0, 2, 3, 1, 4)
-    scores = torch.matmul(qh, k.permute(0, 2, 3, 1).unsqueeze(2)).to(_acc(query.dtype)) * scale
+    # GQA without expanding the cache: the group's query heads become extra rows of their KV head.
+    qh = q.view(batch, max_q, kv_heads, group, head_size).permute(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, group * max_q, head_size)
+    scores = torch.matmul(qh, k.transpose(-1, -2)).to(_acc(query.dtype)) * scale  # [B, kvh, group*max_q, max_s]
     if logits_soft_cap:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
 
@@ -279,11 +286,12 @@ def accel_paged_attention(
     visible = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, max_q, max_s]
     if sliding_window:
         visible &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3).unsqueeze(2))  # [B, kv_heads, group, max_q, D]
-    out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_q, num_heads, head_size)
-    return out[tok_seq, tok_row]
+    scores = scores.view(batch, kv_heads, group, max_q, max_s).masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype).view(batch, kv_heads, group * max_q, max_s)
+    out = torch.matmul(probs, v)  # [B, kv_heads, group * max_q, D]
+    out = out.view(batch, kv_heads, group, max_q, head_size).permute(0, 3, 1, 2, 4).reshape(
+        batch, max_q, num_heads, head_size)
+    return out.view(num_tokens, num_heads, head_size) if decode else out[tok_seq, tok_row]
 
 
 # ----------------------------------------------------------------------------------------------------

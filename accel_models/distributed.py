@@ -258,6 +258,7 @@ class DistributedExecutor:
         self._closed = False
         self._failed: RankError | None = None
         self._procs: list[Any] = []
+        self._pids: list[int] = []
         self._conns: list[Connection] = []
         timeout = datetime.timedelta(seconds=startup_timeout)
         # The driver hosts the rendezvous store on a port the OS picks: no race for a "free" port.
@@ -276,6 +277,7 @@ class DistributedExecutor:
                 proc.start()
                 child.close()
                 self._procs.append(proc)
+                self._pids.append(proc.pid)
                 self._conns.append(parent)
             self._collect("startup", want_all=False, timeout=startup_timeout)
         except BaseException:
@@ -286,8 +288,8 @@ class DistributedExecutor:
 
     @property
     def pids(self) -> list[int]:
-        """The ranks' process ids (rank order)."""
-        return [p.pid for p in self._procs]
+        """The ranks' process ids (rank order; still readable after shutdown)."""
+        return list(self._pids)
 
     @property
     def closed(self) -> bool:
@@ -397,6 +399,8 @@ class DistributedExecutor:
         """Make sure no rank survives: wait ``grace`` seconds, then SIGTERM, then SIGKILL."""
         import time
 
+        if self._closed:
+            return
         deadline = time.monotonic() + grace
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))

@@ -55,7 +55,7 @@ def bench_ours(path: Path, batches: list[int], repeat: int) -> dict[int, float]:
 
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     out = {}
-    with LLM(path, max_num_seqs=max(batches), kv_cache_memory=256 << 20) as llm:
+    with LLM(path, backend="reference", max_num_seqs=max(batches), kv_cache_memory=256 << 20) as llm:
         for b in batches:
             ps = prompts(b)
 

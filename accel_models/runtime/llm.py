@@ -560,14 +560,22 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         progress: Callable[[int, int], None] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (a str, a list of str, a list of token ids or a list of
         lists of token ids); returns one :class:`RequestOutput` per prompt, in input order.
 
         ``sampling_params``: one for all prompts, or one per prompt; None takes
-        :meth:`get_default_sampling_params`. ``progress(done, total)`` is called as requests finish.
+        :meth:`get_default_sampling_params`. ``progress(done, total)`` is called as requests finish;
+        ``use_tqdm=True`` (vLLM's keyword) prints a progress line on stderr instead (no tqdm needed).
         """
         self._check_open()
+        if use_tqdm and progress is None:
+            import sys
+
+            def progress(done: int, total: int) -> None:
+                sys.stderr.write(f"\rgenerate: {done}/{total} requests" + ("\n" if done == total else ""))
+                sys.stderr.flush()
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
                                         and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]  # type: ignore[list-item]

@@ -1,0 +1,180 @@
+"""The CUDA backend's Triton kernels run through Triton's interpreter on CPU tensors, in float32.
+
+This checks the kernels' indexing and math in CI, without a GPU, against the reference backend run in
+float64 (an independent, vectorized torch implementation, itself checked against naive loops in
+tests/reference). Only float32: the interpreter's bfloat16 dot is wrong (numpy has no bfloat16), so the
+bfloat16 paths are verified on the H100 by bench/cuda/run_all.py. Shapes are small and odd: the
+interpreter runs each program in Python.
+
+TRITON_INTERPRET must be set before Triton is first imported (its own library functions are decorated
+then), so this module runs in a subprocess started by test_cuda_host.py::test_kernels_in_the_interpreter;
+in the main session it skips.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs in a subprocess with TRITON_INTERPRET=1 (test_cuda_host.py::test_kernels_in_the_interpreter)",
+                allow_module_level=True)
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("the CUDA backend's kernels need Triton (its interpreter runs them on CPU)", allow_module_level=True)
+
+import accel_backend_cuda as C  # noqa: E402
+import accel_backend_reference as R  # noqa: E402
+
+F64 = torch.float64
+MOD = "accel_backend_cuda._triton_kernels"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    C._num_sms.cache_clear()
+    kern = importlib.import_module(MOD)
+    assert kern.INTERPRET
+    return kern
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.to(F64) - ref).norm() / ref.norm())
+
+
+def test_rms_norm_and_fused_add_on_strided_rows():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(5, 3, 2 * 37, generator=g)
+    x = wide[..., ::2]  # a strided view: [5, 3, 37]
+    w = torch.randn(37, generator=g)
+    assert rel(C.accel_rms_norm(x=x, weight=w, eps=1e-5), R.accel_rms_norm(x=x.to(F64), weight=w.to(F64), eps=1e-5)) < 1e-6
+    res = torch.randn(5, 3, 37, generator=g)
+    out, res_out = C.accel_fused_add_rms_norm(x=x, residual=res, weight=w, eps=1e-5)
+    e_out, e_res = R.accel_fused_add_rms_norm(x=x.to(F64), residual=res.to(F64), weight=w.to(F64), eps=1e-5)
+    assert out.shape == x.shape and rel(out, e_out) < 1e-6 and rel(res_out, e_res) < 1e-6
+    assert torch.equal(x, wide[..., ::2])  # the input is not modified
+
+
+def test_gated_activations():
+    x = torch.randn(3, 2, 2 * 45, generator=torch.Generator().manual_seed(1)) * 3
+    assert rel(C.accel_silu_and_mul(x=x), R.accel_silu_and_mul(x=x.to(F64))) < 1e-6
+    for approximate in ("none", "tanh"):
+        got = C.accel_gelu_and_mul(x=x, approximate=approximate)
+        assert rel(got, R.accel_gelu_and_mul(x=x.to(F64), approximate=approximate)) < 1e-6
+
+
+@pytest.mark.parametrize("is_neox, rotary_dim", [(True, 24), (False, 24), (True, 10), (False, 6)])
+def test_rotary_partial_and_both_styles(is_neox, rotary_dim):
+    g = torch.Generator().manual_seed(rotary_dim)
+    tokens, heads, kv_heads, head_size = 6, 3, 1, 24
+    pos = torch.randint(0, 40, (tokens,), generator=g)
+    cache = torch.randn(40, rotary_dim, generator=g)
+    q = torch.randn(tokens, heads * head_size, generator=g)
+    k = torch.randn(tokens, kv_heads, head_size, generator=g)
+    eq, ek = R.accel_rotary_embedding(positions=pos, query=q.to(F64), key=k.to(F64), cos_sin_cache=cache.to(F64),
+                                      head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox)
+    cq, ck = C.accel_rotary_embedding(positions=pos, query=q.clone(), key=k.clone(), cos_sin_cache=cache,
+                                      head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox)
+    assert cq.shape == q.shape and ck.shape == k.shape
+    assert rel(cq, eq) < 1e-6 and rel(ck, ek) < 1e-6
+
+
+def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=None, cap=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = [math.ceil(s / block_size) for s in seq_lens]
+    total = sum(blocks) + 2
+    perm = torch.randperm(total, generator=g)
+    table = torch.zeros(len(seq_lens), max(blocks) + 1, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(blocks):
+        table[b, :n] = perm[i : i + n]
+        i += n
+    slots = torch.cat([table[b, torch.arange(s) // block_size].long() * block_size + torch.arange(s) % block_size
+                       for b, s in enumerate(seq_lens)])
+    n = sum(seq_lens)
+    k = torch.randn(n, kv_heads, head_size, generator=g)
+    v = torch.randn(n, kv_heads, head_size, generator=g)
+    ours = C.accel_allocate_kv_cache(num_blocks=total, block_size=block_size, num_kv_heads=kv_heads,
+                                     head_size=head_size, dtype=torch.float32, device="cpu")
+    ours.fill_(float("nan"))  # attention must never read a slot nothing wrote
+    ref = R.accel_allocate_kv_cache(num_blocks=total, block_size=block_size, num_kv_heads=kv_heads,
+                                    head_size=head_size, dtype=F64, device="cpu")
+    # padding tokens (slot -1) are skipped
+    pad = torch.full((2,), -1, dtype=torch.int64)
+    C.accel_write_kv_cache(key=torch.cat([k, k[:2]]), value=torch.cat([v, v[:2]]), kv_cache=ours,
+                           slot_mapping=torch.cat([slots, pad]))
+    R.accel_write_kv_cache(key=k.to(F64), value=v.to(F64), kv_cache=ref, slot_mapping=slots)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), heads, head_size, generator=g)
+    meta = dict(block_table=table, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=qsl,
+                max_query_len=max(q_lens), max_seq_len=max(seq_lens), scale=head_size**-0.5,
+                sliding_window=window, logits_soft_cap=cap)
+    got = C.accel_paged_attention(query=q, kv_cache=ours, **meta)
+    exp = R.accel_paged_attention(query=q.to(F64), kv_cache=ref, **meta)
+    return got, exp
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(q_lens=[1, 1, 1], seq_lens=[5, 40, 17], heads=4, kv_heads=2, head_size=32, block_size=16),
+        dict(q_lens=[3, 1, 20], seq_lens=[3, 40, 33], heads=6, kv_heads=2, head_size=24, block_size=16, window=9,
+             cap=5.0),
+        dict(q_lens=[5, 1], seq_lens=[9, 70], heads=7, kv_heads=1, head_size=16, block_size=32),
+        dict(q_lens=[1, 1], seq_lens=[300, 270], heads=4, kv_heads=1, head_size=16, block_size=64),  # split-K
+    ],
+    ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split"],
+)
+def test_paged_attention(case):
+    got, exp = _attention(**case)
+    assert got.shape == exp.shape and torch.isfinite(got).all()
+    assert rel(got, exp) < 2e-6
+
+
+def test_long_decode_is_split():
+    plan = C.attention_plan(num_tokens=2, num_seqs=2, num_heads=4, num_kv_heads=1, head_size=16, max_query_len=1,
+                            max_seq_len=300, num_sms=C._num_sms(torch.device("cpu")))
+    assert plan.num_splits > 1  # so the case above exercises the split-K path and its merge kernel
+
+
+@pytest.mark.parametrize("activation, ep", [("silu", False), ("gelu", True)])
+def test_fused_experts(activation, ep):
+    g = torch.Generator().manual_seed(3)
+    tokens, experts, hidden, inter, top_k = 9, 5, 24, 20, 2
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / 5
+    w2 = torch.randn(experts, hidden, inter, generator=g) / 5
+    logits = torch.randn(tokens, experts, generator=g)
+    kw = dict(top_k=top_k, scoring_func="softmax", renormalize=True, num_expert_group=None, topk_group=None,
+              e_score_correction_bias=None, routed_scaling_factor=1.0)
+    tw, ti = C.accel_moe_topk(router_logits=logits, **kw)
+    rw, ri = R.accel_moe_topk(router_logits=logits.to(F64), **kw)
+    assert torch.equal(ti, ri) and rel(tw, rw) < 1e-6
+    emap = torch.tensor([0, -1, 1, 2, -1], dtype=torch.int32) if ep else None
+    local = 3 if ep else experts
+    got = C.accel_fused_experts(hidden_states=x, w13=w13[:local], w2=w2[:local], topk_weights=tw, topk_ids=ti,
+                                activation=activation, expert_map=emap)
+    exp = R.accel_fused_experts(hidden_states=x.to(F64), w13=w13[:local].to(F64), w2=w2[:local].to(F64),
+                                topk_weights=tw, topk_ids=ti, activation=activation, expert_map=emap)
+    assert rel(got, exp) < 2e-6
+
+
+def test_int8_quant_and_matmul():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 33, generator=g)
+    x[2] = 0  # an all-zero row: scale 0, q 0
+    q, s = C.accel_dynamic_int8_quant(x=x)
+    eq, es = R.accel_dynamic_int8_quant(x=x)
+    assert q.dtype == torch.int8 and s.shape == (6, 1)
+    assert (q.int() - eq.int()).abs().max() <= 1 and torch.allclose(s, es, rtol=1e-7, atol=0)
+    assert q[2].abs().sum() == 0 and s[2, 0] == 0
+    b = torch.randint(-127, 128, (10, 33), generator=g, dtype=torch.int8)
+    sb = torch.rand(10, generator=g)
+    bias = torch.randn(10, generator=g)
+    got = C.accel_int8_scaled_mm(a=q, b=b, scale_a=s, scale_b=sb, out_dtype=torch.float32, bias=bias)
+    exp = (q.to(F64) @ b.to(F64).t()) * s.to(F64) * sb.to(F64) + bias.to(F64)
+    assert rel(got, exp) < 1e-6

@@ -248,9 +248,12 @@ def test_paged_attention(ops, data, dtype, block_size, kv_heads, group, head_siz
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("sliding_window", "soft_cap"), [(None, None), (4, None), (None, 10.0), (3, 20.0)])
-def test_paged_attention_mixed_batch(ops, dtype, sliding_window, soft_cap):
-    """One call with a prefill, a chunked prefill, two decodes and a one-token prefill, GQA 4:1."""
-    seqs = [(13, 13), (17, 5), (9, 1), (33, 1), (1, 1)]
+@pytest.mark.parametrize("seqs", [
+    [(13, 13), (17, 5), (9, 1), (33, 1), (1, 1)],  # prefill, chunked prefill, two decodes, one-token prefill
+    [(9, 1), (33, 1), (1, 1), (16, 1)],  # a pure decode batch
+], ids=["mixed", "decode"])
+def test_paged_attention_batch_kinds(ops, dtype, sliding_window, soft_cap, seqs):
+    """Explicit batches (GQA 4:1, block size 4) besides the drawn ones."""
     run_paged_attention(ops, torch.Generator().manual_seed(0), dtype, block_size=4, kv_heads=2, group=4,
                         head_size=16, seqs=seqs, sliding_window=sliding_window, soft_cap=soft_cap)
 
@@ -310,12 +313,14 @@ def test_moe_topk(ops, data, dtype, layout, routing, tokens, scoring_func, renor
                                 renormalize=renormalize, num_expert_group=num_expert_group, topk_group=topk_group,
                                 e_score_correction_bias=bias, routed_scaling_factor=routed_scaling_factor)
     assert torch.equal(logits, before)
-    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    # float32 weights (float64 for float64 logits: float64 models stay float64 end to end)
+    w_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert weights.dtype == w_dtype and ids.dtype == torch.int32
     assert weights.shape == ids.shape == (tokens, top_k)
     exp_w, exp_ids = naive.moe_topk(np64(logits), top_k, scoring_func, renormalize, num_expert_group, topk_group,
                                     np64(bias) if bias is not None else None, routed_scaling_factor)
     np.testing.assert_array_equal(ids.numpy(), exp_ids)
-    assert_close(weights, exp_w, torch.float32)  # scoring runs in float32 (float64 for float64 logits)
+    assert_close(weights, exp_w, w_dtype, factor=1 if w_dtype == torch.float32 else 100)  # scoring in w_dtype
 
 
 def test_moe_topk_deepseek_v3_semantics(ops):
@@ -362,7 +367,9 @@ def test_fused_experts(ops, data, dtype, layout, hidden, inter, num_experts, tok
     w13 = make((num_local, 2 * inter, hidden), dtype, gen, scale=hidden**-0.5)
     w2 = make((num_local, hidden, inter), dtype, gen, scale=inter**-0.5)
     topk_ids = torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(tokens)]).to(torch.int32)
-    topk_weights = torch.rand((tokens, top_k), generator=gen, dtype=torch.float32)
+    # float32 routing weights (float64 for float64 hidden states)
+    topk_weights = torch.rand((tokens, top_k), generator=gen, dtype=torch.float64).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
     inputs = [x, w13, w2, topk_weights, topk_ids] + ([expert_map] if expert_map is not None else [])
     before = [t.clone() for t in inputs]
     out = ops.fused_experts(hidden_states=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,

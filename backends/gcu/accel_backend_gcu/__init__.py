@@ -66,9 +66,21 @@ def _check_index(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> N
         raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {got}")
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides, every one of them (torch calls a tensor with size-1 dims contiguous
+    whatever their strides; kernels that check ``stride(-1) == 1`` do not)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if tuple(reversed(expected)) == t.stride():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` as a contiguous ``[rows, width]`` tensor (a view when ``t`` already is contiguous)."""
-    return t.reshape(-1, width).contiguous()
+    """``t`` as a dense ``[rows, width]`` tensor (a view when ``t`` already is dense)."""
+    return _dense(t.reshape(-1, width))
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,7 +113,7 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     hidden = x.shape[-1]
     inp = _rows(x, hidden)
     out = torch.empty_like(inp)
-    w = weight.to(x.dtype).contiguous()
+    w = _dense(weight.to(x.dtype))
     if x.dtype == torch.float32:
         kernels()._C.rms_norm(out, inp, w, float(eps))
     else:
@@ -122,7 +134,7 @@ def accel_fused_add_rms_norm(
     # The kernel works in place: x becomes the normalized output, residual becomes x + residual.
     inp = _rows(x, hidden)
     res = _rows(residual.to(x.dtype), hidden)
-    w = weight.to(x.dtype).contiguous()
+    w = _dense(weight.to(x.dtype))
     if x.dtype == torch.float32:
         kernels()._C.fused_add_rms_norm(inp, res, w, float(eps))
     else:
@@ -193,10 +205,10 @@ def accel_rotary_embedding(
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
             raise ValueError(f"positions must be in [0, {cos_sin_cache.shape[0]}), got values in [{lo}, {hi}]")
     # The kernel reads cos/sin in the query's dtype (the hookspec's cast) and rotates in place.
-    cache = cos_sin_cache.to(query.dtype).contiguous()
-    q = query.reshape(num_tokens, -1).contiguous()
+    cache = _dense(cos_sin_cache.to(query.dtype))
+    q = _dense(query.reshape(num_tokens, -1))
     # vllm-gcu's schema takes a key (not optional): rotate a one-head scratch key when there is none.
-    k = key.reshape(num_tokens, -1).contiguous() if key is not None else q.new_zeros((num_tokens, head_size))
+    k = _dense(key.reshape(num_tokens, -1)) if key is not None else q.new_zeros((num_tokens, head_size))
     if num_tokens:
         kernels()._C.rotary_embedding(positions, q, k, int(head_size), cache, bool(is_neox))
     return q.view(query.shape), (k.view(key.shape) if key is not None else None)
@@ -266,8 +278,8 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     # kv_cache_dtype "auto": the cache holds the model dtype, no scaling; negative slots are skipped. Keys and
     # values are often row-strided views of a fused qkv projection: the TopsATen wrapper takes dense tensors.
     kernels()._C_cache_ops.reshape_and_cache_flash(
-        key.to(kv_cache.dtype).contiguous(), value.to(kv_cache.dtype).contiguous(), key_cache, value_cache,
-        slot_mapping.contiguous(), "auto", scale, scale,
+        _dense(key.to(kv_cache.dtype)), _dense(value.to(kv_cache.dtype)), key_cache, value_cache,
+        _dense(slot_mapping), "auto", scale, scale,
     )
 
 
@@ -304,7 +316,7 @@ def accel_paged_attention(
     # vLLM's FlashAttentionImpl conventions: window (W - 1, 0) sees the W most recent keys, itself included.
     window = [int(sliding_window) - 1, 0] if sliding_window else [-1, -1]
     kernels().flash_attn_varlen_func(
-        q=query.contiguous(),
+        q=_dense(query),
         k=key_cache,
         v=value_cache,
         out=out,
@@ -354,7 +366,7 @@ def accel_moe_topk(
                          f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
     if e_score_correction_bias is not None and tuple(e_score_correction_bias.shape) != (num_experts,):
         raise ValueError(f"e_score_correction_bias must be [{num_experts}], got {tuple(e_score_correction_bias.shape)}")
-    logits = router_logits.contiguous()
+    logits = _dense(router_logits)
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
@@ -369,7 +381,7 @@ def accel_moe_topk(
     else:
         # vllm-gcu's grouped_topk: scoring, correction bias, group selection and renormalization in one
         # kernel (one group of all experts when the model does not group them).
-        bias = e_score_correction_bias.to(torch.float32).contiguous() if e_score_correction_bias is not None else None
+        bias = _dense(e_score_correction_bias.to(torch.float32)) if e_score_correction_bias is not None else None
         k._C.fused_grouped_topk(weights, ids, logits, int(top_k), bool(renormalize),
                                 int(num_expert_group) if grouped else 1, int(topk_group) if grouped else 1,
                                 bias, scoring_func)
@@ -427,8 +439,8 @@ def accel_fused_experts(
     if num_tokens == 0:
         return hidden_states.new_zeros((0, hidden))
     k = kernels()
-    ids = topk_ids.contiguous()
-    weights = topk_weights.to(torch.float32).contiguous()
+    ids = _dense(topk_ids)
+    weights = _dense(topk_weights.to(torch.float32))
     # Sort the (token, choice) pairs by expert into blocks of _MOE_BLOCK_M rows (padded per expert).
     num_experts = expert_map.shape[0] if expert_map is not None else num_local
     max_padded = ids.numel() + num_experts * (_MOE_BLOCK_M - 1)
@@ -439,15 +451,15 @@ def accel_fused_experts(
     k._moe_C.moe_align_block_size(ids, int(num_experts), _MOE_BLOCK_M, sorted_ids, block_experts, num_post_pad)
     if expert_map is not None:  # global -> local expert id, -1 for experts held by another rank
         block_experts = expert_map.to(device=dev, dtype=torch.int32)[block_experts.long()]
-    x = hidden_states.contiguous()
+    x = _dense(hidden_states)
     gate_up = x.new_empty((num_tokens * top_k, two_inter))
-    k._C.fused_moe_kernel(gate_up, x, w13.contiguous(), weights, ids, sorted_ids, block_experts, num_post_pad,
+    k._C.fused_moe_kernel(gate_up, x, _dense(w13), weights, ids, sorted_ids, block_experts, num_post_pad,
                           False, int(top_k), _MOE_BLOCK_M, None)
     act = x.new_empty((num_tokens * top_k, inter))
     getattr(k._C, "silu_and_mul" if activation == "silu" else "gelu_and_mul")(act, gate_up)
     # Rows of experts on another rank are never written by the kernel: start from zeros then.
     down = (torch.zeros if expert_map is not None else torch.empty)((num_tokens * top_k, hidden), dtype=dtype, device=dev)
-    k._C.fused_moe_kernel(down, act, w2.contiguous(), weights, ids, sorted_ids, block_experts, num_post_pad,
+    k._C.fused_moe_kernel(down, act, _dense(w2), weights, ids, sorted_ids, block_experts, num_post_pad,
                           True, 1, _MOE_BLOCK_M, None)
     return down.view(num_tokens, top_k, hidden).to(torch.float32).sum(dim=1).to(dtype)
 
@@ -462,7 +474,7 @@ def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     _check_float("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
-    inp = x.contiguous()
+    inp = _dense(x)
     x_q = torch.empty(inp.shape, dtype=torch.int8, device=inp.device)
     scales = torch.empty((inp.shape[0], 1), dtype=torch.float32, device=inp.device)
     if inp.numel():
@@ -495,7 +507,7 @@ def accel_int8_scaled_mm(
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     # vLLM's convention: b is [k, n] column-major, i.e. the transpose view of the [n, k] weight.
-    kernels()._C.cutlass_scaled_mm(out, a.contiguous(), b.contiguous().t(), scale_a.to(torch.float32).contiguous(),
-                                   scale_b.to(torch.float32).contiguous(),
-                                   bias.to(out_dtype).contiguous() if bias is not None else None)
+    kernels()._C.cutlass_scaled_mm(out, _dense(a), _dense(b).t(), _dense(scale_a.to(torch.float32)),
+                                   _dense(scale_b.to(torch.float32)),
+                                   _dense(bias.to(out_dtype)) if bias is not None else None)
     return out

@@ -128,6 +128,15 @@ def _type_ok(type_str: str, value: Any, none_ok: bool) -> bool:
     raise AssertionError(f"schema type {type_str!r} not handled by the checker")
 
 
+def is_dense(t: torch.Tensor) -> bool:
+    """Row-major strides for every dimension (stricter than is_contiguous, which ignores size-1 dims)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    return tuple(reversed(expected)) == t.stride()
+
+
 def check_call(qualified: str, schema: torch._C.FunctionSchema, args: Sequence[Any], kwargs: Mapping[str, Any],
                *, source: str, check_layout: bool = False) -> None:
     """Raise AssertionError unless ``args``/``kwargs`` fit ``schema`` (see the module docstring)."""
@@ -148,8 +157,10 @@ def check_call(qualified: str, schema: torch._C.FunctionSchema, args: Sequence[A
         none_ok = (qualified, p.name) in NONE_ACCEPTED
         assert _type_ok(str(p.type), value, none_ok), \
             f"{where}: argument {p.name!r} expects {p.type}, got {type(value).__name__}"
-        if check_layout and isinstance(value, torch.Tensor) and (qualified, p.name) not in LAYOUT_FLEXIBLE:
-            assert value.is_contiguous(), f"{where}: tensor argument {p.name!r} is not contiguous (strides {value.stride()})"
+        if check_layout and isinstance(value, torch.Tensor):
+            dense = is_dense(value.t()) if (qualified, p.name) in LAYOUT_FLEXIBLE else is_dense(value)
+            assert dense, f"{where}: tensor argument {p.name!r} is not contiguous (shape {tuple(value.shape)}, " \
+                f"strides {value.stride()}; {LAYOUT_FLEXIBLE.get((qualified, p.name), 'row-major')} expected)"
 
 
 def check_flash_attn_call(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:

@@ -80,6 +80,9 @@ def test_schema_checker_rejects_bad_calls():
         gcu_abi.check_call("_C::rms_norm", schema, (t, t, t), {"eps": 1e-6}, source="test")
     with pytest.raises(AssertionError, match="not contiguous"):
         gcu_abi.check_call("_C::rms_norm", schema, (t, t.t(), t, 1e-6), {}, source="test", check_layout=True)
+    odd = torch.empty(2, 2)[:1, :1]  # [1, 1] with strides (2, 1): torch calls it contiguous, kernels may not
+    with pytest.raises(AssertionError, match="not contiguous"):
+        gcu_abi.check_call("_C::rms_norm", schema, (t, odd, t, 1e-6), {}, source="test", check_layout=True)
     rope = gcu_abi.gcu_schema("_C::rotary_embedding")  # key is not optional in vllm-gcu's schema
     with pytest.raises(AssertionError, match="'key' expects Tensor"):
         gcu_abi.check_call("_C::rotary_embedding", rope, (t, t, None, 8, t, True), {}, source="test")

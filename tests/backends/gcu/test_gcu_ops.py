@@ -293,7 +293,10 @@ def test_kv_cache_group_emulated_kernels(dtype, lens, block_size, kv_heads, grou
     assert RECORDER.ops() == ["_C_cache_ops::reshape_and_cache_flash", "flash_attn_varlen_func"]
     expected = _attention_case(REF, *case)
     assert out.shape == expected.shape and out.dtype == dtype
-    close(out, expected)
+    # two half-precision attentions (the reference rounds the probabilities to the query dtype before P @ V,
+    # the emulation does not), each within the dtype's tolerance of the exact result: twice it between them
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, expected, rtol=2 * rtol, atol=2 * atol)
 
 
 def test_kv_cache_layout_and_bad_input():

@@ -207,11 +207,14 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     for name, t in (("key", key), ("value", value)):
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected} for this cache and slot_mapping")
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
-    flat[0].index_copy_(0, slots, key[valid].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, value[valid].to(kv_cache.dtype))
+    if slot_mapping.numel() and int(slot_mapping.min()) >= 0:  # no padding: skip the boolean selection
+        slots = slot_mapping
+    else:
+        valid = slot_mapping >= 0
+        slots, key, value = slot_mapping[valid], key[valid], value[valid]
+    flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
 
 @hookimpl

@@ -22,6 +22,9 @@ Failure and shutdown:
 * The rendezvous store (a ``TCPStore``) is hosted by the driver on a port the OS picks (port 0), so two
   executors never race for a port, and the port is released at shutdown.
 
+Ranks are started with the ``spawn`` method: a script that launches them must guard its entry point with
+``if __name__ == "__main__":`` (each rank imports the main module), as with vLLM and torch.multiprocessing.
+
 Messages are pickled by value (``pickle.dumps``): tensors are copied through the pipe, never shared through
 shared memory, so a rank's exit cannot invalidate a result the driver holds.
 """

@@ -81,7 +81,8 @@ class LLM:
         tokenizer: a directory or tokenizer.json to use instead of the checkpoint's.
         tensor_parallel_size: shard the model over this many ranks (processes launched here, joined in a
             ``torch.distributed`` group on the backend's collective: gloo on CPU); this process drives
-            them and gets the logits from rank 0. ``kv_cache_memory`` is then per rank.
+            them and gets the logits from rank 0. ``kv_cache_memory`` is then per rank. The ranks are
+            spawned processes: guard the script's entry point with ``if __name__ == "__main__":``.
         enable_expert_parallel: with ``tensor_parallel_size > 1``, MoE layers hold whole experts per rank
             instead of a slice of every expert.
 

@@ -112,8 +112,11 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--markdown", action="store_true", help="print a docs/BENCHMARKS.md table")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     engines = args.engines.split(",")
     results: dict[str, dict[int, float]] = {}
@@ -145,7 +148,7 @@ def main() -> int:
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r.get(b, float('nan')):.0f}" for b in batches) + " |")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end")
     print("\n".join(lines))
     return 0
 

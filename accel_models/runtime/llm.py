@@ -596,6 +596,22 @@ class LLM:
                 reqs.append(self._error_output(rid, prompt, exc))
         return self._run(reqs, progress)
 
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]] | Sequence[Sequence[dict[str, str]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` dicts) or several, with
+        the model's chat template (tokenizer_config.json's ``chat_template``; rendering needs jinja2)."""
+        self._check_open()
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer.json: chat needs one")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.encode_chat(list(c), add_generation_prompt) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params)
+
     def score(self, prompt_token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Per-position logits (float32 ``[len, vocab]``, row ``i`` predicting token ``i + 1``) of each
         token sequence, computed through the paged-KV path (chunked and batched like generation).

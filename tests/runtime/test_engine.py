@@ -219,3 +219,11 @@ def test_shutdown(llama_dir):
     llm.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         llm.generate(PROMPT)
+
+
+def test_chat_uses_the_template(llm):
+    msgs = [{"role": "user", "content": "Hello world"}]
+    out = llm.chat(msgs, greedy(max_tokens=4))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode("<s><|user|> Hello world\n<|assistant|> ",
+                                                        add_special_tokens=False)
+    assert out.outputs[0].token_ids == llm.generate([out.prompt_token_ids], greedy(max_tokens=4))[0].outputs[0].token_ids

@@ -45,6 +45,9 @@ OP_NAMES: tuple[str, ...] = tuple(
     for name, fn in vars(hookspecs).items()
     if name.startswith("accel_") and callable(fn) and name != "accel_backend_info"
 )
+#: Backend-level hooks that are no numeric op: strict mode does not require them (their reference answer,
+#: e.g. "no device graphs", is always correct) and the conformance kit does not check them (API 1.1).
+OPTIONAL_OPS: tuple[str, ...] = ("capture_graph",)
 #: Ops that must come from one backend: a cache is readable only by the backend that laid it out.
 KV_CACHE_GROUP: tuple[str, ...] = ("kv_cache_layout", "allocate_kv_cache", "write_kv_cache", "paged_attention")
 
@@ -382,6 +385,7 @@ class OpTable:
     fused_experts: Callable[..., Any]
     dynamic_int8_quant: Callable[..., Any]
     int8_scaled_mm: Callable[..., Any]
+    capture_graph: Callable[..., Any]
 
 
 def _check_signature(op: str, backend: str, fn: Callable[..., Any]) -> None:
@@ -465,7 +469,7 @@ def resolve_ops(
                 src_overrides[op] = g
         overrides.update(src_overrides)
 
-    missing = [op for op in OP_NAMES if op not in rec.ops and op not in overrides]
+    missing = [op for op in OP_NAMES if op not in rec.ops and op not in overrides and op not in OPTIONAL_OPS]
     if strict and missing:
         raise BackendError(
             f"strict mode: backend {name!r} does not implement {', '.join(missing)}; implement them "

@@ -32,7 +32,8 @@ existing hook's keywords or math bumps the major version.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -46,6 +47,16 @@ PROJECT_NAME = "accel_models"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class DeviceGraph(Protocol):
+    """What :func:`accel_capture_graph` returns: a captured piece of device work (API 1.1)."""
+
+    #: memory-pool handle to pass to later captures so they share memory (may be None)
+    pool: Any
+
+    def replay(self) -> Any:
+        """Run the captured work again on the current input contents; returns the captured outputs."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,6 +73,36 @@ def accel_backend_info() -> BackendInfo:
     missing and how to install it. Import heavy dependencies lazily, inside op functions or here.
 
     Added in API 1.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_capture_graph(fn: Callable[[], Any], device: torch.device, pool: Any) -> DeviceGraph | None:
+    """Capture ``fn`` as a device graph (CUDA graph, ACL graph, ...) that can be replayed, or return None.
+
+    Not a numeric op: an optional backend-level hook. The runtime uses it to record one decode step of a
+    fixed batch size (the model forward over the persistent input buffers) and replays it each step after
+    copying the new inputs into those same buffers, so the launch overhead of every op is paid once.
+
+    Args:
+        fn: a callable taking no arguments that runs device work and returns a tensor or a tuple of
+            tensors. It reads its inputs only from tensors whose addresses stay fixed (the runtime's
+            persistent buffers, the weights, the KV caches); the implementation may call it more than once
+            (e.g. warm-up runs before capture) and must leave its device state as after one call.
+        device: the ``torch.device`` the work runs on.
+        pool: None, or the ``pool`` attribute of a graph this backend returned before: captures that
+            share a pool share their memory for intermediates (the runtime captures its batch sizes
+            largest first with one pool and never replays two of them at once).
+
+    Returns:
+        None when the backend cannot capture graphs (the runtime then runs every step eagerly: the
+        reference backend's answer). Otherwise an object with ``replay()``, which runs the captured work
+        again on the current contents of the inputs and returns ``fn``'s outputs (on a real graph, the
+        same tensors every time, overwritten by the next replay), and a ``pool`` attribute to pass to
+        later captures (anything, including None). Raise ``RuntimeError`` with the reason when ``fn``
+        cannot be captured (e.g. it synchronizes with the host); the runtime then falls back to eager.
+
+    Added in API 1.1 (backends written for API 1.0 fall back to the reference: no graphs).
     """
 
 

@@ -271,7 +271,7 @@ def test_optable_rejects_names_that_are_not_ops(registry):
 @pytest.mark.parametrize("how", ["env", "argument", "context"])
 def test_strict_mode_names_the_missing_ops(registry, monkeypatch, how):
     register(make_backend("partial", ops=("rms_norm", "silu_and_mul")), "partial")
-    missing = [op for op in B.OP_NAMES if op not in ("rms_norm", "silu_and_mul")]
+    missing = [op for op in B.OP_NAMES if op not in ("rms_norm", "silu_and_mul") and op not in B.OPTIONAL_OPS]
     if how == "env":
         monkeypatch.setenv("ACCEL_STRICT", "1")
         call = lambda: accel_models.resolve_ops("partial")  # noqa: E731
@@ -415,3 +415,13 @@ def test_reset_registry_reloads_entry_points(registry):
     register(make_backend("temp"), "temp")
     B.reset_registry()
     assert "temp" not in B.get_registry().records and "reference" in B.get_registry().records
+
+
+def test_strict_mode_does_not_require_the_optional_capture_graph_hook(registry):
+    """capture_graph (API 1.1) is a backend-level hook, not a numeric op: a backend written for API 1.0
+    with every op passes strict mode and gets the reference's answer (no graphs)."""
+    numeric = [op for op in B.OP_NAMES if op not in B.OPTIONAL_OPS]
+    register(make_backend("api10", ops=numeric), "api10")
+    ops = accel_models.resolve_ops("api10", strict=True)
+    assert ops.providers["capture_graph"] == "reference"
+    assert ops.capture_graph(fn=lambda: None, device=torch.device("cpu"), pool=None) is None

@@ -84,6 +84,50 @@ def accel_backend_info() -> BackendInfo:
 
 
 @functools.cache
+class CudaGraph:
+    """A captured ``torch.cuda.CUDAGraph`` and the outputs its replays overwrite."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, outputs: Any, pool: Any) -> None:
+        self.graph = graph
+        self.outputs = outputs
+        self.pool = pool
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.outputs
+
+
+#: warm-up runs before capture (Triton JIT, cuBLAS workspaces and autotuning happen outside the graph)
+GRAPH_WARMUP_RUNS = 2
+
+
+@hookimpl
+def accel_capture_graph(fn: Any, device: torch.device, pool: Any) -> CudaGraph | None:
+    """CUDA graph of ``fn``: warm-up runs on a side stream (as PyTorch requires), then capture into
+    ``pool`` (a fresh pool when None). None when the device is not a CUDA device."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_RUNS):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = fn()
+        except Exception as exc:  # e.g. a host synchronization inside fn
+            raise RuntimeError(f"CUDA graph capture failed: {type(exc).__name__}: {exc}") from exc
+        torch.cuda.synchronize(device)
+    return CudaGraph(graph, outputs, pool)
+
+
 def _kernels() -> ModuleType:
     try:
         return importlib.import_module("accel_backend_cuda._triton_kernels")

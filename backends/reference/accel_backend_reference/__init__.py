@@ -11,6 +11,7 @@ It registers itself through the ``accel_models.backends`` entry point, exactly a
 from __future__ import annotations
 
 import importlib.metadata
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 # normalization and activations
 # ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_capture_graph(fn: Any, device: torch.device, pool: Any) -> None:
+    """No device graphs on the reference backend: every step runs eagerly."""
+    return None
 
 
 @hookimpl

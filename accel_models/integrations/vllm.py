@@ -35,16 +35,17 @@ import copy
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from accel_models.backends import REFERENCE, OpTable, resolve_ops
+from accel_models.backends import OP_NAMES, REFERENCE, OpTable, resolve_ops
 from accel_models.context import BuildContext, ParallelGroup, build_context
 
-logger = logging.getLogger("accel_models.integrations.vllm")
+# A child of vLLM's logger, so these lines appear with vLLM's own (vLLM configures only the "vllm" tree).
+logger = logging.getLogger("vllm.accel_models")
 
 #: vLLM minor versions this module was written and tested for.
 SUPPORTED_VLLM_VERSIONS: tuple[str, ...] = ("0.32",)
@@ -254,6 +255,63 @@ def _check_backend_device(ops: OpTable, device_type: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Ops torch.compile must not look into
+# ----------------------------------------------------------------------------------------------------
+
+# fused_experts groups tokens by expert, which eager implementations (the reference's among them) do with
+# data-dependent shapes (bincount(...).tolist()); dynamo cannot trace that with fullgraph=True, which vLLM's
+# compiled mode requires. Under vLLM the bound fused_experts is therefore called through a custom op of
+# our own namespace, opaque to dynamo (exactly how vLLM hides its own kernels): the graph around it is
+# compiled, the op runs the backend's function as is.
+_OPAQUE_IMPLS: dict[str, Callable[..., torch.Tensor]] = {}
+_OPAQUE_LOCK = threading.Lock()
+_FUSED_EXPERTS_SCHEMA = ("(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+                         "str activation, Tensor? expert_map, str impl) -> Tensor")
+
+
+def _run_fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor, activation: str, expert_map: torch.Tensor | None,
+                       impl: str) -> torch.Tensor:
+    out = _OPAQUE_IMPLS[impl](hidden_states=hidden_states, w13=w13, w2=w2, topk_weights=topk_weights,
+                              topk_ids=topk_ids, activation=activation, expert_map=expert_map)
+    # a custom op's output may not alias an input
+    return out.clone() if out.untyped_storage().data_ptr() == hidden_states.untyped_storage().data_ptr() else out
+
+
+def _fake_fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor, activation: str, expert_map: torch.Tensor | None,
+                        impl: str) -> torch.Tensor:
+    return hidden_states.new_empty(hidden_states.shape)  # [num_tokens, hidden] in hidden_states' dtype
+
+
+def _opaque_fused_experts_op() -> Any:
+    with _OPAQUE_LOCK:
+        if not hasattr(torch.ops.accel_models, "fused_experts"):
+            op = torch.library.custom_op("accel_models::fused_experts", _run_fused_experts, mutates_args=(),
+                                         schema=_FUSED_EXPERTS_SCHEMA)
+            op.register_fake(_fake_fused_experts)
+        return torch.ops.accel_models.fused_experts.default
+
+
+def opaque_op_table(ops: OpTable) -> OpTable:
+    """``ops`` with ``fused_experts`` called through the opaque custom op ``accel_models::fused_experts``."""
+    fn = getattr(ops, "fused_experts")
+    key = f"{ops.providers['fused_experts']}:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', id(fn))}"
+    with _OPAQUE_LOCK:
+        _OPAQUE_IMPLS[key] = fn
+    op = _opaque_fused_experts_op()
+
+    def fused_experts(*, hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
+                      expert_map: torch.Tensor | None) -> torch.Tensor:
+        return op(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, key)
+
+    functions = {name: getattr(ops, name) for name in OP_NAMES}
+    functions["fused_experts"] = fused_experts
+    return OpTable(ops.backend, ops.info, functions, ops.providers, ops.strict)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The adapter classes
 # ----------------------------------------------------------------------------------------------------
 
@@ -280,7 +338,7 @@ class VllmModelAdapter:
         ops = resolve_ops()
         _check_backend_device(ops, vllm_config.device_config.device_type)
         ctx = BuildContext(
-            ops=ops,
+            ops=opaque_op_table(ops),
             tp_group=VllmTensorParallelGroup(),
             attention_factory=VllmAttentionFactory(vllm_config.cache_config),
             params_dtype=model_config.dtype,

@@ -364,9 +364,6 @@ class OpTable:
         """Ops not provided by the selected backend."""
         return [op for op, p in self.providers.items() if p != self.backend]
 
-    def __getattr__(self, name: str) -> Any:  # only reached for names that are not bound ops
-        raise AttributeError(f"{name!r} is not an op; ops are: {', '.join(OP_NAMES)}")
-
     def __repr__(self) -> str:
         fb = self.fallbacks
         return f"OpTable(backend={self.backend!r}, fallbacks={fb if fb else 'none'})"

@@ -225,6 +225,11 @@ def accel_rotary_embedding(
 def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
     """Declare this backend's KV-cache layout for one attention layer of the given shape.
 
+    Args:
+        num_kv_heads: KV heads of the layer (on this rank).
+        head_size: size of each head.
+        dtype: the cache's dtype (usually the model's).
+
     Returns a :class:`~accel_models.types.KVCacheLayout`: the supported block sizes (tokens per block,
     the first being the default; e.g. ``(16, 32, 64, 128)`` for the reference, ``(128,)`` for Ascend's
     kernels) and the bytes one token slot occupies (keys and values together, including any padding),
@@ -245,6 +250,12 @@ def accel_allocate_kv_cache(
     device: torch.device,
 ) -> torch.Tensor:
     """Allocate the KV cache of one attention layer: ``num_blocks`` blocks of ``block_size`` tokens.
+
+    Args:
+        num_blocks: blocks to allocate.
+        block_size: tokens per block, one of the layout's ``block_sizes``.
+        num_kv_heads, head_size, dtype: as given to ``accel_kv_cache_layout``.
+        device: where the cache lives.
 
     Returns one tensor whose shape and layout are the backend's choice (only its own ``write_kv_cache``
     and ``paged_attention`` read it). Its contents are unspecified (attention never reads slots that

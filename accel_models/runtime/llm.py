@@ -85,6 +85,11 @@ class LLM:
             spawned processes: guard the script's entry point with ``if __name__ == "__main__":``.
         enable_expert_parallel: with ``tensor_parallel_size > 1``, MoE layers hold whole experts per rank
             instead of a slice of every expert.
+        enforce_eager: never use device graphs (by default pure decode steps replay graphs captured at
+            start-up when the backend's ``capture_graph`` hook offers them, e.g. CUDA graphs).
+        graph_batch_sizes: decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up
+            to ``max_num_seqs``); a decode of ``n`` sequences runs as the smallest captured size ``>= n``,
+            padded, and eagerly when none is.
 
     Use it as a context manager or call :meth:`shutdown` (which also stops the ranks).
     """
@@ -106,6 +111,8 @@ class LLM:
         kv_cache_dtype: torch.dtype | None = None,
         tensor_parallel_size: int = 1,
         enable_expert_parallel: bool = False,
+        enforce_eager: bool = False,
+        graph_batch_sizes: Sequence[int] | None = None,
     ) -> None:
         self._tp: Any = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
         self._closed = True
@@ -115,6 +122,7 @@ class LLM:
                         max_num_batched_tokens=max_num_batched_tokens, seed=seed, tokenizer=tokenizer,
                         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
                         enable_expert_parallel=enable_expert_parallel)
+            self._setup_graphs(enforce_eager, graph_batch_sizes)
         except BaseException:
             if self._tp is not None:  # no rank outlives a failed construction
                 self._tp.shutdown()
@@ -240,6 +248,20 @@ class LLM:
         self._closed = False
 
     # -- setup helpers ---------------------------------------------------------------------------------
+
+    def _setup_graphs(self, enforce_eager: bool, batch_sizes: Sequence[int] | None) -> None:
+        """Capture decode graphs through the backend's ``capture_graph`` hook (none under TP or
+        ``enforce_eager``, none when the backend offers no graphs)."""
+        from accel_models.runtime.graphs import DecodeGraphs, check_batch_sizes
+
+        self.graphs: DecodeGraphs | None = None
+        sizes = check_batch_sizes(batch_sizes, self.max_num_seqs)
+        if enforce_eager or self._tp is not None:
+            return
+        graphs = DecodeGraphs(self.runner, self.buffers, self.ops.capture_graph, sizes, self.max_model_len)
+        graphs.capture()
+        if graphs.graphs:
+            self.graphs = graphs
 
     def _read_generation_config(self) -> dict[str, Any]:
         """generation_config.json (eos/bos ids falling back to config.json's) as a dict of set fields."""
@@ -397,9 +419,19 @@ class LLM:
             if samples:
                 sample_rows.append(row + k - 1)
             row += k
+        graph_size = None
+        if self.graphs is not None and all(p[1] == 1 and p[3] == 1 and p[4] and not p[5] for p in plan):
+            graph_size = self.graphs.padded_size(len(items))  # a pure decode step: replay a graph if captured
+            if graph_size is None:
+                self.graphs.eager_decode_steps += 1
+            else:
+                self.graphs.pad(len(items), graph_size)
         inputs = self.builder.build(items)
         logits = None
-        if row:
+        if graph_size is not None:
+            assert self.graphs is not None
+            logits = self.graphs.replay(len(items), graph_size)
+        elif row:
             logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
                                          inputs.logits_indices)
         else:

@@ -1,0 +1,137 @@
+"""Device graphs for decode steps: capture once per batch size, replay with new inputs.
+
+The backend's ``capture_graph`` hook (API 1.1) does the capturing (CUDA graphs on the CUDA backend, ACL
+graphs on an NPU backend later); this module only decides *what* to capture and *when* to replay, so
+nothing device-specific lives in the runtime.
+
+A pure decode step of ``n`` sequences runs as the captured graph of the smallest batch size ``P >= n``:
+the padding sequences ``n .. P-1`` get token 0 at position 0, slot -1 (their key/value is not written),
+one token of query and a context of one token (read from whatever block their stale block-table row names:
+their outputs are garbage that nobody reads, and rows never mix). Their logits rows are dropped. The graph
+reads the runtime's persistent input buffers (:class:`~accel_models.runtime.metadata.InputBuffers`), so a
+replay needs only the usual host-to-device copy of the step's inputs.
+
+Prefill, chunked and mixed steps, steps wanting prompt logprobs, and batches larger than the largest
+captured size run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("accel_models.runtime")
+
+#: Decode batch sizes captured by default (those above ``max_num_seqs`` are dropped).
+DEFAULT_GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def check_batch_sizes(sizes: Sequence[int] | None, max_num_seqs: int) -> tuple[int, ...]:
+    """The sorted batch sizes to capture (at most ``max_num_seqs``); ValueError for bad entries."""
+    if sizes is None:
+        sizes = [s for s in DEFAULT_GRAPH_BATCH_SIZES if s < max_num_seqs] + [max_num_seqs]
+    out = set()
+    for s in sizes:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 1:
+            raise ValueError(f"graph_batch_sizes must be positive ints, got {s!r}")
+        if s > max_num_seqs:
+            raise ValueError(f"graph batch size {s} exceeds max_num_seqs ({max_num_seqs}); drop it or raise "
+                             "max_num_seqs")
+        out.add(s)
+    return tuple(sorted(out))
+
+
+class DecodeGraphs:
+    """The captured decode graphs of one model runner, keyed by padded batch size.
+
+    Args:
+        runner: a :class:`~accel_models.runner.ModelRunner` (its ``execute`` is what gets captured).
+        buffers: the runtime's :class:`~accel_models.runtime.metadata.InputBuffers`.
+        capture_graph: the bound ``capture_graph`` op of the runner's backend.
+        batch_sizes: sizes to capture (see :func:`check_batch_sizes`).
+        max_model_len: the longest context a replay may see (the attention plan is made for it).
+    """
+
+    def __init__(self, runner: Any, buffers: Any, capture_graph: Any, batch_sizes: Sequence[int],
+                 max_model_len: int) -> None:
+        self.runner = runner
+        self.buffers = buffers
+        self.capture_graph = capture_graph
+        self.batch_sizes = tuple(sorted(batch_sizes))
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, Any] = {}
+        self.replays = 0  # steps served by a graph (tests and benchmarks read these)
+        self.eager_decode_steps = 0
+        self.unsupported: str | None = None  # why the backend captured nothing
+
+    # -- capture ---------------------------------------------------------------------------------------
+
+    def capture(self) -> None:
+        """Capture every batch size, largest first, in one memory pool. Stops (no graphs, eager steps) at
+        the first size the backend declines or fails to capture, saying why in the log."""
+        pool = None
+        for size in sorted(self.batch_sizes, reverse=True):
+            self._write_padding(0, size)
+            inputs = self._prepare(size)
+
+            def step(inputs: Any = inputs) -> torch.Tensor:
+                return self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata, None)
+
+            try:
+                graph = self.capture_graph(fn=step, device=self.buffers.device, pool=pool)
+            except RuntimeError as exc:
+                self.unsupported = f"capture of decode batch {size} failed: {exc}"
+                logger.warning("device graphs disabled (eager steps): %s", self.unsupported)
+                self.graphs.clear()
+                return
+            if graph is None:
+                self.unsupported = "the backend does not capture device graphs"
+                self.graphs.clear()
+                return
+            pool = getattr(graph, "pool", None)
+            self.graphs[size] = graph
+        logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+
+    # -- replay ----------------------------------------------------------------------------------------
+
+    def padded_size(self, num_seqs: int) -> int | None:
+        """The captured batch size a decode of ``num_seqs`` sequences runs as (None: run eagerly)."""
+        for size in self.batch_sizes:
+            if size >= num_seqs:
+                return size if size in self.graphs else None
+        return None
+
+    def _write_padding(self, start: int, end: int) -> None:
+        """Host-side inputs of padding sequences ``start .. end-1`` (one token each)."""
+        h = self.buffers.host
+        h["input_ids"][start:end] = 0
+        h["positions"][start:end] = 0
+        h["slot_mapping"][start:end] = -1
+        h["seq_lens"][start:end] = 1
+        h["query_start_loc"][start + 1 : end + 1] = np.arange(start + 1, end + 1, dtype=np.int32)
+        h["logits_indices"][start:end] = np.arange(start, end)
+        if start == 0:
+            h["query_start_loc"][0] = 0
+            h["block_table"][:end] = 0
+
+    def _prepare(self, size: int) -> Any:
+        """Publish ``size`` one-token sequences with the widest block table and the longest context: the
+        views (and the attention plan) a graph is captured with and every replay of it matches."""
+        return self.buffers.prepare(size, size, size, 1, self.max_model_len, self.buffers.max_blocks_per_seq)
+
+    def pad(self, num_seqs: int, size: int) -> None:
+        """Before the step's metadata is built: padding for sequences ``num_seqs .. size-1``."""
+        if size > num_seqs:
+            self._write_padding(num_seqs, size)
+
+    def replay(self, num_seqs: int, size: int) -> torch.Tensor:
+        """Run the graph of ``size`` on the inputs the metadata builder just published (the real sequences
+        first, then the padding from :meth:`pad`: the builder's host-to-device copy moves whole buffers
+        into the captured addresses); returns the ``num_seqs`` real logits rows."""
+        logits = self.graphs[size].replay()
+        self.replays += 1
+        return logits[:num_seqs]

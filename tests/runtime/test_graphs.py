@@ -1,0 +1,149 @@
+"""Decode graphs in the runtime, on the CPU: a fake graph-capable backend registered in-process whose
+"graph" replays the captured Python callable. Checks that pure decode steps replay (padded to the captured
+size, with -1 slots and one-token padding sequences), that the inputs stay at the captured addresses, that
+prefill and uncaptured batch sizes run eagerly, and that greedy tokens are the same with graphs on and off.
+The CUDA graphs themselves are checked on the GPU by bench/cuda/bench_decode.py (graphs on vs off)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import accel_models
+from accel_models import BackendInfo, hookimpl
+from accel_models import backends as B
+from accel_models.runtime.graphs import check_batch_sizes
+from accel_models.runtime.llm import LLM
+from accel_models.runtime.sampling_params import SamplingParams
+
+NAME = "fakegraph"
+
+
+class FakeGraph:
+    """Replays the captured callable; records the input addresses it was captured with."""
+
+    def __init__(self, fn, buffers_ptrs, log):
+        self.fn, self.pool, self.ptrs, self.log = fn, "pool", buffers_ptrs, log
+
+    def replay(self):
+        self.log.append("replay")
+        return self.fn()
+
+
+def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = False) -> types.ModuleType:
+    mod = types.ModuleType("fake_graph_backend")
+
+    def backend_info():
+        return BackendInfo(name=NAME, device_type="cpu", available=True, reason=None, priority=-200)
+
+    def capture_graph(fn, device, pool):
+        if decline:
+            return None
+        log.append(("capture", pool))
+        if fail_at is not None and sum(1 for e in log if isinstance(e, tuple)) == fail_at:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        out = fn()  # a real backend runs fn while capturing
+        assert out.ndim == 2
+        return FakeGraph(fn, None, log)
+
+    mod.accel_backend_info = hookimpl(backend_info)
+    mod.accel_capture_graph = hookimpl(capture_graph)
+    return mod
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    log: list = []
+
+    def register(**kw):
+        B.register_backend(make_fake_backend(log, **kw), NAME)
+        return log
+
+    yield register
+    B.unregister_backend(NAME)
+
+
+def greedy(n):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 32]]
+
+
+def test_graphs_replay_padded_decode_and_match_eager(fake, llama_dir):
+    log = fake()
+    with LLM(llama_dir, backend="reference", max_num_seqs=8, kv_cache_memory=4 << 20, enforce_eager=True) as eager:
+        want = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, greedy(4))]
+        assert eager.graphs is None
+    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20,
+             graph_batch_sizes=[1, 2, 4]) as llm:
+        g = llm.graphs
+        assert g is not None and sorted(g.graphs) == [1, 2, 4]
+        # captured largest first, later captures share the first one's pool
+        assert [e[1] for e in log if isinstance(e, tuple)] == [None, "pool", "pool"]
+        ptrs = {k: v.data_ptr() for k, v in llm.buffers.dev.items()}
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(4))]
+        assert got == want
+        # 5 sequences decode 3 steps: more than the largest captured size (4): eager
+        assert g.replays == 0 and g.eager_decode_steps == 3
+        assert {k: v.data_ptr() for k, v in llm.buffers.dev.items()} == ptrs  # the same addresses
+
+        # 3 sequences: padded to 4; 1 sequence: graph of 1
+        got3 = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], greedy(4))]
+        assert got3 == want[:3]
+        assert g.replays == 3
+        h = llm.buffers.host
+        assert h["slot_mapping"][3] == -1 and h["seq_lens"][3] == 1 and h["input_ids"][3] == 0
+        assert list(h["query_start_loc"][:5]) == [0, 1, 2, 3, 4]
+        got1 = llm.generate([PROMPTS[1]], greedy(3))[0].outputs[0].token_ids
+        assert got1 == want[1][:3]
+        assert g.replays == 5 and g.eager_decode_steps == 3
+        assert log.count("replay") == 5
+
+
+def test_sampling_with_prompt_logprobs_and_mixed_steps_run_eagerly(fake, llama_dir):
+    fake()
+    with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[2]) as llm:
+        # prompt logprobs: the prefill is eager; decode steps of 2 sequences replay
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)
+        outs = llm.generate(PROMPTS[:2], params)
+        assert all(len(o.outputs[0].token_ids) == 3 for o in outs)
+        assert llm.graphs.replays == 2
+        # a new request arriving while another decodes: the mixed step (prefill + decode) is eager
+        llm.add_request("a", PROMPTS[0], greedy(4))
+        llm.step()
+        llm.add_request("b", PROMPTS[2], greedy(2))
+        before = llm.graphs.replays
+        llm.step()  # prefill of b + decode of a
+        assert llm.graphs.replays == before
+        while llm.has_unfinished_requests():
+            llm.step()
+        assert llm.graphs.replays > before
+
+
+def test_backend_without_graphs_or_failing_capture_runs_eagerly(fake, llama_dir, caplog):
+    log = fake(fail_at=2)
+    with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 4]) as llm:
+        assert llm.graphs is None  # the capture of size 1 failed: no graphs at all, a warning says why
+        assert "capture of decode batch 1 failed" in caplog.text
+        assert llm.generate([PROMPTS[0]], greedy(3))[0].outputs[0].token_ids
+    assert "replay" not in log
+    with LLM(llama_dir, backend="reference", max_num_seqs=4, kv_cache_memory=4 << 20) as llm:
+        assert llm.graphs is None  # the reference's capture_graph returns None
+
+
+def test_graph_batch_sizes_are_checked():
+    assert check_batch_sizes(None, 64) == (1, 2, 4, 8, 16, 24, 32, 48, 64)
+    assert check_batch_sizes(None, 10) == (1, 2, 4, 8, 10)
+    assert check_batch_sizes([4, 1, 4], 8) == (1, 4)
+    with pytest.raises(ValueError, match="exceeds max_num_seqs"):
+        check_batch_sizes([16], 8)
+    with pytest.raises(ValueError, match="positive ints"):
+        check_batch_sizes([0], 8)
+
+
+def test_reference_capture_graph_declines():
+    ops = accel_models.resolve_ops("reference")
+    assert ops.capture_graph(fn=lambda: torch.zeros(1), device=torch.device("cpu"), pool=None) is None

@@ -227,3 +227,26 @@ def test_chat_uses_the_template(llm):
     assert out.prompt_token_ids == llm.tokenizer.encode("<s><|user|> Hello world\n<|assistant|> ",
                                                         add_special_tokens=False)
     assert out.outputs[0].token_ids == llm.generate([out.prompt_token_ids], greedy(max_tokens=4))[0].outputs[0].token_ids
+
+
+def test_step_inputs_live_in_persistent_buffers(llm):
+    """Every step's input tensors are views of the same preallocated buffers (a decode step can be
+    captured as a device graph and replayed with new contents)."""
+    seen = []
+    real = llm.runner.execute
+
+    def spy(input_ids, positions, attn_metadata, logits_indices=None):
+        md = attn_metadata
+        seen.append(tuple(t.data_ptr() for t in (input_ids, positions, md.slot_mapping, md.seq_lens,
+                                                 md.query_start_loc, md.block_table, logits_indices)))
+        return real(input_ids, positions, attn_metadata, logits_indices)
+
+    llm.runner.execute = spy
+    try:
+        llm.generate([PROMPT, "Hello world"], greedy(max_tokens=5))
+    finally:
+        llm.runner.execute = real
+    assert len(seen) == 5 and len(set(seen)) == 1
+    buf = llm.buffers
+    assert buf.dev["input_ids"].shape == (llm.max_num_batched_tokens,)
+    assert buf.dev["block_table"].shape == (llm.max_num_seqs, -(-llm.max_model_len // llm.block_size))

@@ -41,30 +41,45 @@ class InputBuffers:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = torch.device(device if device is not None else "cpu")
         T, B = max_num_batched_tokens, max_num_seqs
-        self.host = {
-            "input_ids": np.zeros(T, dtype=np.int64),
-            "positions": np.zeros(T, dtype=np.int64),
-            "slot_mapping": np.full(T, -1, dtype=np.int64),
-            "query_start_loc": np.zeros(B + 1, dtype=np.int32),
-            "seq_lens": np.zeros(B, dtype=np.int32),
-            "block_table": np.zeros((B, max_blocks_per_seq), dtype=np.int32),
-            "logits_indices": np.zeros(T, dtype=np.int64),
+        specs = {  # name: (shape, dtype, fill)
+            "input_ids": ((T,), np.int64, 0),
+            "positions": ((T,), np.int64, 0),
+            "slot_mapping": ((T,), np.int64, -1),
+            "query_start_loc": ((B + 1,), np.int32, 0),
+            "seq_lens": ((B,), np.int32, 0),
+            "block_table": ((B, max_blocks_per_seq), np.int32, 0),
+            "logits_indices": ((T,), np.int64, 0),
         }
-        host_t = {k: torch.from_numpy(v) for k, v in self.host.items()}
         self._on_host = self.device.type == "cpu"
+        # All buffers are views of one byte buffer (each at an 8-byte aligned offset), so a step's inputs
+        # reach the device in ONE host-to-device copy (pinned host memory on CUDA) instead of one per buffer.
+        offsets, nbytes = {}, 0
+        for k, (shape, dt, _) in specs.items():
+            offsets[k] = nbytes
+            nbytes += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8
+        staging = torch.zeros(nbytes, dtype=torch.uint8)
+        if not self._on_host and torch.cuda.is_available():
+            staging = staging.pin_memory()
+        self._staging = staging
+        raw = staging.numpy()
+        self.host = {}
+        for k, (shape, dt, fill) in specs.items():
+            n = int(np.prod(shape)) * np.dtype(dt).itemsize
+            self.host[k] = raw[offsets[k] : offsets[k] + n].view(dt).reshape(shape)
+            self.host[k][...] = fill
         if self._on_host:
-            self.dev = host_t
+            self.dev = {k: torch.from_numpy(v) for k, v in self.host.items()}
         else:
-            self._pinned = {k: (v.pin_memory() if torch.cuda.is_available() else v) for k, v in host_t.items()}
-            self.dev = {k: torch.empty_like(v, device=self.device) for k, v in host_t.items()}
+            self._dev_bytes = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            tdt = {np.int64: torch.int64, np.int32: torch.int32}
+            self.dev = {k: self._dev_bytes[offsets[k] : offsets[k] + int(np.prod(shape)) * np.dtype(dt).itemsize]
+                        .view(tdt[dt]).view(shape) for k, (shape, dt, _) in specs.items()}
 
     def prepare(self, num_tokens: int, num_seqs: int, num_logits: int, max_query_len: int,
                 max_seq_len: int, num_block_cols: int) -> StepInputs:
         """Publish the first ``num_tokens`` / ``num_seqs`` entries (already written into :attr:`host`)."""
         if not self._on_host:
-            for k, src in self._pinned.items():
-                src.copy_(torch.from_numpy(self.host[k]))
-                self.dev[k].copy_(src, non_blocking=True)
+            self._dev_bytes.copy_(self._staging, non_blocking=True)
         d = self.dev
         md = AttentionMetadata(
             query_start_loc=d["query_start_loc"][: num_seqs + 1],

@@ -10,7 +10,8 @@ What is checked:
   Qwen2 (override mode: ``ACCEL_VLLM_OVERRIDE`` replaces vLLM's class) and Mixtral;
 * the class vLLM instantiated is ours (and vLLM's in the reference run), and the zoo's ops come from the
   selected accel-models backend (an in-process probe backend counts its calls);
-* vLLM's default multiprocess mode (engine core and worker spawned; they load the plugin themselves);
+* vLLM's default multiprocess mode (engine core and two tensor-parallel workers spawned; they load the
+  plugin themselves; the zoo shards over vLLM's TP group);
 * vLLM's compiled path (no enforce_eager: dynamo traces the zoo's forward with fullgraph=True), for Llama
   and for Mixtral (whose experts run through an opaque custom op);
 * register() is idempotent; ACCEL_VLLM_OVERRIDE's forms and its error for an unknown architecture.
@@ -277,8 +278,10 @@ def test_mixtral_accel_class_matches_vllm(scenarios: Scenarios) -> None:
 def _multiprocess_and_compiled(scenarios: Scenarios) -> dict[str, dict]:
     """The last five scenarios, run together (memoized: the two tests below share one run).
 
-    * multiprocess: VLLM_ENABLE_V1_MULTIPROCESSING unset, so the engine core and its worker are spawned
-      processes. "AccelLlamaForCausalLM" exists there only if they loaded the plugin themselves.
+    * multiprocess: VLLM_ENABLE_V1_MULTIPROCESSING unset, so the engine core and its workers are spawned
+      processes; "AccelMixtralForCausalLM" exists there only if they loaded the plugin themselves. Two
+      workers (tensor_parallel_size=2): the zoo shards attention heads and experts over vLLM's TP group
+      and reduces through it; the result must still match vLLM's unsharded run.
     * compiled: no enforce_eager. On CPU, vLLM traces the model once with dynamo (fullgraph=True) and
       compiles the graph with inductor; VLLM_CPU_CI_ENV=1 is vLLM's own CPU-CI switch that runs the traced
       graph with the eager backend (inductor's C++ build takes ~70 s here and tests torch, not the zoo).
@@ -287,8 +290,9 @@ def _multiprocess_and_compiled(scenarios: Scenarios) -> dict[str, dict]:
     return scenarios.run(
         llama_vllm=scenarios.native("llama"),
         mixtral_vllm=scenarios.native("mixtral"),
-        llama_multiprocess=({"model": ckpt["llama"], "architecture": "AccelLlamaForCausalLM", "multiprocess": True},
-                            {"VLLM_ENABLE_V1_MULTIPROCESSING": None}),
+        mixtral_tp2_multiprocess=({"model": ckpt["mixtral"], "architecture": "AccelMixtralForCausalLM",
+                                   "multiprocess": True, "tensor_parallel_size": 2},
+                                  {"VLLM_ENABLE_V1_MULTIPROCESSING": None}),
         llama_compiled=({"model": ckpt["llama"], "architecture": "AccelLlamaForCausalLM", "enforce_eager": False},
                         {"VLLM_CPU_CI_ENV": "1"}),
         mixtral_compiled=({"model": ckpt["mixtral"], "architecture": "AccelMixtralForCausalLM",
@@ -296,12 +300,13 @@ def _multiprocess_and_compiled(scenarios: Scenarios) -> dict[str, dict]:
     )
 
 
-def test_plugin_reaches_spawned_workers(scenarios: Scenarios) -> None:
+def test_plugin_reaches_spawned_workers_with_tensor_parallelism(scenarios: Scenarios) -> None:
     r = _multiprocess_and_compiled(scenarios)
-    mp = _ok(r["llama_multiprocess"])
-    _assert_ours(mp, "LlamaForCausalLM")
+    mp = _ok(r["mixtral_tp2_multiprocess"])
+    _assert_ours(mp, "MixtralForCausalLM")
+    assert mp["tp"] == {"rank": 0, "world_size": 2}
     assert mp["torch_compile"] == {"enabled": False, "compiled": False}  # enforce_eager
-    assert_same_generation(mp, _ok(r["llama_vllm"]))
+    assert_same_generation(mp, _ok(r["mixtral_vllm"]))
 
 
 @pytest.mark.parametrize("model,arch", [("llama", "LlamaForCausalLM"), ("mixtral", "MixtralForCausalLM")])

@@ -13,6 +13,7 @@ SPEC is a JSON object:
                     calls; select it with ACCEL_BACKEND=probe in the environment)
     prompts:        list of token-id lists
     max_tokens:     int
+    tensor_parallel_size: int (default 1; more needs multiprocess)
     out:            path of the JSON result: greedy token ids and top-5 logprobs per prompt (generated and
                     prompt tokens), the class vLLM instantiated, the accel-models backend it bound, the
                     probe's call count
@@ -35,6 +36,8 @@ def _model_info(model):  # runs inside the worker (pickled by value in multiproc
         "model_class": f"{cls.__module__}.{cls.__qualname__}",
         "accel_backend": None if ops is None else ops.backend,
         "accel_providers": None if ops is None else dict(ops.providers),
+        "tp": None if ops is None else {"rank": model.model.layers[0].self_attn.o_proj.tp_rank,
+                                        "world_size": model.model.layers[0].self_attn.o_proj.tp_size},
         # set by vLLM's support_torch_compile: whether it compiles this model, and whether it has
         "torch_compile": {"enabled": not getattr(model, "do_not_compile", True),
                           "compiled": bool(getattr(model, "compiled", False))},
@@ -103,13 +106,15 @@ def run(spec: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     kwargs = {}
+    if spec.get("tensor_parallel_size", 1) > 1:
+        kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
     if spec.get("architecture"):
         kwargs["hf_overrides"] = {"architectures": [spec["architecture"]]}
     llm = LLM(
         model=spec["model"],
         skip_tokenizer_init=True,
         enforce_eager=spec.get("enforce_eager", True),
-        distributed_executor_backend="uni",
+        distributed_executor_backend="uni" if spec.get("tensor_parallel_size", 1) == 1 else "mp",
         kv_cache_memory_bytes=64 << 20,
         dtype="float32",
         max_model_len=128,

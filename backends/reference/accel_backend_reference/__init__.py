@@ -224,6 +224,37 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
 
+def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, max_s: int, scale: float, sliding_window: int | None,
+                      logits_soft_cap: float | None) -> torch.Tensor:
+    """``accel_paged_attention`` for one query row per sequence (each at position ``seq_len - 1``), so the
+    causal mask reduces to ``k < seq_len`` (and ``k >= seq_len - W`` in a sliding window)."""
+    _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
+    batch, num_heads, _ = query.shape
+    group = num_heads // kv_heads
+    n_blocks = (max_s + block_size - 1) // block_size
+    # Entries past a sequence's last block may hold anything: clamp them to a valid block (masked below).
+    blocks = block_table[:, :n_blocks].long().clamp_(0, num_blocks - 1)
+    kv = kv_cache[:, blocks].view(2, batch, n_blocks * block_size, kv_heads, head_size)[:, :, :max_s]
+    kv = kv.permute(0, 1, 3, 2, 4).to(query.dtype).contiguous()  # [2, B, kv_heads, max_s, D]
+    k_pos = torch.arange(max_s, device=query.device)
+    hidden = k_pos[None, :] >= seq_lens[:, None]  # [B, max_s]
+    if sliding_window:
+        hidden |= k_pos[None, :] < seq_lens[:, None] - sliding_window
+    # Slots outside the context were never written and may hold NaN/inf (0-probability * NaN is NaN).
+    kv.masked_fill_(hidden[None, :, None, :, None], 0)
+    k = kv[0].view(batch * kv_heads, max_s, head_size)
+    v = kv[1].view(batch * kv_heads, max_s, head_size)
+    q = query.reshape(batch * kv_heads, group, head_size)
+    scores = torch.bmm(q, k.transpose(1, 2)).to(_acc(query.dtype)) * scale  # [B * kvh, group, max_s]
+    if logits_soft_cap:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    scores = scores.view(batch, kv_heads, group, max_s).masked_fill_(hidden[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(query.dtype).view(batch * kv_heads, group, max_s)
+    out = torch.bmm(probs, v)  # [B * kvh, group, D]
+    return out.reshape(batch, num_heads, head_size)
+
+
 @hookimpl
 def accel_paged_attention(
     query: torch.Tensor,
@@ -259,6 +290,9 @@ def accel_paged_attention(
     if batch and int(seq_lens.max()) > max_s:
         raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
 
+    if max_q == 1 and num_tokens == batch:  # a pure decode batch: the same math in a third of the ops
+        return _decode_attention(query, kv_cache, block_table, seq_lens, max_s, scale, sliding_window,
+                                 logits_soft_cap)
     q_lens = query_start_loc[1:] - query_start_loc[:-1]  # [B]
     # A pure decode batch (one query row per sequence) is already [B, 1, heads, D]; otherwise pad the packed
     # queries to [B, max_q]: token t is row i of sequence b.

@@ -114,15 +114,21 @@ class MetadataBuilder:
         cols = 0
         qsl = h["query_start_loc"]
         qsl[0] = 0
+        ids, positions, slots, btab = h["input_ids"], h["positions"], h["slot_mapping"], h["block_table"]
         for b, (tokens, start, n, table, k) in enumerate(items):
             end = start + n
-            h["input_ids"][t : t + n] = tokens[start:end]
-            pos = np.arange(start, end, dtype=np.int64)
-            h["positions"][t : t + n] = pos
-            blocks = np.asarray(table, dtype=np.int64)
-            h["slot_mapping"][t : t + n] = blocks[pos // bs] * bs + pos % bs
+            if n == 1:  # a decode token: scalar writes (no temporary arrays), the common case per step
+                ids[t] = tokens[start]
+                positions[t] = start
+                slots[t] = table[start // bs] * bs + start % bs
+            else:
+                ids[t : t + n] = tokens[start:end]
+                pos = np.arange(start, end, dtype=np.int64)
+                positions[t : t + n] = pos
+                blocks = np.asarray(table, dtype=np.int64)
+                slots[t : t + n] = blocks[pos // bs] * bs + pos % bs
             nb = len(table)
-            h["block_table"][b, :nb] = table
+            btab[b, :nb] = table
             cols = max(cols, nb)
             h["seq_lens"][b] = end
             t += n

@@ -319,7 +319,13 @@ def bench_model(name: str, args, bw: float) -> None:
             llm_generate(llm, plist, 3)  # warm
             graphs = llm.graphs
             t1, _ = llm_generate(llm, plist, 1)
+            r0, e0, p0 = graphs.replays, graphs.eager_decode_steps, llm.scheduler.num_preemptions
             tg, toks_graph = llm_generate(llm, plist, args.gen)
+            row["graph_steps"] = [graphs.replays - r0, graphs.eager_decode_steps - e0,
+                                  llm.scheduler.num_preemptions - p0]  # replays, eager decode steps, preemptions
+            tg2, _ = llm_generate(llm, plist, args.gen)  # twice: the better of two (host noise)
+            row["ours_graph_ms_runs"] = [(x - t1) / (args.gen - 1) * 1e3 for x in (tg, tg2)]
+            tg = min(tg, tg2)
             row["ours_graph_ms"] = (tg - t1) / (args.gen - 1) * 1e3
             row["graph_replay_ms"] = (replay_time(llm, b) or float("nan")) * 1e3
             llm.graphs = None  # graphs off: the same engine, eager steps
@@ -332,7 +338,8 @@ def bench_model(name: str, args, bw: float) -> None:
             RES["identity"].append({"model": name, "batch": b, "identical": same, "seqs_identical": nseq,
                                     "seqs": b, "tokens_per_seq": args.gen})
             row["graph_eager_identical"] = same
-            log(f"[{name}] b={b} ours graph {row['ours_graph_ms']:.3f} ms (replay {row['graph_replay_ms']:.3f}), "
+            log(f"[{name}] b={b} ours graph {row['ours_graph_ms_runs']} ms (replay {row['graph_replay_ms']:.3f}; "
+                f"replays/eager/preemptions {row['graph_steps']}), "
                 f"eager {row['ours_eager_ms']:.3f} ms, identical tokens {same} ({nseq}/{b} seqs)")
         except Exception as exc:
             RES["errors"].append(f"{name} b={b} ours: {exc}\n{traceback.format_exc()}")

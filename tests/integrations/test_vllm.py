@@ -79,6 +79,20 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     }
 
 
+#: The zoo's other architectures: checked against vLLM like the three above, but only with
+#: ACCEL_VLLM_ALL_ARCHS=1 (about 40 s of CPU each; the three above cover the code paths CI needs).
+EXTRA_ARCHS = {
+    "qwen3": ("Qwen3ForCausalLM", lambda: transformers.Qwen3Config(intermediate_size=256, **TINY)),
+    "mistral": ("MistralForCausalLM",  # a window shorter than the longest prompt
+                lambda: transformers.MistralConfig(intermediate_size=256, sliding_window=4, **TINY)),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", lambda: transformers.Qwen2MoeConfig(
+        intermediate_size=256, moe_intermediate_size=64, shared_expert_intermediate_size=128, num_experts=4,
+        num_experts_per_tok=2, **TINY)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", lambda: transformers.Qwen3MoeConfig(
+        intermediate_size=256, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, **TINY)),
+}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Running scenarios (each in its own process, two at a time)
 # ----------------------------------------------------------------------------------------------------
@@ -212,7 +226,8 @@ REGISTRY_CHECK = textwrap.dedent("""
     archs = supported_architectures()
     av.register()
     first = {a: av.registered_class("Accel" + a) for a in archs}
-    assert first["LlamaForCausalLM"] is not None
+    missing = [a for a, cls in first.items() if cls is None]
+    assert not missing, f"no Accel class registered for {missing} (see the log above)"
     av.register()  # idempotent: same classes, nothing re-registered
     assert {a: av.registered_class("Accel" + a) for a in archs} == first
     # default mode leaves vLLM's own classes in place
@@ -318,3 +333,18 @@ def test_compiled_path(scenarios: Scenarios, model: str, arch: str) -> None:
     _assert_ours(compiled, arch)
     assert compiled["torch_compile"] == {"enabled": True, "compiled": True}, compiled["torch_compile"]
     assert_same_generation(compiled, _ok(r[f"{model}_vllm"]))
+
+
+@pytest.mark.skipif(os.environ.get("ACCEL_VLLM_ALL_ARCHS") != "1",
+                    reason="the zoo's other architectures under vLLM: opt in with ACCEL_VLLM_ALL_ARCHS=1 (~3 CPU-min)")
+@pytest.mark.parametrize("model", sorted(EXTRA_ARCHS))
+def test_other_architectures_match_vllm(scenarios: Scenarios, tmp_path_factory: pytest.TempPathFactory,
+                                        model: str) -> None:
+    arch, make_config = EXTRA_ARCHS[model]
+    if model not in scenarios.ckpt:
+        scenarios.ckpt[model] = _save(tmp_path_factory.mktemp("vllm_ckpt_extra"), model, make_config(),
+                                      seed=10 + sorted(EXTRA_ARCHS).index(model))
+    r = scenarios.run(**{f"{model}_vllm": scenarios.native(model), f"{model}_accel": scenarios.accel(model, arch)})
+    _assert_vllms(_ok(r[f"{model}_vllm"]))
+    _assert_ours(_ok(r[f"{model}_accel"]), arch)
+    assert_same_generation(r[f"{model}_accel"], r[f"{model}_vllm"])

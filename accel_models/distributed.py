@@ -52,6 +52,8 @@ from accel_models.context import ParallelGroup
 
 #: seconds the ranks get to build their model and join the group
 DEFAULT_STARTUP_TIMEOUT = 300.0
+#: how long a collective waits for its peers (the driver kills the ranks sooner when one fails)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 #: seconds a rank gets to exit after shutdown before it is killed
 DEFAULT_EXIT_TIMEOUT = 10.0
 
@@ -174,7 +176,9 @@ def _worker_main(rank: int, world_size: int, store_host: str, store_port: int, d
         try:
             timeout = datetime.timedelta(seconds=timeout_s)
             store = dist.TCPStore(store_host, store_port, world_size, False, timeout)
-            dist.init_process_group(dist_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+            # Collectives may wait long for a slow peer; a failed or dead peer is the driver's to detect.
+            dist.init_process_group(dist_backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=max(timeout, COLLECTIVE_TIMEOUT))
             worker = factory(rank=rank, world_size=world_size, group=TorchDistGroup(), **factory_kwargs)
         except BaseException as exc:
             _send(conn, _error_reply(rank, exc))

@@ -126,7 +126,8 @@ def main() -> int:
     for name, r in results.items():
         same = all(r["tokens"][b] == base["tokens"][b] for b in batches)
         r["same_tokens"] = same
-    model = "Mixtral 8 experts top-2" if args.moe else "Llama"
+    model = (f"Mixtral (8 experts of intermediate {CONFIG['intermediate_size'] // 4}, top-2)" if args.moe
+             else "Llama")
     results["TP=1"]["label"] = f"TP=1, {torch.get_num_threads()} thread(s)"
     print(f"date: {datetime.date.today()}; machine: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; torch {torch.__version__}; model: {model} {CONFIG}, float32; "

@@ -361,8 +361,8 @@ class OpTable:
 
     @property
     def fallbacks(self) -> list[str]:
-        """Ops not provided by the selected backend."""
-        return [op for op, p in self.providers.items() if p != self.backend]
+        """Ops not provided by the selected backend (optional hooks such as capture_graph not counted)."""
+        return [op for op, p in self.providers.items() if p != self.backend and op not in OPTIONAL_OPS]
 
     def __repr__(self) -> str:
         fb = self.fallbacks

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from accel_models.backends import OP_NAMES, REFERENCE, OpTable, resolve_ops
+from accel_models.backends import REFERENCE, OpTable, resolve_ops
 from accel_models.context import BuildContext, ParallelGroup, build_context
 
 # A child of vLLM's logger, so these lines appear with vLLM's own (vLLM configures only the "vllm" tree).
@@ -306,7 +306,7 @@ def opaque_op_table(ops: OpTable) -> OpTable:
                       expert_map: torch.Tensor | None) -> torch.Tensor:
         return op(hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, key)
 
-    functions = {name: getattr(ops, name) for name in OP_NAMES}
+    functions = {name: getattr(ops, name) for name in ops.providers}  # every bound op
     functions["fused_experts"] = fused_experts
     return OpTable(ops.backend, ops.info, functions, ops.providers, ops.strict)
 

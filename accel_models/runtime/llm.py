@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import torch
 
 from accel_models.runtime.kv_cache import KVCacheManager
 from accel_models.runtime.metadata import InputBuffers, MetadataBuilder
-from accel_models.runtime.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
-from accel_models.runtime.sampler import Sampler, SamplingRow, logprobs_at
+from accel_models.runtime.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from accel_models.runtime.sampler import Sampler, SamplingRow, position_logprobs
 from accel_models.runtime.sampling_params import SamplingParams, default_sampling_params
 from accel_models.runtime.scheduler import Request, RequestStatus, Scheduler
 from accel_models.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -498,7 +497,7 @@ class LLM:
             nxt = start + i + 1
             if nxt >= prompt_len:
                 break
-            d, _ = _position_logprobs(lp[i], req.prompt_token_ids[nxt], num)
+            d, _ = position_logprobs(lp[i], req.prompt_token_ids[nxt], num)
             req.prompt_logprobs.append(self._decoded(d))
         if start + n >= prompt_len:
             req.prompt_pass_done = True
@@ -658,15 +657,4 @@ class LLM:
         return [torch.cat(by_id[r.request_id].score_logits) for r in reqs if isinstance(r, Request)]
 
 
-def _position_logprobs(lp: torch.Tensor, token: int, n: int) -> tuple[PositionLogprobs, float]:
-    tok_lp = lp[token]
-    rank = int((lp > tok_lp).sum()) + 1
-    d: PositionLogprobs = {token: Logprob(float(tok_lp), rank)}
-    if n:
-        vals, idx = lp.topk(min(n, lp.shape[0]))
-        for r, (v, i) in enumerate(zip(vals.tolist(), idx.tolist()), start=1):
-            d.setdefault(i, Logprob(v, r))
-    return d, float(tok_lp)
-
-
-__all__ = ["DEFAULT_KV_CACHE_MEMORY", "LLM", "check_stop_strings", "logprobs_at"]
+__all__ = ["DEFAULT_KV_CACHE_MEMORY", "LLM", "check_stop_strings"]

@@ -90,8 +90,10 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: to
     return torch.zeros_like(drop).scatter_(1, idx, drop)
 
 
-def _logprobs_of(raw_logprobs: torch.Tensor, token: int, n: int) -> tuple[PositionLogprobs, float]:
-    lp = raw_logprobs
+def position_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[PositionLogprobs, float]:
+    """``token``'s logprob and rank (1 = most likely) plus the top-``n`` entries, from one row of
+    log-probabilities ``[V]``; returns the dict (``token`` first) and ``token``'s logprob."""
+    lp = logprobs
     tok_lp = lp[token]
     rank = int((lp > tok_lp).sum()) + 1
     out: PositionLogprobs = {token: Logprob(float(tok_lp), rank)}
@@ -101,11 +103,6 @@ def _logprobs_of(raw_logprobs: torch.Tensor, token: int, n: int) -> tuple[Positi
             if i not in out:
                 out[i] = Logprob(v, r)
     return out, float(tok_lp)
-
-
-def logprobs_at(logits_row: torch.Tensor, token: int, n: int) -> tuple[PositionLogprobs, float]:
-    """Top-``n`` logprobs at one position plus ``token``'s (with its rank), from raw float logits."""
-    return _logprobs_of(torch.log_softmax(logits_row.float(), dim=-1), token, n)
 
 
 class Sampler:
@@ -135,7 +132,7 @@ class Sampler:
             raw_lp = torch.log_softmax(raw.float(), dim=-1)
             for i, r in enumerate(rows):
                 if want_lp[i]:
-                    lps[i], sampled[i] = _logprobs_of(raw_lp[i], tokens[i], int(r.params.logprobs or 0))
+                    lps[i], sampled[i] = position_logprobs(raw_lp[i], tokens[i], int(r.params.logprobs or 0))
         return SamplerOutput(token_ids=tokens, logprobs=lps, sampled_logprob=sampled)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:

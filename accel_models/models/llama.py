@@ -156,7 +156,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors: Any = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if intermediate_tensors is not None:
-            raise NotImplementedError("pipeline parallelism (intermediate_tensors) is not supported by the zoo yet")
+            raise ValueError("intermediate_tensors is only for pipeline parallelism, which the zoo does not "
+                             "support: run with pipeline_parallel_size=1 and pass intermediate_tensors=None")
         if inputs_embeds is not None:
             hidden_states = inputs_embeds
         elif input_ids is not None:

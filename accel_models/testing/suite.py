@@ -29,6 +29,11 @@ class BackendConformance:
     native_only: ClassVar[bool] = True
     max_examples: ClassVar[int | None] = None
 
+    @classmethod
+    def supports_case(cls, op: str, case: dict) -> bool:
+        """Override to declare shapes the backend's kernels do not support (they are redrawn)."""
+        return True
+
     @pytest.mark.parametrize("op", _CHECKED)
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
     def test_op_conformance(self, op: str, dtype: str, request: pytest.FixtureRequest) -> None:
@@ -44,7 +49,8 @@ class BackendConformance:
         device = self.device or (table.device_type if table.info.available else "cpu")
         quick = bool(request.config.getoption("accel_quick", default=False))
         n = request.config.getoption("accel_max_examples", default=None) or self.max_examples
-        cases, worst, failure = check_op(op, table, ref, dtype=dt, device=device, quick=quick, max_examples=n)
+        cases, worst, failure = check_op(op, table, ref, dtype=dt, device=device, quick=quick, max_examples=n,
+                                         case_filter=self.supports_case)
         assert failure is None, f"{self.backend}.{op} [{dtype}] fails its contract: {failure}"
         assert cases > 0
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from accel_models import BackendInfo, KVCacheLayout, hookimpl
+from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 NAME = "cuda"
 PRIORITY = 100  # above the reference (-100): auto-selection picks CUDA wherever it is usable
@@ -143,28 +143,27 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# argument checks (ValueError naming the argument and what is supported)
+# argument checks: accel_models.argcheck's, after the device check only this backend makes
 # ----------------------------------------------------------------------------------------------------
 
 
 def _check_tensor(name: str, t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    argcheck.check_tensor(name, t)
     if t.device.type != "cuda" and not (_interpret() and t.device.type == "cpu"):
         raise ValueError(f"{name} is on {t.device}; the cuda backend's ops take CUDA tensors "
                          "(build the model on a CUDA device, or select the reference backend)")
 
 
+def _check_tensors(**tensors: Any) -> None:
+    """Each tensor given (None skipped) is a tensor on a CUDA device (or the interpreter's CPU)."""
+    for name, t in tensors.items():
+        if t is not None:
+            _check_tensor(name, t)
+
+
 def _check_float(name: str, t: Any) -> None:
     _check_tensor(name, t)
-    if t.dtype not in FLOATS:
-        raise ValueError(f"{name} has dtype {t.dtype}; the cuda backend supports float32, float16 and bfloat16")
-
-
-def _check_index(name: str, t: Any, dtype: torch.dtype, ndim: int) -> None:
-    _check_tensor(name, t)
-    if t.dtype != dtype or t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
+    argcheck.check_float(name, t, FLOATS, NAME)
 
 
 def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -181,11 +180,8 @@ def _rows(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
-    _check_float("x", x)
-    _check_float("weight", weight)
-    if x.dim() == 0 or weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1] if x.dim() else '?'},) "
-                         f"for x {tuple(x.shape)}")
+    _check_tensors(x=x, weight=weight)
+    argcheck.check_rms_norm(x, weight, FLOATS, NAME)
     if x.shape[-1] > MAX_HIDDEN:
         raise ValueError(f"x's last dimension {x.shape[-1]} exceeds the cuda backend's limit {MAX_HIDDEN}")
 
@@ -202,18 +198,16 @@ def accel_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_norm(x, weight)
-    _check_float("residual", residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+    _check_tensor("residual", residual)
+    argcheck.check_fused_add_rms_norm(x, residual, weight, FLOATS, NAME)
     # New output tensors (not in place): same bytes moved, and no aliasing surprises for the caller.
     out, res_out = _kernels().rms_norm(_rows("x", x), _rows("residual", residual), weight, eps)
     return out.view(x.shape), res_out.view(x.shape)
 
 
 def _act(x: torch.Tensor, act: int) -> torch.Tensor:
-    _check_float("x", x)
-    if x.dim() == 0 or x.shape[-1] % 2:
-        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got shape {tuple(x.shape)}")
+    _check_tensor("x", x)
+    argcheck.check_gated(x, FLOATS, NAME)
     out = _kernels().act_and_mul(_rows("x", x), act)
     return out.view(*x.shape[:-1], x.shape[-1] // 2)
 
@@ -225,8 +219,7 @@ def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @hookimpl
 def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    argcheck.check_approximate(approximate)
     return _act(x, 1 if approximate == "none" else 2)
 
 
@@ -245,23 +238,13 @@ def accel_rotary_embedding(
     rotary_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_index("positions", positions, torch.int64, 1)
-    _check_float("query", query)
-    _check_float("cos_sin_cache", cos_sin_cache)
-    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
-        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
-        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
+    _check_tensors(positions=positions, query=query, key=key, cos_sin_cache=cos_sin_cache)
+    argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim, FLOATS, NAME)
     if cos_sin_cache.stride(1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
-    num_tokens = positions.shape[0]
     kern = _kernels()
 
     def apply(name: str, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() not in (2, 3) or t.shape[0] != num_tokens or t.numel() % max(num_tokens * head_size, 1) \
-                or (t.dim() == 3 and t.shape[2] != head_size):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}] "
-                             f"or [{num_tokens}, heads, {head_size}]")
         if t.dtype != query.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}; expected the query's {query.dtype}")
         if t.stride(-1) != 1:
@@ -282,8 +265,7 @@ def accel_rotary_embedding(
 
 @hookimpl
 def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
-    if dtype not in FLOATS:
-        raise ValueError(f"KV-cache dtype {dtype} is not supported; supported: float32, float16, bfloat16")
+    argcheck.check_dtype("KV-cache dtype", dtype, FLOATS, NAME)
     if not 0 < head_size <= MAX_HEAD_SIZE:
         raise ValueError(f"head_size {head_size} is not supported by the cuda attention kernel; supported: "
                          f"1..{MAX_HEAD_SIZE}")
@@ -297,10 +279,7 @@ def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype)
 def accel_allocate_kv_cache(
     num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} is not supported by the cuda backend; supported: {BLOCK_SIZES}")
-    if num_blocks <= 0:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    argcheck.check_allocate_kv_cache(num_blocks, block_size, BLOCK_SIZES, NAME)
     accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
     device = torch.device(device)
     if device.type != "cuda" and not (_interpret() and device.type == "cpu"):
@@ -319,13 +298,10 @@ def _check_cache(kv_cache: Any) -> None:
 @hookimpl
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _check_cache(kv_cache)
-    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
-    _, _, kv_heads, _, head_size = kv_cache.shape
-    expected = (slot_mapping.shape[0], kv_heads, head_size)
-    for name, t in (("key", key), ("value", value)):
-        _check_float(name, t)
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected} for this cache and slot_mapping")
+    _check_tensor("slot_mapping", slot_mapping)
+    _check_float("key", key)
+    _check_float("value", value)
+    argcheck.check_write_kv_cache(key, value, slot_mapping, kv_cache.shape[2], kv_cache.shape[4])
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:
@@ -409,17 +385,9 @@ def accel_paged_attention(
 ) -> torch.Tensor:
     _check_float("query", query)
     _check_cache(kv_cache)
-    _check_index("block_table", block_table, torch.int32, 2)
-    _check_index("seq_lens", seq_lens, torch.int32, 1)
-    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
+    _check_tensors(block_table=block_table, seq_lens=seq_lens, query_start_loc=query_start_loc)
     _, _, kv_heads, _, head_size = kv_cache.shape
-    if query.dim() != 3 or query.shape[2] != head_size or query.shape[1] % kv_heads:
-        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
-                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
-    batch = seq_lens.shape[0]
-    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
-        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}], got "
-                         f"{tuple(query_start_loc.shape)} and {tuple(block_table.shape)}")
+    batch = argcheck.check_paged_attention(query, block_table, seq_lens, query_start_loc, kv_heads, head_size)
     if sliding_window is not None and sliding_window < 0:
         raise ValueError(f"sliding_window must be None or positive, got {sliding_window}")
     if query.stride(-1) != 1:
@@ -452,29 +420,19 @@ def accel_moe_topk(
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch on the GPU: a few small kernels over [tokens, experts]; not worth a Triton kernel yet."""
-    _check_float("router_logits", router_logits)
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be [num_tokens, num_experts], got {tuple(router_logits.shape)}")
-    num_tokens, num_experts = router_logits.shape
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    _check_tensors(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
+    num_tokens, num_experts, grouped = argcheck.check_moe_topk(
+        router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias, FLOATS, NAME)
     logits = router_logits.to(torch.float32)
-    if scoring_func == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    elif scoring_func == "sigmoid":
-        scores = torch.sigmoid(logits)
-    else:
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
     choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(torch.float32)
-    if num_expert_group is not None and num_expert_group > 1:
-        if num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group:
-            raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
-                             f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
-        grouped = choice.view(num_tokens, num_expert_group, -1)
+    if grouped:
+        assert num_expert_group is not None
+        grouped_choice = choice.view(num_tokens, num_expert_group, -1)
         if e_score_correction_bias is None:
-            group_scores = grouped.amax(dim=-1)
+            group_scores = grouped_choice.amax(dim=-1)
         else:
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            group_scores = grouped_choice.topk(min(2, grouped_choice.shape[-1]), dim=-1).values.sum(dim=-1)
         top_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
         choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_expert_group, dim=1), float("-inf"))
@@ -556,30 +514,10 @@ def accel_fused_experts(
     activation: str,
     expert_map: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_float("hidden_states", hidden_states)
-    _check_float("w13", w13)
-    _check_float("w2", w2)
-    _check_index("topk_ids", topk_ids, torch.int32, 2)
-    _check_tensor("topk_weights", topk_weights)
-    if activation not in ("silu", "gelu"):
-        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
-    if hidden_states.dim() != 2:
-        raise ValueError(f"hidden_states must be [num_tokens, hidden], got {tuple(hidden_states.shape)}")
-    num_tokens, hidden = hidden_states.shape
-    if w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"w13 and w2 must be 3-D ([E, 2I, hidden] and [E, hidden, I]), got {tuple(w13.shape)} "
-                         f"and {tuple(w2.shape)}")
-    num_local, two_inter, w13_hidden = w13.shape
-    if w13_hidden != hidden or two_inter % 2 or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
-        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
-                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
-    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden_states' dtype {hidden_states.dtype}")
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
-                         f"must both be [num_tokens={num_tokens}, top_k]")
-    if expert_map is not None:
-        _check_index("expert_map", expert_map, torch.int32, 1)
+    _check_tensors(hidden_states=hidden_states, w13=w13, w2=w2, topk_ids=topk_ids, topk_weights=topk_weights,
+                   expert_map=expert_map)
+    num_tokens, _, num_local, _ = argcheck.check_fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, FLOATS, NAME)
     kern = _kernels()
     ids = topk_ids.reshape(-1).to(torch.int64)
     if expert_map is not None:
@@ -603,9 +541,8 @@ def accel_fused_experts(
 
 @hookimpl
 def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    _check_tensor("x", x)
+    argcheck.check_dynamic_int8_quant(x, FLOATS, NAME)
     if x.shape[1] > MAX_HIDDEN:
         raise ValueError(f"x's last dimension {x.shape[1]} exceeds the cuda backend's limit {MAX_HIDDEN}")
     return _kernels().dynamic_int8_quant(_rows("x", x))
@@ -626,18 +563,8 @@ def accel_int8_scaled_mm(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """cuBLASLt int8 GEMM (torch._int_mm, exact int32 accumulation), zero-padded to the shapes it takes."""
-    _check_tensor("a", a)
-    _check_tensor("b", b)
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"a and b must be 2-D int8 tensors, got a {a.dtype} {tuple(a.shape)}, b {b.dtype} {tuple(b.shape)}")
-    m, k = a.shape
-    n = b.shape[0]
-    if b.shape[1] != k:
-        raise ValueError(f"b must be [n, k={k}] (nn.Linear layout), got {tuple(b.shape)}")
-    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
-        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
-    if out_dtype not in FLOATS:
-        raise ValueError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    _check_tensors(a=a, b=b)
+    m, k, n = argcheck.check_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, FLOATS, NAME)
     if a.device.type == "cuda":
         mp, kp, np_ = _int_mm_padding(m, k, n)
         ap = a if (mp, kp) == (m, k) else torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))

@@ -19,7 +19,7 @@ import importlib.metadata
 import torch
 
 from accel_backend_gcu.kernels import GCUKernels, GCUKernelsUnavailable, kernels, unavailable_reason, use_kernels
-from accel_models import BackendInfo, KVCacheLayout, hookimpl
+from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 NAME = "gcu"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,25 +45,6 @@ def accel_backend_info() -> BackendInfo:
     reason = unavailable_reason()
     return BackendInfo(name=NAME, device_type="gcu", available=reason is None, reason=reason,
                        dist_backend="eccl", priority=50, version=_version())
-
-
-# ----------------------------------------------------------------------------------------------------
-# argument checks (ValueError naming the argument and what is supported)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_float(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...] = _FLOATS) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise ValueError(f"{name} has dtype {t.dtype}; the GCU backend supports {names}")
-
-
-def _check_index(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != ndim:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {got}")
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -100,16 +81,9 @@ def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 # internal order) and the weight is applied afterwards in the input dtype: exactly the hookspec's order.
 
 
-def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
-    _check_float("x", x)
-    _check_float("weight", weight)
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}")
-
-
 @hookimpl
 def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    _check_norm(x, weight)
+    argcheck.check_rms_norm(x, weight, _FLOATS, NAME)
     hidden = x.shape[-1]
     inp = _rows(x, hidden)
     out = torch.empty_like(inp)
@@ -126,10 +100,7 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def accel_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_norm(x, weight)
-    _check_float("residual", residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+    argcheck.check_fused_add_rms_norm(x, residual, weight, _FLOATS, NAME)
     hidden = x.shape[-1]
     # The kernel works in place: x becomes the normalized output, residual becomes x + residual.
     inp = _rows(x, hidden)
@@ -144,9 +115,7 @@ def accel_fused_add_rms_norm(
 
 
 def _gated(kernel_name: str, x: torch.Tensor) -> torch.Tensor:
-    _check_float("x", x)
-    if x.shape[-1] % 2:
-        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got {x.shape[-1]}")
+    argcheck.check_gated(x, _FLOATS, NAME)
     d = x.shape[-1] // 2
     inp = _rows(x, 2 * d)
     out = inp.new_empty((inp.shape[0], d))
@@ -184,20 +153,9 @@ def accel_rotary_embedding(
     rotary_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_index("positions", positions, torch.int64, 1)
-    _check_float("query", query)
-    _check_float("cos_sin_cache", cos_sin_cache)
-    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
-        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
     # vLLM's kernel takes the rotary dim from the cache's width: [max_position, rotary_dim] = cat(cos, sin).
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
-        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
-    num_tokens = positions.shape[0]
-    for name, t in (("query", query), ("key", key)):
-        if t is None:
-            continue
-        if t.shape[0] != num_tokens or t.numel() % (max(num_tokens, 1) * head_size):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}]")
+    num_tokens = argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim,
+                                                 _FLOATS, NAME)
     if key is not None and key.dtype != query.dtype:
         raise ValueError(f"key has dtype {key.dtype} but query has {query.dtype}; they must match")
     if positions.device.type == "cpu" and num_tokens:  # cheap only where no device sync is needed
@@ -243,10 +201,7 @@ def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype)
 def accel_allocate_kv_cache(
     num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    if block_size not in _BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} is not supported by the GCU backend; supported: {_BLOCK_SIZES}")
-    if num_blocks <= 0:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    argcheck.check_allocate_kv_cache(num_blocks, block_size, _BLOCK_SIZES, NAME)
     accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
     return torch.empty((2, num_blocks, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
 
@@ -266,13 +221,7 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 @hookimpl
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _check_cache(kv_cache)
-    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
-    _, _, _, kv_heads, head_size = kv_cache.shape
-    expected = (slot_mapping.shape[0], kv_heads, head_size)
-    for name, t in (("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} has shape {got}; expected {expected} for this cache and slot_mapping")
+    argcheck.check_write_kv_cache(key, value, slot_mapping, kv_cache.shape[3], kv_cache.shape[4])
     key_cache, value_cache = kv_cache.unbind(0)
     scale = _unit_scale(kv_cache.device)
     # kv_cache_dtype "auto": the cache holds the model dtype, no scaling; negative slots are skipped. Keys and
@@ -296,19 +245,10 @@ def accel_paged_attention(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    _check_float("query", query)
+    argcheck.check_float("query", query, _FLOATS, NAME)
     _check_attn_dtype("query dtype", query.dtype)
     _check_cache(kv_cache)
-    _check_index("block_table", block_table, torch.int32, 2)
-    _check_index("seq_lens", seq_lens, torch.int32, 1)
-    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
-    _, _, _, kv_heads, head_size = kv_cache.shape
-    if query.dim() != 3 or query.shape[2] != head_size or query.shape[1] % kv_heads:
-        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
-                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
-    batch = seq_lens.shape[0]
-    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
-        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}]")
+    argcheck.check_paged_attention(query, block_table, seq_lens, query_start_loc, kv_cache.shape[3], kv_cache.shape[4])
     if query.dtype != kv_cache.dtype:
         raise ValueError(f"query dtype {query.dtype} differs from the KV cache's {kv_cache.dtype}")
     key_cache, value_cache = kv_cache.unbind(0)
@@ -352,20 +292,8 @@ def accel_moe_topk(
     e_score_correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("router_logits", router_logits)
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be [num_tokens, num_experts], got {tuple(router_logits.shape)}")
-    num_tokens, num_experts = router_logits.shape
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if scoring_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
-    grouped = num_expert_group is not None and num_expert_group > 1
-    if grouped and (num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group):
-        raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
-                         f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
-    if e_score_correction_bias is not None and tuple(e_score_correction_bias.shape) != (num_experts,):
-        raise ValueError(f"e_score_correction_bias must be [{num_experts}], got {tuple(e_score_correction_bias.shape)}")
+    num_tokens, _, grouped = argcheck.check_moe_topk(router_logits, top_k, scoring_func, num_expert_group,
+                                                     topk_group, e_score_correction_bias, _FLOATS, NAME)
     logits = _dense(router_logits)
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
@@ -415,25 +343,8 @@ def accel_fused_experts(
     activation: str,
     expert_map: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_float("hidden_states", hidden_states)
-    _check_index("topk_ids", topk_ids, torch.int32, 2)
-    if activation not in ("silu", "gelu"):
-        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
-    if hidden_states.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"hidden_states must be 2-D and w13, w2 3-D, got {tuple(hidden_states.shape)}, "
-                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
-    num_tokens, hidden = hidden_states.shape
-    num_local, two_inter, w13_hidden = w13.shape
-    inter = two_inter // 2
-    if two_inter % 2 or w13_hidden != hidden or tuple(w2.shape) != (num_local, hidden, inter):
-        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
-                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
-    if tuple(topk_weights.shape) != tuple(topk_ids.shape) or topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
-                         f"must both be [num_tokens={num_tokens}, top_k]")
-    for name, w in (("w13", w13), ("w2", w2)):
-        if w.dtype != hidden_states.dtype:
-            raise ValueError(f"{name} has dtype {w.dtype}; expected hidden_states' dtype {hidden_states.dtype}")
+    num_tokens, hidden, num_local, inter = argcheck.check_fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, _FLOATS, NAME)
     top_k = topk_ids.shape[1]
     dtype, dev = hidden_states.dtype, hidden_states.device
     if num_tokens == 0:
@@ -452,7 +363,7 @@ def accel_fused_experts(
     if expert_map is not None:  # global -> local expert id, -1 for experts held by another rank
         block_experts = expert_map.to(device=dev, dtype=torch.int32)[block_experts.long()]
     x = _dense(hidden_states)
-    gate_up = x.new_empty((num_tokens * top_k, two_inter))
+    gate_up = x.new_empty((num_tokens * top_k, 2 * inter))
     k._C.fused_moe_kernel(gate_up, x, _dense(w13), weights, ids, sorted_ids, block_experts, num_post_pad,
                           False, int(top_k), _MOE_BLOCK_M, None)
     act = x.new_empty((num_tokens * top_k, inter))
@@ -471,9 +382,7 @@ def accel_fused_experts(
 
 @hookimpl
 def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    argcheck.check_dynamic_int8_quant(x, _FLOATS, NAME)
     inp = _dense(x)
     x_q = torch.empty(inp.shape, dtype=torch.int8, device=inp.device)
     scales = torch.empty((inp.shape[0], 1), dtype=torch.float32, device=inp.device)
@@ -492,17 +401,8 @@ def accel_int8_scaled_mm(
     out_dtype: torch.dtype,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"a and b must be 2-D int8 tensors, got a {a.dtype} {tuple(a.shape)}, b {b.dtype} {tuple(b.shape)}")
-    m, kdim = a.shape
-    n = b.shape[0]
-    if b.shape[1] != kdim:
-        raise ValueError(f"b must be [n, k={kdim}] (nn.Linear layout), got {tuple(b.shape)}")
-    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
-        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
-    if out_dtype not in _HALF:
-        # vLLM's cutlass_scaled_mm ABI produces float16/bfloat16 only.
-        raise ValueError(f"out_dtype {out_dtype} is not supported by the GCU int8 matmul; supported: float16, bfloat16")
+    # vLLM's cutlass_scaled_mm ABI produces float16/bfloat16 only.
+    m, _, n = argcheck.check_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, _HALF, NAME)
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import accel_backend_reference as _reference
-from accel_models import BackendInfo, KVCacheLayout, hookimpl
+from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 from accel_backend_npu._runtime import (
     INSTALL_HINT,
@@ -77,19 +77,6 @@ def _fallback(op: str, why: str) -> None:
     if (op, why) not in _warned:
         _warned.add((op, why))
         logger.warning("npu backend: %s runs the reference implementation (%s)", op, why)
-
-
-def _check_float(name: str, t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{name} has dtype {t.dtype}; the npu backend supports float32, float16, bfloat16")
-
-
-def _check_index(name: str, t: Any, dtype: torch.dtype, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != ndim:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {got}")
 
 
 class _CastCache:
@@ -157,11 +144,8 @@ def _causal_mask(device: torch.device) -> torch.Tensor:
 
 @hookimpl
 def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    _check_float("x", x)
-    _check_float("weight", weight)
+    argcheck.check_rms_norm(x, weight, _FLOATS, NAME)
     hidden = x.shape[-1]
-    if weight.shape != (hidden,):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({hidden},) for x {tuple(x.shape)}")
     y, _rstd = get_torch_npu().npu_rms_norm(x.reshape(-1, hidden), weight.to(x.dtype), epsilon=float(eps))
     return y.view(x.shape)
 
@@ -170,36 +154,23 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def accel_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    _check_float("residual", residual)
-    _check_float("weight", weight)
+    argcheck.check_fused_add_rms_norm(x, residual, weight, _FLOATS, NAME)
     hidden = x.shape[-1]
-    if residual.shape != x.shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
-    if weight.shape != (hidden,):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({hidden},) for x {tuple(x.shape)}")
     y, _rstd, residual_out = get_torch_npu().npu_add_rms_norm(
         x.reshape(-1, hidden), residual.to(x.dtype).reshape(-1, hidden), weight.to(x.dtype), epsilon=float(eps))
     return y.view(x.shape), residual_out.view(x.shape)
 
 
-def _check_gated(x: Any) -> None:
-    _check_float("x", x)
-    if x.dim() < 1 or x.shape[-1] % 2:
-        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got shape {tuple(x.shape)}")
-
-
 @hookimpl
 def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    _check_gated(x)
+    argcheck.check_gated(x, _FLOATS, NAME)
     return get_torch_npu().npu_swiglu(x, dim=-1)
 
 
 @hookimpl
 def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    _check_gated(x)
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    argcheck.check_gated(x, _FLOATS, NAME)
+    argcheck.check_approximate(approximate)
     last = x.shape[-1]
     rows = x.numel() // last if last else 0
     if last > 1024 or rows > 200000:  # npu_gelu_mul's documented limits
@@ -224,17 +195,8 @@ def accel_rotary_embedding(
     rotary_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_index("positions", positions, torch.int64, 1)
-    _check_float("query", query)
-    _check_float("cos_sin_cache", cos_sin_cache)
-    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
-        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
-        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
-    num_tokens = positions.shape[0]
-    for name, t in (("query", query), ("key", key)):
-        if t is not None and (t.shape[0] != num_tokens or t.numel() % max(num_tokens * head_size, 1)):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}]")
+    num_tokens = argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim,
+                                                 _FLOATS, NAME)
     align = 16 if query.dtype == torch.float32 else 32  # npu_mrope's documented rotary_dim alignment
     why = None
     if key is None:
@@ -278,10 +240,7 @@ def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype)
 def accel_allocate_kv_cache(
     num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} is not supported by the npu backend; supported: {BLOCK_SIZES}")
-    if num_blocks <= 0:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    argcheck.check_allocate_kv_cache(num_blocks, block_size, BLOCK_SIZES, NAME)
     accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
     return torch.empty((2, num_blocks + 1, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
 
@@ -296,13 +255,8 @@ def _check_cache(kv_cache: Any) -> None:
 @hookimpl
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _check_cache(kv_cache)
-    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
     _, blocks_total, block_size, kv_heads, head_size = kv_cache.shape
-    expected = (slot_mapping.shape[0], kv_heads, head_size)
-    for name, t in (("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} has shape {got}; expected {expected} for this cache and slot_mapping")
+    argcheck.check_write_kv_cache(key, value, slot_mapping, kv_heads, head_size)
     scratch = (blocks_total - 1) * block_size
     indices = torch.where(slot_mapping >= 0, slot_mapping, scratch).view(-1, 1)  # [T, 1]
     flat = kv_cache.view(2, blocks_total * block_size, kv_heads, head_size)
@@ -324,21 +278,11 @@ def accel_paged_attention(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    _check_float("query", query)
+    argcheck.check_float("query", query, _FLOATS, NAME)
     _check_cache(kv_cache)
-    _check_index("block_table", block_table, torch.int32, 2)
-    _check_index("seq_lens", seq_lens, torch.int32, 1)
-    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
     _, blocks_total, block_size, kv_heads, head_size = kv_cache.shape
-    if query.dim() != 3:
-        raise ValueError(f"query must be [num_tokens, num_heads, head_size], got {tuple(query.shape)}")
-    num_tokens, num_heads, qd = query.shape
-    batch = seq_lens.shape[0]
-    if qd != head_size or num_heads % kv_heads:
-        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
-                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
-    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
-        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}]")
+    argcheck.check_paged_attention(query, block_table, seq_lens, query_start_loc, kv_heads, head_size)
+    num_tokens, num_heads, _ = query.shape
     if num_tokens == 0:
         return query.new_zeros(query.shape)
     window = sliding_window if sliding_window and sliding_window < int(max_seq_len) else None
@@ -416,18 +360,8 @@ def accel_moe_topk(
     e_score_correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("router_logits", router_logits)
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be [num_tokens, num_experts], got {tuple(router_logits.shape)}")
-    num_tokens, num_experts = router_logits.shape
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if scoring_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
-    grouped = num_expert_group is not None and num_expert_group > 1
-    if grouped and (num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group):
-        raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
-                         f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
+    _, num_experts, grouped = argcheck.check_moe_topk(router_logits, top_k, scoring_func, num_expert_group,
+                                                      topk_group, e_score_correction_bias, _FLOATS, NAME)
     logits = router_logits.float()  # the spec scores float32(logits)
     tnpu = get_torch_npu()
     if scoring_func == "softmax" and not grouped and e_score_correction_bias is None and top_k <= 1024:
@@ -468,23 +402,8 @@ def accel_fused_experts(
     activation: str,
     expert_map: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_float("hidden_states", hidden_states)
-    _check_index("topk_ids", topk_ids, torch.int32, 2)
-    if activation not in ("silu", "gelu"):
-        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
-    if hidden_states.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(f"hidden_states must be 2-D and w13, w2 3-D; got {tuple(hidden_states.shape)}, "
-                         f"{tuple(w13.shape)}, {tuple(w2.shape)}")
-    num_tokens, hidden = hidden_states.shape
-    num_local, two_inter, w13_hidden = w13.shape
-    if w13_hidden != hidden or two_inter % 2 or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
-        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
-                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
-                         f"must both be [num_tokens={num_tokens}, top_k]")
-    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must have hidden_states' dtype {hidden_states.dtype}")
+    num_tokens, hidden, num_local, _ = argcheck.check_fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, _FLOATS, NAME)
     if num_tokens == 0:
         return hidden_states.new_zeros((0, hidden))
     if num_local > 1024:  # npu_grouped_matmul's group_list holds at most 1024 groups
@@ -522,9 +441,7 @@ def accel_fused_experts(
 
 @hookimpl
 def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    argcheck.check_dynamic_int8_quant(x, _FLOATS, NAME)
     if x.dtype not in _HALF:
         _fallback("dynamic_int8_quant", f"npu_dynamic_quant takes float16/bfloat16, not {x.dtype}")
         return _reference.accel_dynamic_int8_quant(x=x)
@@ -541,18 +458,7 @@ def accel_int8_scaled_mm(
     out_dtype: torch.dtype,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    if (not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dtype != torch.int8
-            or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2):
-        raise ValueError(f"a and b must be 2-D int8 tensors, got a {getattr(a, 'dtype', type(a))}, "
-                         f"b {getattr(b, 'dtype', type(b))}")
-    m, k = a.shape
-    n = b.shape[0]
-    if b.shape[1] != k:
-        raise ValueError(f"b must be [n, k={k}] (nn.Linear layout), got {tuple(b.shape)}")
-    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
-        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
-    if out_dtype not in _FLOATS:
-        raise ValueError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16")
+    argcheck.check_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype, _FLOATS, NAME)
     if out_dtype not in _HALF:
         _fallback("int8_scaled_mm", f"npu_quant_matmul's per-token mode outputs float16/bfloat16, not {out_dtype}")
         return _reference.accel_int8_scaled_mm(a=a, b=b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from accel_models import BackendInfo, KVCacheLayout, hookimpl
+from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 NAME = "reference"
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _BLOCK_SIZES = (16, 1, 2, 4, 8, 32, 64, 128, 256)
 
 
@@ -35,24 +34,6 @@ def accel_backend_info() -> BackendInfo:
     # device_type "cpu" is where the reference puts new tensors by default; its ops follow their inputs.
     return BackendInfo(name=NAME, device_type="cpu", available=True, reason=None, dist_backend="gloo",
                        priority=-100, version=_version())
-
-
-# ----------------------------------------------------------------------------------------------------
-# argument checks (ValueError naming the argument and what is supported)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
-
-
-def _check_index(name: str, t: torch.Tensor, dtype: torch.dtype, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != ndim:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a {ndim}-D {dtype} tensor, got {got}")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -73,10 +54,7 @@ def accel_capture_graph(fn: Any, device: torch.device, pool: Any) -> None:
 
 @hookimpl
 def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    _check_float("x", x)
-    _check_float("weight", weight)
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({x.shape[-1]},) for x {tuple(x.shape)}")
+    argcheck.check_rms_norm(x, weight)
     xf = x.to(_acc(x.dtype))
     var = xf.pow(2).mean(dim=-1, keepdim=True)
     return (xf * torch.rsqrt(var + eps)).to(x.dtype) * weight.to(x.dtype)
@@ -86,17 +64,13 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 def accel_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("residual", residual)
-    if residual.shape != x.shape:
-        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected x's shape {tuple(x.shape)}")
+    argcheck.check_fused_add_rms_norm(x, residual, weight)
     residual_out = x + residual.to(x.dtype)
     return accel_rms_norm(x=residual_out, weight=weight, eps=eps), residual_out
 
 
 def _split_gate(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    if x.shape[-1] % 2:
-        raise ValueError(f"x's last dimension must be even ([..., 2 * d]), got {x.shape[-1]}")
+    argcheck.check_gated(x)
     d = x.shape[-1] // 2
     acc = _acc(x.dtype)
     return x[..., :d].to(acc), x[..., d:].to(acc)
@@ -110,8 +84,7 @@ def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @hookimpl
 def accel_gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    argcheck.check_approximate(approximate)
     gate, up = _split_gate(x)
     return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
 
@@ -143,14 +116,7 @@ def accel_rotary_embedding(
     rotary_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_index("positions", positions, torch.int64, 1)
-    _check_float("query", query)
-    _check_float("cos_sin_cache", cos_sin_cache)
-    if rotary_dim % 2 or not 0 < rotary_dim <= head_size:
-        raise ValueError(f"rotary_dim must be even and in (0, head_size={head_size}], got {rotary_dim}")
-    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
-        raise ValueError(f"cos_sin_cache must be [max_position, rotary_dim={rotary_dim}], got {tuple(cos_sin_cache.shape)}")
-    num_tokens = positions.shape[0]
+    num_tokens = argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim)
     # value check skipped under torch.compile: data-dependent branches cannot be traced (vLLM compiles the zoo)
     if num_tokens and not torch.compiler.is_compiling() and (
             int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
@@ -159,16 +125,11 @@ def accel_rotary_embedding(
     cos_sin = cos_sin_cache.index_select(0, positions).to(query.dtype)
     cos, sin = cos_sin.unsqueeze(1).chunk(2, dim=-1)
 
-    def apply(name: str, t: torch.Tensor) -> torch.Tensor:
-        # [T, heads * head_size] or [T, heads, head_size] (checked without dividing by T, which may be 0)
-        if (t.dim() not in (2, 3) or t.shape[0] != num_tokens or t.shape[-1] % head_size
-                or (t.dim() == 3 and t.shape[-1] != head_size)):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{num_tokens}, heads * {head_size}] "
-                             f"or [{num_tokens}, heads, {head_size}]")
+    def apply(t: torch.Tensor) -> torch.Tensor:  # [T, heads * head_size] or [T, heads, head_size]
         heads = t.shape[1] if t.dim() == 3 else t.shape[1] // head_size
         return _rotate(t.reshape(num_tokens, heads, head_size), cos, sin, rotary_dim, is_neox).reshape(t.shape)
 
-    return apply("query", query), (apply("key", key) if key is not None else None)
+    return apply(query), (apply(key) if key is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,8 +139,7 @@ def accel_rotary_embedding(
 
 @hookimpl
 def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> KVCacheLayout:
-    if dtype not in _FLOATS:
-        raise ValueError(f"KV-cache dtype {dtype} is not supported; supported: float32, float16, bfloat16, float64")
+    argcheck.check_dtype("KV-cache dtype", dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return KVCacheLayout(name="[2, num_blocks, block_size, num_kv_heads, head_size]", block_sizes=_BLOCK_SIZES,
                          bytes_per_token=2 * num_kv_heads * head_size * itemsize)
@@ -189,10 +149,7 @@ def accel_kv_cache_layout(num_kv_heads: int, head_size: int, dtype: torch.dtype)
 def accel_allocate_kv_cache(
     num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    if block_size not in _BLOCK_SIZES:
-        raise ValueError(f"block_size {block_size} is not supported by the reference backend; supported: {_BLOCK_SIZES}")
-    if num_blocks <= 0:
-        raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+    argcheck.check_allocate_kv_cache(num_blocks, block_size, _BLOCK_SIZES, NAME)
     accel_kv_cache_layout(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
     return torch.empty((2, num_blocks, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
 
@@ -208,12 +165,8 @@ def _check_cache(kv_cache: torch.Tensor) -> None:
 @hookimpl
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _check_cache(kv_cache)
-    _check_index("slot_mapping", slot_mapping, torch.int64, 1)
     _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
-    expected = (slot_mapping.shape[0], kv_heads, head_size)
-    for name, t in (("key", key), ("value", value)):
-        if tuple(t.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected} for this cache and slot_mapping")
+    argcheck.check_write_kv_cache(key, value, slot_mapping, kv_heads, head_size)
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
     if slot_mapping.numel() and int(slot_mapping.min()) >= 0:  # no padding: skip the boolean selection
         slots = slot_mapping
@@ -268,19 +221,11 @@ def accel_paged_attention(
     sliding_window: int | None,
     logits_soft_cap: float | None,
 ) -> torch.Tensor:
-    _check_float("query", query)
+    argcheck.check_float("query", query)
     _check_cache(kv_cache)
-    _check_index("block_table", block_table, torch.int32, 2)
-    _check_index("seq_lens", seq_lens, torch.int32, 1)
-    _check_index("query_start_loc", query_start_loc, torch.int32, 1)
     _, _, block_size, kv_heads, head_size = kv_cache.shape
-    num_tokens, num_heads, qd = query.shape
-    batch = seq_lens.shape[0]
-    if qd != head_size or num_heads % kv_heads:
-        raise ValueError(f"query [tokens, heads, head_size] = {tuple(query.shape)} does not fit a cache of "
-                         f"{kv_heads} KV heads of size {head_size} (heads must be a multiple of KV heads)")
-    if query_start_loc.shape[0] != batch + 1 or block_table.shape[0] != batch:
-        raise ValueError(f"query_start_loc must be [B+1] and block_table [B, *] for seq_lens [B={batch}]")
+    batch = argcheck.check_paged_attention(query, block_table, seq_lens, query_start_loc, kv_heads, head_size)
+    num_tokens, num_heads, _ = query.shape
     group = num_heads // kv_heads
     dev = query.device
     max_q, max_s = int(max_query_len), int(max_seq_len)
@@ -354,35 +299,21 @@ def accel_moe_topk(
     e_score_correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("router_logits", router_logits)
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits must be 2-D [num_tokens, num_experts], got {tuple(router_logits.shape)}")
-    num_tokens, num_experts = router_logits.shape
-    if e_score_correction_bias is not None and tuple(e_score_correction_bias.shape) != (num_experts,):
-        raise ValueError(f"e_score_correction_bias must be [num_experts={num_experts}], "
-                         f"got {tuple(e_score_correction_bias.shape)}")
-    if not 0 < top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    num_tokens, num_experts, grouped = argcheck.check_moe_topk(
+        router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias)
     acc = _acc(router_logits.dtype)
     if scoring_func == "softmax":
         scores = torch.softmax(router_logits.to(acc), dim=-1)
-    elif scoring_func == "sigmoid":
+    else:  # "sigmoid" (checked above)
         scores = torch.sigmoid(router_logits.to(acc))
-    else:
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
     choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(acc)
-    if num_expert_group is not None and num_expert_group > 1:
-        if num_experts % num_expert_group or topk_group is None or not 0 < topk_group <= num_expert_group:
-            raise ValueError(f"grouped top-k needs num_experts ({num_experts}) divisible by num_expert_group "
-                             f"({num_expert_group}) and 0 < topk_group ({topk_group}) <= num_expert_group")
-        if top_k > topk_group * (num_experts // num_expert_group):
-            raise ValueError(f"top_k={top_k} exceeds the {topk_group * (num_experts // num_expert_group)} experts "
-                             f"of the topk_group={topk_group} groups eligible in grouped top-k")
-        grouped = choice.view(num_tokens, num_expert_group, -1)
+    if grouped:
+        assert num_expert_group is not None
+        grouped_choice = choice.view(num_tokens, num_expert_group, -1)
         if e_score_correction_bias is None:
-            group_scores = grouped.amax(dim=-1)
+            group_scores = grouped_choice.amax(dim=-1)
         else:
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            group_scores = grouped_choice.topk(min(2, grouped_choice.shape[-1]), dim=-1).values.sum(dim=-1)
         top_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
         choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_expert_group, dim=1), float("-inf"))
@@ -406,26 +337,8 @@ def accel_fused_experts(
     activation: str,
     expert_map: torch.Tensor | None,
 ) -> torch.Tensor:
-    _check_float("hidden_states", hidden_states)
-    _check_index("topk_ids", topk_ids, torch.int32, 2)
-    if activation not in ("silu", "gelu"):
-        raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
-    if hidden_states.dim() != 2:
-        raise ValueError(f"hidden_states must be 2-D [num_tokens, hidden], got {tuple(hidden_states.shape)}")
-    for name, w in (("w13", w13), ("w2", w2)):
-        if w.dim() != 3 or w.dtype != hidden_states.dtype:
-            raise ValueError(f"{name} must be a 3-D tensor of hidden_states' dtype {hidden_states.dtype}, "
-                             f"got {w.dtype} {tuple(w.shape)}")
-    num_tokens, hidden = hidden_states.shape
-    num_local, two_inter, w13_hidden = w13.shape
-    if w13_hidden != hidden or tuple(w2.shape) != (num_local, hidden, two_inter // 2):
-        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden_states "
-                         f"{tuple(hidden_states.shape)}: expected [E, 2I, {hidden}] and [E, {hidden}, I]")
-    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
-                         f"must both be [num_tokens={num_tokens}, top_k]")
-    if expert_map is not None:
-        _check_index("expert_map", expert_map, torch.int32, 1)
+    num_tokens, hidden, num_local, _ = argcheck.check_fused_experts(
+        hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map)
     top_k = topk_ids.shape[1]
     acc = _acc(hidden_states.dtype)
     ids = topk_ids.long().flatten()
@@ -460,9 +373,7 @@ def accel_fused_experts(
 
 @hookimpl
 def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_float("x", x)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, k] (flatten leading dims first), got {tuple(x.shape)}")
+    argcheck.check_dynamic_int8_quant(x)
     xf = x.to(torch.float32) if x.dtype != torch.float64 else x
     amax = xf.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
@@ -479,16 +390,7 @@ def accel_int8_scaled_mm(
     out_dtype: torch.dtype,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2:
-        raise ValueError(f"a and b must be 2-D int8 tensors, got a {a.dtype} {tuple(a.shape)}, b {b.dtype} {tuple(b.shape)}")
-    m, k = a.shape
-    n = b.shape[0]
-    if b.shape[1] != k:
-        raise ValueError(f"b must be [n, k={k}] (nn.Linear layout), got {tuple(b.shape)}")
-    if tuple(scale_a.shape) != (m, 1) or tuple(scale_b.shape) != (n,):
-        raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {tuple(scale_a.shape)} and {tuple(scale_b.shape)}")
-    if out_dtype not in _FLOATS:
-        raise ValueError(f"out_dtype {out_dtype} is not supported; supported: float32, float16, bfloat16, float64")
+    argcheck.check_int8_scaled_mm(a, b, scale_a, scale_b, out_dtype)
     if a.device.type == "cpu":
         acc = (a.to(torch.int32) @ b.to(torch.int32).t()).to(torch.float32)  # exact in int32
     else:  # devices without integer matmul: float64 is exact for |sum| < 2**53

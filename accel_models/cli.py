@@ -9,10 +9,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-from accel_models.backends import KV_CACHE_GROUP, OP_NAMES, BackendError, list_backends, resolve_ops
+from accel_models.backends import (
+    KV_CACHE_GROUP,
+    OP_NAMES,
+    BackendError,
+    list_backends,
+    parse_ops_override,
+    resolve_ops,
+)
 
 #: Modules that add subcommands with ``register(subparsers)``.
 COMMAND_MODULES = ("accel_models.runtime.cli", "accel_models.testing.cli")
@@ -44,6 +52,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
+    parse_ops_override(os.environ.get("ACCEL_OPS", ""))  # a malformed ACCEL_OPS is an error here too
     backends = list_backends()
     names = [b.name for b in backends]
     rows = []

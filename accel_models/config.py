@@ -511,13 +511,9 @@ class Qwen3Config(Qwen2Config):
     architecture_names: ClassVar[tuple[str, ...]] = ("Qwen3ForCausalLM",)
     head_dim: int | None = Field(default=128, gt=0)
 
-    @property
-    def qkv_proj_bias(self) -> bool:
-        return self.attention_bias
-
-    @property
-    def o_proj_bias(self) -> bool:
-        return self.attention_bias
+    # Qwen3 returns to the generic rule (``attention_bias`` on all four projections) that Qwen2 overrides.
+    qkv_proj_bias = ModelConfig.qkv_proj_bias
+    o_proj_bias = ModelConfig.o_proj_bias
 
 
 def _check_top_k(top_k: int, num_experts: int, experts_field: str) -> None:

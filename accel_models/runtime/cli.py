@@ -65,6 +65,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from accel_models.runtime.llm import LLM
     from accel_models.runtime.sampling_params import SamplingParams
 
+    overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
+                                   ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed))
+                 if v is not None}
+    try:  # bad flags fail before a model is loaded (checkpoint defaults are merged in after loading)
+        SamplingParams(**overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     prog = Progress()
     prog.update(f"loading {args.model} ...", force=True)
     t0 = time.perf_counter()
@@ -76,9 +84,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prog.done(f"loaded {args.model} on backend {llm.ops.backend!r} ({llm.device}, {llm.dtype}) "
               f"in {time.perf_counter() - t0:.1f} s; KV cache {llm.num_blocks} blocks of {llm.block_size}")
     with llm:
-        overrides = {k: v for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature),
-                                       ("top_p", args.top_p), ("top_k", args.top_k), ("seed", args.seed))
-                     if v is not None}
         try:
             params = SamplingParams(**{**llm.get_default_sampling_params().model_dump(), **overrides})
         except ValueError as exc:

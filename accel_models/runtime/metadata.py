@@ -52,14 +52,17 @@ class InputBuffers:
         }
         self._on_host = self.device.type == "cpu"
         # All buffers are views of one byte buffer (each at an 8-byte aligned offset), so a step's inputs
-        # reach the device in ONE host-to-device copy (pinned host memory on CUDA) instead of one per buffer.
+        # reach the device in ONE host-to-device copy (pinned host memory where the device runtime offers it) instead of one per buffer.
         offsets, nbytes = {}, 0
         for k, (shape, dt, _) in specs.items():
             offsets[k] = nbytes
             nbytes += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8
         staging = torch.zeros(nbytes, dtype=torch.uint8)
-        if not self._on_host and torch.cuda.is_available():
-            staging = staging.pin_memory()
+        if not self._on_host:
+            try:  # page-locked for the device's runtime (CUDA, or a PrivateUse1 device such as the NPU)
+                staging = staging.pin_memory()
+            except RuntimeError:  # no runtime to pin for: pageable memory works, the copy is only slower
+                pass
         self._staging = staging
         raw = staging.numpy()
         self.host = {}

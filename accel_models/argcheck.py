@@ -28,7 +28,7 @@ import torch
 __all__ = [
     "FLOATS", "check_activation", "check_allocate_kv_cache", "check_approximate", "check_dtype",
     "check_dynamic_int8_quant", "check_float", "check_fused_add_rms_norm", "check_fused_experts", "check_gated",
-    "check_index", "check_int8_scaled_mm", "check_moe_topk", "check_paged_attention", "check_rms_norm",
+    "check_index", "check_int8_scaled_mm", "check_linear", "check_prepare_linear", "check_moe_topk", "check_paged_attention", "check_rms_norm",
     "check_rotary_embedding", "check_tensor", "check_write_kv_cache", "dtype_names",
 ]
 
@@ -256,3 +256,26 @@ def check_int8_scaled_mm(a: Any, b: Any, scale_a: Any, scale_b: Any, out_dtype: 
         raise ValueError(f"scale_a must be [{m}, 1] and scale_b [{n}], got {_shape(scale_a)} and {_shape(scale_b)}")
     check_dtype("out_dtype", out_dtype, out_dtypes, backend)
     return m, k, n
+
+
+def check_prepare_linear(weight: Any, dtypes: Sequence[torch.dtype] = FLOATS, backend: str | None = None) -> None:
+    """prepare_linear: a 2-D float ``weight [n, k]``."""
+    check_float("weight", weight, dtypes, backend)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [n, k] (nn.Linear layout), got {tuple(weight.shape)}")
+
+
+def check_linear(x: Any, weight: Any, bias: Any, dtypes: Sequence[torch.dtype] = FLOATS,
+                 backend: str | None = None) -> tuple[int, int]:
+    """linear: float ``x [..., k]``, ``weight [n, k]`` and ``bias [n]`` (or None) of x's dtype; returns ``(k, n)``."""
+    check_float("x", x, dtypes, backend)
+    check_prepare_linear(weight, dtypes, backend)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., k] and weight [n, k] disagree on k: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype:
+            raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
+    return weight.shape[1], weight.shape[0]

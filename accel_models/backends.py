@@ -50,6 +50,13 @@ OP_NAMES: tuple[str, ...] = tuple(
 OPTIONAL_OPS: tuple[str, ...] = ("capture_graph",)
 #: Ops that must come from one backend: a cache is readable only by the backend that laid it out.
 KV_CACHE_GROUP: tuple[str, ...] = ("kv_cache_layout", "allocate_kv_cache", "write_kv_cache", "paged_attention")
+#: Likewise: a prepared weight is readable only by the backend that prepared it (API 1.2).
+LINEAR_GROUP: tuple[str, ...] = ("prepare_linear", "linear")
+#: Every group of ops bound from one backend, in fallback and in per-op overrides.
+OP_GROUPS: tuple[tuple[str, ...], ...] = (KV_CACHE_GROUP, LINEAR_GROUP)
+#: Numeric ops whose reference is plain torch that runs on every device (dense matmul): strict mode does
+#: not require them, the conformance kit checks them when a backend has them.
+PORTABLE_OPS: tuple[str, ...] = LINEAR_GROUP
 
 _SPEC_PARAMS: dict[str, tuple[str, ...]] = {
     op: tuple(inspect.signature(getattr(hookspecs, f"accel_{op}")).parameters) for op in OP_NAMES
@@ -361,8 +368,10 @@ class OpTable:
 
     @property
     def fallbacks(self) -> list[str]:
-        """Ops not provided by the selected backend (optional hooks such as capture_graph not counted)."""
-        return [op for op, p in self.providers.items() if p != self.backend and op not in OPTIONAL_OPS]
+        """Ops not provided by the selected backend (optional hooks such as capture_graph and the dense
+        matmul ops, which every device's torch runs, not counted)."""
+        return [op for op, p in self.providers.items()
+                if p != self.backend and op not in OPTIONAL_OPS and op not in PORTABLE_OPS]
 
     def __repr__(self) -> str:
         fb = self.fallbacks
@@ -453,26 +462,30 @@ def resolve_ops(
         sources.append(("ops=", dict(ops)))
     overrides: dict[str, str] = {}
     for source, src_overrides in sources:
-        group_overrides = {src_overrides[op] for op in KV_CACHE_GROUP if op in src_overrides}
-        if len(group_overrides) > 1:
-            raise BackendError(
-                f"{source}: per-op overrides put the KV-cache ops {KV_CACHE_GROUP} on different backends "
-                f"({sorted(group_overrides)}); they must come from one backend, since a cache written in "
-                "one backend's layout is readable only by that backend's ops"
-            )
-        if group_overrides:
-            (g,) = group_overrides
-            for op in KV_CACHE_GROUP:
-                src_overrides[op] = g
+        for group in OP_GROUPS:
+            group_overrides = {src_overrides[op] for op in group if op in src_overrides}
+            if len(group_overrides) > 1:
+                why = ("a cache written in one backend's layout is readable only by that backend's ops"
+                       if group is KV_CACHE_GROUP else "a weight prepared by one backend is readable only by it")
+                what = "KV-cache ops" if group is KV_CACHE_GROUP else "linear ops"
+                raise BackendError(
+                    f"{source}: per-op overrides put the {what} {group} on different backends "
+                    f"({sorted(group_overrides)}); they must come from one backend, since {why}"
+                )
+            if group_overrides:
+                (g,) = group_overrides
+                for op in group:
+                    src_overrides[op] = g
         overrides.update(src_overrides)
 
-    missing = [op for op in OP_NAMES if op not in rec.ops and op not in overrides and op not in OPTIONAL_OPS]
+    missing = [op for op in OP_NAMES
+               if op not in rec.ops and op not in overrides and op not in OPTIONAL_OPS and op not in PORTABLE_OPS]
     if strict and missing:
         raise BackendError(
             f"strict mode: backend {name!r} does not implement {', '.join(missing)}; implement them "
             "(see accel_models/hookspecs.py) or allow fallback to the reference backend"
         )
-    group_fallback = any(op not in rec.ops for op in KV_CACHE_GROUP)
+    group_fallback = {op for group in OP_GROUPS if any(o not in rec.ops for o in group) for op in group}
 
     providers: dict[str, str] = {}
     for op in OP_NAMES:
@@ -482,7 +495,7 @@ def resolve_ops(
                                   what=f"override {op}={provider}: backend")
             if op not in prec.ops:
                 raise BackendError(f"override {op}={provider}: backend {provider!r} does not implement {op}")
-        elif op in KV_CACHE_GROUP and group_fallback:
+        elif op in group_fallback:  # a backend with part of a group: the whole group falls back
             provider = REFERENCE
         else:
             provider = name if op in rec.ops else REFERENCE

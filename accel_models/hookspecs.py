@@ -21,7 +21,8 @@ Calling convention
   the returned tensors and treat such inputs as consumed.
 * The KV-cache ops (``kv_cache_layout``, ``allocate_kv_cache``, ``write_kv_cache``, ``paged_attention``)
   form one group: a cache written in one backend's layout is readable only by that backend's ops, so the
-  core binds the four from the same backend, in fallback and in per-op overrides alike.
+  core binds the four from the same backend, in fallback and in per-op overrides alike. ``prepare_linear``
+  and ``linear`` form another (a prepared weight is readable only by the backend that prepared it).
 
 Versioning
 ----------
@@ -405,6 +406,59 @@ def accel_fused_experts(
         with the matmuls in the input dtype (float32 accumulation) and the weighted sum in float32.
 
     Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dense linear layers (API 1.2)
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_prepare_linear(weight: torch.Tensor) -> Any:
+    """Prepare a linear layer's weight once, after it is loaded, for :func:`accel_linear`.
+
+    The place for work a GEMM library wants done once per weight instead of once per call: packing into
+    the blocked layout the kernel reads fastest (oneDNN on CPUs), choosing a tiling, building a descriptor.
+    Called by the layers' ``process_weights_after_loading`` (the loader calls it after every weight of the
+    model is loaded). Layers drop the prepared object whenever a weight loader writes to the weight, so a
+    reloaded weight never meets a stale prepared copy; until it is prepared again they pass None.
+
+    Args:
+        weight: ``[n, k]`` float weight in ``nn.Linear``'s layout (output features first), on the
+            backend's device. Must not be modified.
+
+    Returns:
+        Anything (opaque to everyone but this backend's :func:`accel_linear`, which receives it as
+        ``prepared`` with the same ``weight``), or None when there is nothing to prepare. A prepared copy
+        of the weight costs its memory on top of the weight's: say so in the backend's documentation.
+
+    Added in API 1.2. ``prepare_linear`` and ``linear`` form one group (bound from the same backend, like
+    the KV-cache ops). Neither is required: a backend without them gets plain ``torch`` matmul.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any
+) -> torch.Tensor:
+    """Dense linear layer: ``y = x @ weight.T + bias``.
+
+    Args:
+        x: ``[..., k]`` float; leading dimensions are flattened into ``m`` rows (``m`` is 1 to a few
+            hundred rows in decode, thousands in prefill: backends may pick a kernel per ``m``).
+        weight: ``[n, k]``, x's dtype (``nn.Linear`` layout; may be a non-contiguous view).
+        bias: None or ``[n]``, x's dtype.
+        prepared: None, or what this backend's :func:`accel_prepare_linear` returned for this same
+            ``weight``. None must always work (compute from ``weight``).
+
+    Returns:
+        ``[..., n]`` of x's dtype: ``sum_j x[..., j] * weight[:, j] + bias``, accumulated in at least
+        float32 (float64 for float64 inputs on the reference). Conformance compares against a float64
+        product (unit-scale inputs, weights scaled by ``k ** -0.5``, ``k`` up to 1000) with 4x the
+        tolerance of x's dtype, for ``prepared`` from :func:`accel_prepare_linear` and for None.
+
+    Added in API 1.2 (backends written for earlier versions fall back to the reference: ``F.linear``).
     """
 
 

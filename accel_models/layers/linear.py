@@ -1,7 +1,10 @@
 """The parallel linear family (vLLM's layout): weights ``[out, in]``, sharded by the TP group's rank.
 
 Sharding lives in each parameter's ``weight_loader(param, loaded_weight, shard_id=None)``: it receives the
-*full* checkpoint tensor and copies this rank's slice. Plain matmuls stay in torch (every device runs them).
+*full* checkpoint tensor and copies this rank's slice. The product itself is the bound ``linear`` op (plain
+``F.linear`` unless the backend has a faster GEMM); the backend's ``prepare_linear`` runs once in
+``process_weights_after_loading`` (after the loader filled every weight) and its result is dropped whenever
+a weight loader writes to the weight again, so a prepared copy is never stale.
 
 * :class:`ReplicatedLinear`: every rank holds the whole weight.
 * :class:`ColumnParallelLinear`: output features split over ranks (``Y_r = X W_r^T``).
@@ -15,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from accel_models.context import get_build_context
@@ -43,6 +45,10 @@ class LinearBase(nn.Module):
         self.tp_rank = ctx.tp_group.rank
         self.tp_size = ctx.tp_group.world_size
         self._ctx = ctx
+        self._linear = ctx.ops.linear
+        self._prepare_linear = ctx.ops.prepare_linear
+        #: what the backend's prepare_linear returned for the current weight (None: not prepared)
+        self.linear_prepared: Any = None
 
     def _make_params(self, out_features: int, in_features: int, bias: bool) -> None:
         self.weight = new_param(self._ctx, out_features, in_features)
@@ -58,6 +64,13 @@ class LinearBase(nn.Module):
     def _expected_shards(self) -> set[Any] | None:
         return None
 
+    def process_weights_after_loading(self) -> None:
+        """Let the backend prepare the loaded weight once (called by the loader after every weight is in)."""
+        self.linear_prepared = self._prepare_linear(weight=self.weight)
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._linear(x=x, weight=self.weight, bias=bias, prepared=self.linear_prepared)
+
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_size}, tp={self.tp_rank}/{self.tp_size}, bias={self.bias is not None}"
 
@@ -71,6 +84,7 @@ class ReplicatedLinear(LinearBase):
         self._make_params(output_size, input_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         if shard_id is not None:
             raise ValueError(f"{self.prefix}: ReplicatedLinear takes no shard id (got {shard_id!r})")
         copy_checked(param.data, loaded_weight)
@@ -78,7 +92,7 @@ class ReplicatedLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         bias = None if self.skip_bias_add else self.bias
-        return F.linear(x, self.weight, bias), (self.bias if self.skip_bias_add else None)
+        return self._matmul(x, bias), (self.bias if self.skip_bias_add else None)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -96,6 +110,7 @@ class ColumnParallelLinear(LinearBase):
         self._make_params(self.output_size_per_partition, input_size, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         if shard_id is not None:
             raise ValueError(f"{self.prefix}: ColumnParallelLinear takes no shard id (got {shard_id!r})")
         size = param.shape[0]
@@ -108,7 +123,7 @@ class ColumnParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         bias = None if self.skip_bias_add else self.bias
-        out = F.linear(x, self.weight, bias)
+        out = self._matmul(x, bias)
         if self.gather_output and self.tp_size > 1:
             out = self.tp_group.all_gather(out, dim=-1)
         return out, (self.bias if self.skip_bias_add else None)
@@ -135,6 +150,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return set(range(len(self.output_sizes)))
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         if shard_id is None:  # the merged tensor: split it and load each part
             if loaded_weight.shape[0] != sum(self.output_sizes):
                 raise ValueError(f"{self.prefix}: merged tensor has {loaded_weight.shape[0]} rows, expected "
@@ -196,6 +212,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return (q if shard_id == "k" else q + kv), kv, kv_rank * kv
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         full_q = self.total_num_heads * self.head_size
         full_kv = self.total_num_kv_heads * self.head_size
         if shard_id is None:  # fused q|k|v checkpoint tensor
@@ -242,6 +259,7 @@ class RowParallelLinear(LinearBase):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         if shard_id is not None:
             raise ValueError(f"{self.prefix}: RowParallelLinear takes no shard id (got {shard_id!r})")
         if param.dim() == 2:  # the weight: this rank's columns; the bias is whole on every rank
@@ -258,7 +276,7 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel and self.tp_size > 1:
             size = self.input_size_per_partition
             x = x.narrow(-1, self.tp_rank * size, size)
-        out = F.linear(x, self.weight)
+        out = self._matmul(x, None)
         if self.reduce_results and self.tp_size > 1:
             out = self.tp_group.all_reduce(out)
         if self.bias is not None and not self.skip_bias_add:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from accel_models.context import get_build_context
@@ -26,9 +25,11 @@ class LogitsProcessor(nn.Module):
         self.soft_cap = soft_cap
         self.tp_group = ctx.tp_group
         self.tp_size = ctx.tp_group.world_size
+        self._linear = ctx.ops.linear
 
     def forward(self, lm_head: VocabParallelEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, lm_head.weight, getattr(lm_head, "bias", None))
+        logits = self._linear(x=hidden_states, weight=lm_head.weight, bias=getattr(lm_head, "bias", None),
+                              prepared=getattr(lm_head, "linear_prepared", None))
         if self.tp_size > 1:
             logits = self.tp_group.all_gather(logits, dim=-1)
         logits = logits[..., : self.vocab_size]

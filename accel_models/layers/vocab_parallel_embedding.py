@@ -38,8 +38,24 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = new_param(ctx, self.num_embeddings_per_partition, embedding_dim)
         set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
         expect_shards(self.weight)
+        self._prepare_linear = ctx.ops.prepare_linear
+        #: whether LogitsProcessor uses this module as the LM head (then its weight is prepared as a linear's)
+        self.is_lm_head = False
+        #: what the backend's prepare_linear returned for the weight (None: not prepared)
+        self.linear_prepared: Any = None
+
+    def as_lm_head(self) -> VocabParallelEmbedding:
+        """Mark this embedding as the (tied) LM head too and return it: its weight gets prepared for the
+        ``linear`` op after loading, like :class:`ParallelLMHead`'s."""
+        self.is_lm_head = True
+        return self
+
+    def process_weights_after_loading(self) -> None:
+        if self.is_lm_head:
+            self.linear_prepared = self._prepare_linear(weight=self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None  # the weight changes: a prepared copy would be stale
         if shard_id is not None:
             raise ValueError(f"{self.prefix}: takes no shard id (got {shard_id!r})")
         expected = (self.num_embeddings, self.embedding_dim)
@@ -75,6 +91,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False, *, prefix: str = "") -> None:
         super().__init__(num_embeddings, embedding_dim, prefix=prefix)
+        self.is_lm_head = True
         if bias:
             ctx = get_build_context()
             self.bias = new_param(ctx, self.num_embeddings_per_partition)
@@ -84,6 +101,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
+        self.linear_prepared = None
         if param.dim() == 1:  # bias
             if tuple(loaded_weight.shape) != (self.num_embeddings,):
                 raise ValueError(f"shape mismatch ({self.prefix}.bias): checkpoint tensor has shape "
@@ -97,8 +115,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().weight_loader(param, loaded_weight, shard_id)
 
     def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> VocabParallelEmbedding:
-        """Tie to ``embed_tokens``: returns it, to be used as the LM head."""
-        return embed_tokens
+        """Tie to ``embed_tokens``: returns it (marked as the LM head), to be used as the LM head."""
+        return embed_tokens.as_lm_head()
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied by LogitsProcessor, not called directly")

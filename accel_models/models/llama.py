@@ -198,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = self.model_cls(config, prefix=maybe_prefix(prefix, "model"))
         if config.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens  # one parameter, as in the checkpoint
+            self.lm_head = self.model.embed_tokens.as_lm_head()  # one parameter, as in the checkpoint
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size, prefix=maybe_prefix(prefix, "logits_processor"))

@@ -309,6 +309,35 @@ def check_int8_scaled_mm(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dt
     return _worst(("out", out, expect), op="int8_scaled_mm", dtype=dtype)
 
 
+def check_linear(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """``linear`` with and without what ``prepare_linear`` returned, against a float64 product (m rows spread
+    over leading dims, optionally a non-contiguous weight view)."""
+    g = _gen(case["seed"])
+    m, n, k = case["m"], case["n"], case["k"]
+    lead = (m,) if not case["batched"] else (1, m)
+    x, x64 = _pair(_rand(g, *lead, k), dtype, device)
+    w, w64 = _pair(_rand(g, n, k, scale=k**-0.5), dtype, device, noncontig=case["noncontig"])
+    bias, bias64 = _pair(_rand(g, n), dtype, device) if case["bias"] else (None, None)
+    expect = x64 @ w64.t() + (bias64 if bias64 is not None else 0)  # independent float64 product
+    before = w.detach().clone()
+    prepared = ops.prepare_linear(weight=w) if case["prepare"] else None
+    changed = _unchanged("weight", before, w)
+    if changed is not None:
+        return changed
+    out = ops.linear(x=x, weight=w, bias=bias, prepared=prepared)
+    changed = _unchanged("weight", before, w)
+    if changed is not None:
+        return changed
+    if out.dtype != dtype:
+        return CheckResult(float("inf"), f"out has dtype {out.dtype}, expected x's dtype {dtype}")
+    return _worst(("out", out, expect), op="linear", dtype=dtype)
+
+
+#: ops checked through another op's check (the KV-cache group is exercised only through paged_attention,
+#: prepare_linear only through linear)
+CHECKED_VIA = {"kv_cache_layout": "paged_attention", "allocate_kv_cache": "paged_attention",
+               "write_kv_cache": "paged_attention", "prepare_linear": "linear"}
+
 CHECKS = {
     "rms_norm": check_rms_norm,
     "fused_add_rms_norm": check_fused_add_rms_norm,
@@ -320,4 +349,5 @@ CHECKS = {
     "fused_experts": check_fused_experts,
     "dynamic_int8_quant": check_dynamic_int8_quant,
     "int8_scaled_mm": check_int8_scaled_mm,
+    "linear": check_linear,
 }

@@ -14,13 +14,10 @@ from typing import Any
 import torch
 from hypothesis import HealthCheck, Phase, given, reject, settings
 
-from accel_models.backends import KV_CACHE_GROUP, OP_NAMES, OPTIONAL_OPS, BackendError, OpTable, get_registry, resolve_ops
+from accel_models.backends import OP_GROUPS, OP_NAMES, OPTIONAL_OPS, BackendError, OpTable, get_registry, resolve_ops
 from accel_models.testing import strategies as S
-from accel_models.testing.checks import CHECKS, CheckResult
+from accel_models.testing.checks import CHECKED_VIA, CHECKS, CheckResult
 
-#: ops checked through another op's check (the KV-cache group is exercised only through paged_attention)
-CHECKED_VIA = {"kv_cache_layout": "paged_attention", "allocate_kv_cache": "paged_attention",
-               "write_kv_cache": "paged_attention"}
 
 DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -39,6 +36,8 @@ def strategy_for(op: str, ops: OpTable, quick: bool, dtype: torch.dtype = torch.
         return S.moe_topk_cases(quick=quick)
     if op == "fused_experts":
         return S.fused_experts_cases(quick=quick)
+    if op == "linear":
+        return S.linear_cases(quick=quick)
     return S.quant_cases(quick=quick)
 
 
@@ -138,7 +137,7 @@ def run_conformance(
     for op in OP_NAMES:
         if op in OPTIONAL_OPS:  # backend-level hooks (graph capture) have no numeric contract to check
             continue
-        if op not in wanted and not (op in KV_CACHE_GROUP and any(o in KV_CACHE_GROUP for o in wanted)):
+        if op not in wanted and not any(op in grp and any(o in grp for o in wanted) for grp in OP_GROUPS):
             continue
         provider = table.providers[op]
         reports[op] = OpReport(op, provider, native=provider == backend)
@@ -176,7 +175,7 @@ def run_conformance(
             if unsupported:
                 rep.message = f"KV-cache dtype(s) {', '.join(unsupported)} declared unsupported"
         rep.dtypes = tuple(used)
-    # the KV-cache group shares paged_attention's verdict
+    # the KV-cache group shares paged_attention's verdict, prepare_linear linear's
     for op, via in CHECKED_VIA.items():
         if op in reports and via in reports:
             r, v = reports[op], reports[via]

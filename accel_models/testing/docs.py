@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from accel_models import hookspecs
-from accel_models.backends import KV_CACHE_GROUP
+from accel_models.backends import KV_CACHE_GROUP, LINEAR_GROUP
 from accel_models.testing.tolerances import tolerance_table_markdown
 
 BEGIN = "<!-- BEGIN GENERATED: python -m accel_models.testing.docs -->"
@@ -21,7 +21,8 @@ def hookspec_reference() -> str:
         if not (name.startswith("accel_") and callable(fn)):
             continue
         sig = str(inspect.signature(fn)).replace("'", "")
-        group = " (KV-cache group)" if name[len("accel_"):] in KV_CACHE_GROUP else ""
+        op = name[len("accel_"):]
+        group = " (KV-cache group)" if op in KV_CACHE_GROUP else " (linear group)" if op in LINEAR_GROUP else ""
         parts.append(f"### `{name}`{group}\n\n```python\n{name}{sig}\n```\n\n{inspect.getdoc(fn)}\n")
     return "\n".join(parts)
 

@@ -129,6 +129,20 @@ def fused_experts_cases(draw, quick: bool = False):
 
 
 @st.composite
+def linear_cases(draw, quick: bool = False):
+    return {
+        "m": draw(st.sampled_from([1, 2, 7, 16, 64] if quick else [1, 2, 3, 7, 16, 33, 64, 300])),
+        "k": draw(st.sampled_from([1, 16, 33, 128, 512] if quick else [1, 16, 33, 128, 512, 1000])),
+        "n": draw(st.sampled_from([1, 8, 31, 256, 1000])),
+        "bias": draw(st.booleans()),
+        "batched": draw(st.booleans()),  # x [1, m, k] instead of [m, k]
+        "noncontig": draw(st.booleans()),  # the weight a strided view
+        "prepare": draw(st.booleans()),  # prepared= from prepare_linear, else None
+        "seed": draw(_seed()),
+    }
+
+
+@st.composite
 def quant_cases(draw, quick: bool = False):
     return {
         "m": draw(st.integers(1, 64 if quick else 300)),

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from accel_models.backends import KV_CACHE_GROUP, OP_NAMES, OPTIONAL_OPS, resolve_ops
+from accel_models.backends import OP_NAMES, OPTIONAL_OPS, resolve_ops
+from accel_models.testing.checks import CHECKED_VIA
 
-_CHECKED = [op for op in OP_NAMES
-            if op not in OPTIONAL_OPS and (op not in KV_CACHE_GROUP or op == "paged_attention")]
+_CHECKED = [op for op in OP_NAMES if op not in OPTIONAL_OPS and op not in CHECKED_VIA]
 
 
 class BackendConformance:

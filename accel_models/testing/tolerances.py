@@ -36,6 +36,7 @@ OP_FACTORS: dict[str, float] = {
     "fused_experts": 8.0,
     "dynamic_int8_quant": 1.0,
     "int8_scaled_mm": 1.0,
+    "linear": 4.0,  # reductions over k up to 1000 (inputs of unit scale, weights scaled by k**-0.5)
 }
 
 

@@ -7,6 +7,8 @@ among installed entry points, and resets the registry before and after each test
 
 from __future__ import annotations
 
+import re
+
 import logging
 import types
 from collections.abc import Callable
@@ -224,7 +226,8 @@ def test_per_op_fallback_to_the_reference(registry):
     ops = accel_models.resolve_ops("partial")
     assert ops.providers == {op: ("partial" if op in ("rms_norm", "silu_and_mul") else "reference")
                              for op in B.OP_NAMES}
-    assert sorted(ops.fallbacks) == sorted(set(B.OP_NAMES) - {"rms_norm", "silu_and_mul"} - set(B.OPTIONAL_OPS))
+    assert sorted(ops.fallbacks) == sorted(set(B.OP_NAMES) - {"rms_norm", "silu_and_mul"} - set(B.OPTIONAL_OPS)
+                                          - set(B.PORTABLE_OPS))
     assert ops.rms_norm is mod.accel_rms_norm
     assert ops.gelu_and_mul is accel_backend_reference.accel_gelu_and_mul
     assert ops.strict is False and ops.device_type == "cpu" and ops.info.name == "partial"
@@ -244,6 +247,24 @@ def test_kv_cache_group_falls_back_together(registry):
     ops = accel_models.resolve_ops("full_kv")
     assert {ops.providers[op] for op in B.KV_CACHE_GROUP} == {"full_kv"}
     assert ops.paged_attention is full.accel_paged_attention
+
+
+def test_linear_group_falls_back_and_moves_together(registry, monkeypatch):
+    """prepare_linear and linear come from one backend: a prepared weight is readable only by its preparer."""
+    register(make_backend("half_lin", ops=("linear", "rms_norm")), "half_lin")
+    ops = accel_models.resolve_ops("half_lin")
+    assert {ops.providers[op] for op in B.LINEAR_GROUP} == {"reference"}
+    full = make_backend("full_lin", ops=B.LINEAR_GROUP)
+    register(full, "full_lin")
+    ops = accel_models.resolve_ops("full_lin")
+    assert {ops.providers[op] for op in B.LINEAR_GROUP} == {"full_lin"}
+    assert ops.linear is full.accel_linear
+    monkeypatch.setenv("ACCEL_OPS", "prepare_linear=reference")
+    ops = accel_models.resolve_ops("full_lin")
+    assert {ops.providers[op] for op in B.LINEAR_GROUP} == {"reference"}
+    monkeypatch.setenv("ACCEL_OPS", "linear=full_lin,prepare_linear=reference")
+    with pytest.raises(BackendError, match=r"linear ops \('prepare_linear', 'linear'\) on different backends.*prepared"):
+        accel_models.resolve_ops("reference")
 
 
 def test_bound_op_is_the_hookimpl_function_and_bypasses_pluggy(registry):
@@ -271,7 +292,8 @@ def test_optable_rejects_names_that_are_not_ops(registry):
 @pytest.mark.parametrize("how", ["env", "argument", "context"])
 def test_strict_mode_names_the_missing_ops(registry, monkeypatch, how):
     register(make_backend("partial", ops=("rms_norm", "silu_and_mul")), "partial")
-    missing = [op for op in B.OP_NAMES if op not in ("rms_norm", "silu_and_mul") and op not in B.OPTIONAL_OPS]
+    missing = [op for op in B.OP_NAMES if op not in ("rms_norm", "silu_and_mul") and op not in B.OPTIONAL_OPS
+               and op not in B.PORTABLE_OPS]
     if how == "env":
         monkeypatch.setenv("ACCEL_STRICT", "1")
         call = lambda: accel_models.resolve_ops("partial")  # noqa: E731
@@ -286,6 +308,9 @@ def test_strict_mode_names_the_missing_ops(registry, monkeypatch, how):
     assert "strict mode" in str(err.value) and "'partial'" in str(err.value)
     for op in missing:
         assert op in str(err.value)
+    # dense matmul runs in every device's torch: strict mode does not ask a backend for it
+    for op in B.PORTABLE_OPS:
+        assert not re.search(rf"\b{op}\b", str(err.value).split("implement", 1)[1].split(";")[0]), op
 
 
 def test_strict_argument_false_wins_over_env_and_full_backend_passes_strict(registry, monkeypatch):

@@ -162,3 +162,15 @@ def int8_mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         for j in range(b.shape[0]):
             out[i, j] = sum(int(p) * int(q) for p, q in zip(a[i], b[j]))
     return out
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``y[..., i] = sum_j x[..., j] w[i, j] + b[i]``, one output element at a time."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.zeros((flat.shape[0], weight.shape[0]))
+    for r in range(flat.shape[0]):
+        for i in range(weight.shape[0]):
+            out[r, i] = sum(float(flat[r, j]) * float(weight[i, j]) for j in range(weight.shape[1]))
+            if bias is not None:
+                out[r, i] += float(bias[i])
+    return out.reshape(*x.shape[:-1], weight.shape[0])

@@ -449,6 +449,22 @@ def test_int8_scaled_mm(ops, data, m, n, k, b_transposed, out_dtype, with_bias):
     assert_close(out, expected, torch.float32 if out_dtype == torch.float64 else out_dtype, factor=2)
 
 
+@given(data=st.data(), dtype=dtypes, layout=layouts, lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+       n=st.integers(1, 9), k=st.sampled_from([1, 3, 16, 40]), with_bias=st.booleans())
+def test_linear(ops, data, dtype, layout, lead, n, k, with_bias):
+    gen = seeded(data)
+    x = make((*lead, k), dtype, gen, layout)
+    w = make((n, k), dtype, gen, layout)
+    bias = make((n,), dtype, gen) if with_bias else None
+    w0 = w.clone()
+    prepared = ops.prepare_linear(weight=w)
+    assert prepared is None  # the reference prepares nothing: torch reads nn.Linear's layout as it is
+    out = ops.linear(x=x, weight=w, bias=bias, prepared=prepared)
+    assert torch.equal(w, w0) and out.dtype == dtype and out.shape == (*lead, n)
+    assert_close(out, naive.linear(np64(x), np64(w), np64(bias) if bias is not None else None), dtype,
+                 factor=max(1.0, k**0.5))
+
+
 # ----------------------------------------------------------------------------------------------------
 # bad input: ValueError naming the argument
 # ----------------------------------------------------------------------------------------------------
@@ -547,6 +563,12 @@ BAD_INPUTS = [
     ("int8_scaled_mm", _mm_kwargs(b=torch.ones(3, 5, dtype=torch.int8)), "b"),
     ("int8_scaled_mm", _mm_kwargs(scale_a=torch.ones(2)), "scale_a"),
     ("int8_scaled_mm", _mm_kwargs(out_dtype=torch.int32), "out_dtype"),
+    ("prepare_linear", dict(weight=_f(2, 3, 4)), "weight"),
+    ("prepare_linear", dict(weight=torch.ones(3, 4, dtype=torch.int8)), "weight"),
+    ("linear", dict(x=_f(2, 5), weight=_f(3, 4), bias=None, prepared=None), "weight"),
+    ("linear", dict(x=_f(2, 4), weight=_f(3, 4), bias=_f(4), prepared=None), "bias"),
+    ("linear", dict(x=_f(2, 4).double(), weight=_f(3, 4), bias=None, prepared=None), "weight"),
+    ("linear", dict(x=torch.ones(2, 4, dtype=torch.int32), weight=_f(3, 4), bias=None, prepared=None), "x"),
 ]
 
 
@@ -580,6 +602,7 @@ def test_empty_batch(ops):
     x_q, scales = ops.dynamic_int8_quant(x=_f(0, 8))
     assert x_q.shape == (0, 8) and scales.shape == (0, 1)
     assert ops.int8_scaled_mm(**_mm_kwargs(a=torch.ones(0, 4, dtype=torch.int8), scale_a=torch.ones(0, 1))).shape == (0, 3)
+    assert ops.linear(x=_f(0, 4), weight=_f(3, 4), bias=None, prepared=None).shape == (0, 3)
 
 
 def test_float64_stays_float64_and_on_the_input_device(ops):

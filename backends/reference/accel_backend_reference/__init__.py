@@ -367,6 +367,23 @@ def accel_fused_experts(
 
 
 # ----------------------------------------------------------------------------------------------------
+# Dense linear
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookimpl
+def accel_prepare_linear(weight: torch.Tensor) -> None:
+    argcheck.check_prepare_linear(weight)
+    return None  # torch's matmul reads the nn.Linear layout as it is
+
+
+@hookimpl
+def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any) -> torch.Tensor:
+    argcheck.check_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------
 # W8A8
 # ----------------------------------------------------------------------------------------------------
 

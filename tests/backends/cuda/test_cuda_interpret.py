@@ -126,19 +126,69 @@ def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=
              cap=5.0),
         dict(q_lens=[5, 1], seq_lens=[9, 70], heads=7, kv_heads=1, head_size=16, block_size=32),
         dict(q_lens=[1, 1], seq_lens=[300, 270], heads=4, kv_heads=1, head_size=16, block_size=64),  # split-K
+        dict(q_lens=[1], seq_lens=[150], heads=4, kv_heads=1, head_size=16, block_size=16),  # short-context split
     ],
-    ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split"],
+    ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split", "short-decode-split"],
 )
-def test_paged_attention(case):
+@pytest.mark.parametrize("fused_merge", [True, False], ids=["merge-in-kernel", "merge-kernel"])
+def test_paged_attention(case, fused_merge, kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "FUSED_MERGE", fused_merge)
     got, exp = _attention(**case)
     assert got.shape == exp.shape and torch.isfinite(got).all()
     assert rel(got, exp) < 2e-6
+    # the in-kernel merge leaves its arrival counters at zero for the next launch
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
 
 
-def test_long_decode_is_split():
-    plan = C.attention_plan(num_tokens=2, num_seqs=2, num_heads=4, num_kv_heads=1, head_size=16, max_query_len=1,
-                            max_seq_len=300, num_sms=C._num_sms(torch.device("cpu")))
-    assert plan.num_splits > 1  # so the case above exercises the split-K path and its merge kernel
+@pytest.mark.parametrize("seq_lens", [[300, 270], [150]])
+def test_decode_cases_are_split(seq_lens, kernels):
+    plan = C.attention_plan(num_tokens=len(seq_lens), num_seqs=len(seq_lens), num_heads=4, num_kv_heads=1,
+                            head_size=16, max_query_len=1, max_seq_len=max(seq_lens),
+                            num_sms=C._num_sms(torch.device("cpu")), config=kernels.CONFIG)
+    assert plan.num_splits > 1  # so the cases above exercise the split-K paths and both merges
+
+
+@pytest.mark.parametrize("m, n, k, bias, split_k, dot", [
+    (1, 37, 70, False, 1, 1), (3, 40, 130, True, 3, 1), (7, 33, 300, True, 4, 0), (16, 64, 96, False, 2, 1),
+    (12, 5, 257, True, 1, 0)])
+def test_linear_small_m(m, n, k, bias, split_k, dot, kernels):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k + 3, generator=g)[:, :k]  # rows with a stride > k
+    b = torch.randn(n, generator=g) if bias else None
+    cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
+               num_warps=4, num_stages=2)
+    got = kernels.linear_small_m(x, w, b, cfg)
+    exp = x.to(F64) @ w.to(F64).T + (b.to(F64) if bias else 0)
+    assert got.shape == (m, n) and rel(got, exp) < 1e-6
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
+
+
+def test_linear_split_without_counters_reduces_in_a_second_kernel(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "COUNTER_SLOTS", 0)  # as when no counter buffer can be had
+    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(2, 300, generator=g), torch.randn(50, 300, generator=g), torch.randn(50, generator=g)
+    got = kernels.linear_small_m(x, w, b, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=4, USE_DOT=1,
+                                                num_warps=4, num_stages=2))
+    assert rel(got, x.to(F64) @ w.to(F64).T + b.to(F64)) < 1e-6
+
+
+def test_linear_hook_uses_the_small_m_kernel(kernels, monkeypatch):
+    small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,
+                                                   "large": small})
+    calls = []
+    real = kernels.linear_small_m
+    monkeypatch.setattr(kernels, "linear_small_m", lambda *a: calls.append(a[3]) or real(*a))
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(24, 96, generator=g)
+    prepared = C.accel_prepare_linear(weight=w)
+    for lead in [(1,), (2, 3), (17,)]:  # 17 rows: above max_m, torch
+        x = torch.randn(*lead, 96, generator=g)
+        got = C.accel_linear(x=x, weight=w, bias=None, prepared=prepared)
+        assert got.shape == (*lead, 24) and rel(got, x.to(F64) @ w.to(F64).T) < 1e-6
+    assert len(calls) == 2 and calls[0]["SPLIT_K"] > 1  # 2 row tiles on 4 "SMs": k is split
 
 
 @pytest.mark.parametrize("activation, ep", [("silu", False), ("gelu", True)])

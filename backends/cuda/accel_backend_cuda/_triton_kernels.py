@@ -364,7 +364,7 @@ def _paged_attention_kernel(
                 arrived = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
                 if arrived == num_splits - 1:
                     _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens,
-                                num_heads, o_stride_t, o_stride_h, NUM_SPLITS, BLOCK_M, HEAD_PAD)
+                                num_heads, num_splits, o_stride_t, o_stride_h, NUM_SPLITS, BLOCK_M, HEAD_PAD)
                     tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
         else:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -374,18 +374,21 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens, num_heads,
-                o_stride_t, o_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_PAD: tl.constexpr):
-    """Merge the NUM_SPLITS partials of BLOCK_M (token, head) rows, in split order. Unrolled, so every
-    split's loads are in flight at once (a runtime loop waited for each in turn: slower than a second
-    kernel). Loads bypass L1 (.cg): other programs of this launch wrote the partials."""
+                num_splits, o_stride_t, o_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_PAD: tl.constexpr):
+    """Merge the ``num_splits`` partials of BLOCK_M (token, head) rows, in split order. Unrolled over
+    NUM_SPLITS (num_splits rounded up to a power of two: few compiled variants; the extra splits are masked
+    and add exactly nothing), so every split's loads are in flight at once (a runtime loop waited for each
+    in turn: slower than a second kernel). Loads bypass L1 (.cg): other programs of this launch wrote them."""
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     for sp in tl.static_range(NUM_SPLITS):
+        ok = row_ok & (tl.full([BLOCK_M], sp, tl.int32) < num_splits)
         idx = (sp * num_tokens + q_rows) * num_heads + head
-        m = tl.load(part_ml_ptr + 2 * idx, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(part_ml_ptr + 2 * idx + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_PAD + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+        m = tl.load(part_ml_ptr + 2 * idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(part_ml_ptr + 2 * idx + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_PAD + offs_d[None, :], mask=ok[:, None], other=0.0,
                     cache_modifier=".cg")
         m_new = tl.maximum(m_max, m)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -446,7 +449,7 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
         num_heads // kv_heads, BLOCK_SIZE=block_size, HEAD_PAD=head_pad, BLOCK_M=plan.block_m,
         BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap), SPLIT=split, FUSED_MERGE=cnt is not None,
-        NUM_SPLITS=plan.num_splits if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
+        NUM_SPLITS=triton.next_power_of_2(plan.num_splits) if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
         LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if split and cnt is None:
         _merge_splits_kernel[(num_tokens, num_heads)](

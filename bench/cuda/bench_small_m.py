@@ -260,7 +260,8 @@ def section_attn(C, K, bw: float) -> dict:
             floor = kv_bytes / bw
             rows.append({"batch": batch, "variant": name, "us": t * 1e6, "floor_us": floor * 1e6,
                          "x_floor": t / floor, "splits": plan.num_splits, "tile_n": plan.tile_n})
-            log(f"  attn b={batch:2d} {name:32s} {t * 1e6:7.2f} us  ({t / floor:5.2f}x floor, splits {plan.num_splits})")
+            log(f"  attn b={batch:2d} {name:32s} {t * 1e6:7.2f} us  ({t / floor:5.2f}x floor, "
+                f"splits {plan.num_splits})")
         del caches
     K.CONFIG["attn_decode"] = base
     K.FUSED_MERGE = True

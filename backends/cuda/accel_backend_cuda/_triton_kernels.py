@@ -705,7 +705,8 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
     tl.store(out_ptr + m.to(tl.int64) * o_stride + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: dict[str, int]) -> torch.Tensor:
+def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   cfg: dict[str, int]) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
     (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages)."""
     m, k = x2.shape
@@ -726,8 +727,9 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _linear_small_m_kernel[(n_tiles, splits)](
         x2, weight, bias if bias is not None else out, out, ws, cnt if cnt is not None else out, m, n, k, k_per,
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
-        REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,

@@ -513,6 +513,53 @@ def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     return sorted_pair[:cap], block_expert
 
 
+#: fused_experts' decode path (:func:`moe_decode_plan`; ``_triton_kernels.CONFIG["moe_decode"]`` overrides):
+#: up to ``max_pairs`` (token, choice) pairs, two launches that read each routed expert once, no sort.
+MOE_DECODE_CONFIG: dict[str, Any] = {
+    "max_pairs": 32,
+    "up": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    "down": {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+}
+
+
+def moe_decode_plan(num_pairs: int, num_local: int, hidden: int, inter: int, itemsize: int = 2,
+                    config: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Launch plan of fused_experts' decode path for ``num_pairs`` (token, choice) pairs, or None for the
+    sorted grouped GEMM.
+
+    Decode routes a handful of pairs: the time is the routed experts' weight bytes, and the grouped GEMM's
+    sort (~15 small torch kernels), its padding of each expert to a 16-row block and its few wide programs
+    (24 for gate/up at one token) dominate. This path launches two kernels whose program rows are
+    "slots": one per local expert when there are at least as many pairs as experts (BY_EXPERT), else one
+    per pair (the first pair of each expert works for all the pairs of that expert, the others exit), times
+    narrow n tiles, so every routed expert's weights are read once, spread over many SMs. All pairs ride in
+    one ``BLOCK_M`` = max(16, pow2(num_pairs)) row tile (masked rows load nothing). Tiles shrink (k first,
+    then stages) until the pipelined stages fit :data:`SMEM_BUDGET`.
+    """
+    cfg = (config or {}).get("moe_decode") or MOE_DECODE_CONFIG
+    if num_pairs < 1 or num_pairs > cfg["max_pairs"] or hidden < 1 or inter < 1:
+        return None
+    block_m = max(16, _pow2(num_pairs))
+    by_expert = num_local <= num_pairs
+
+    def tile(t: dict[str, int], n: int, k: int, weights: int) -> dict[str, int]:
+        t = dict(t)
+        t["BLOCK_N"] = max(16, min(t["BLOCK_N"], _pow2(n)))
+        t["BLOCK_K"] = max(16, min(t["BLOCK_K"], _pow2(k)))
+
+        def need() -> int:
+            return t["num_stages"] * (block_m + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize
+
+        while need() > SMEM_BUDGET and t["BLOCK_K"] > 32:
+            t["BLOCK_K"] //= 2
+        while need() > SMEM_BUDGET and t["num_stages"] > 1:
+            t["num_stages"] -= 1
+        return t
+
+    return {"BLOCK_M": block_m, "BY_EXPERT": by_expert, "slots": num_local if by_expert else num_pairs,
+            "up": tile(cfg["up"], inter, hidden, 2), "down": tile(cfg["down"], hidden, inter, 1)}
+
+
 @hookimpl
 def accel_fused_experts(
     hidden_states: torch.Tensor,
@@ -528,6 +575,16 @@ def accel_fused_experts(
     num_tokens, _, num_local, _ = argcheck.check_fused_experts(
         hidden_states, w13, w2, topk_weights, topk_ids, activation, expert_map, FLOATS, NAME)
     kern = _kernels()
+    plan = None
+    if hidden_states.device.type == "cuda" or _interpret():
+        plan = moe_decode_plan(topk_ids.numel(), num_local, hidden_states.shape[1], w2.shape[2],
+                               hidden_states.element_size(), kern.CONFIG)
+    if plan is not None:
+        x = hidden_states if hidden_states.stride(-1) == 1 else hidden_states.contiguous()
+        return kern.fused_experts_decode(
+            x, w13 if w13.stride(-1) == 1 else w13.contiguous(), w2 if w2.stride(-1) == 1 else w2.contiguous(),
+            topk_weights.contiguous(), topk_ids.contiguous(), None if expert_map is None else expert_map.contiguous(),
+            0 if activation == "silu" else 1, plan)
     ids = topk_ids.reshape(-1).to(torch.int64)
     if expert_map is not None:
         ids = expert_map.to(torch.int64)[ids]

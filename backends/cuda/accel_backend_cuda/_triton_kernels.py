@@ -591,6 +591,178 @@ def fused_experts(hidden_states, w13, w2, topk_weights, local_ids, act, align, c
 
 
 # ----------------------------------------------------------------------------------------------------
+# Fused experts, decode (few pairs): no sort, no padding; each routed expert's weights streamed once
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_slot(ids_ptr, map_ptr, slot, num_pairs, HAS_MAP: tl.constexpr, BY_EXPERT: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """The local expert program row ``slot`` works for and the pairs routed to it.
+
+    Returns ``(e, rows, work)``: ``rows`` [BLOCK_M] marks the pairs whose local expert is ``e``. BY_EXPERT:
+    slot ``e`` is local expert ``e`` (works when any pair chose it). Otherwise slot ``p`` is pair ``p`` and
+    works when ``p`` is the first pair of its expert (later pairs of the same expert are its rows), so each
+    routed expert's weights are read by exactly one program row, in one pass, for all its pairs."""
+    offs_m = tl.arange(0, BLOCK_M)
+    m_in = offs_m < num_pairs
+    ids = tl.load(ids_ptr + offs_m, mask=m_in, other=0)
+    if HAS_MAP:
+        ids = tl.load(map_ptr + ids, mask=m_in, other=-1)
+    ids = tl.where(m_in, ids, -1)
+    if BY_EXPERT:
+        e = slot
+        rows = ids == e
+        work = tl.max(rows.to(tl.int32), 0) > 0
+    else:
+        e = tl.load(ids_ptr + slot)
+        if HAS_MAP:
+            e = tl.load(map_ptr + e)
+        rows = ids == e
+        first = tl.min(tl.where(rows, offs_m, BLOCK_M), 0)
+        work = (e >= 0) & (first == slot)
+    return e, rows, work
+
+
+@triton.jit
+def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, act_ptr, num_pairs, hidden, inter, x_stride,
+                          w_stride_e, w_stride_n, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_MAP: tl.constexpr,
+                          BY_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Program (slot, n tile): BLOCK_N gate rows and the matching BLOCK_N up rows of one routed expert
+    (unit stride on k) times all its pairs' tokens; act_and_mul in registers; act [num_pairs, inter]."""
+    e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
+    if work:
+        offs_m = tl.arange(0, BLOCK_M)
+        tok = (offs_m // TOPK).to(tl.int64)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + tok[:, None] * x_stride
+        g_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
+        u_rows = g_rows + inter * w_stride_n
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < hidden
+            a = tl.load(x_rows + kk[None, :], mask=rows[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(g_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            u = tl.load(u_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc_g = tl.dot(a, tl.trans(g), acc_g, input_precision="ieee")
+                acc_u = tl.dot(a, tl.trans(u), acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(a, tl.trans(g), acc_g)
+                acc_u = tl.dot(a, tl.trans(u), acc_u)
+        dt = act_ptr.dtype.element_ty
+        gv = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
+        uv = acc_u.to(dt).to(tl.float32)
+        if ACT == 0:
+            av = gv / (1.0 + tl.exp(-gv))
+        else:
+            av = 0.5 * gv * (1.0 + tl.math.erf(gv * 0.7071067811865476))
+        tl.store(act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (av * uv).to(dt),
+                 mask=rows[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, map_ptr, wts_ptr, y_ptr, out_ptr, cnt_ptr, num_pairs,
+                            num_tokens, slots, hidden, inter, w_stride_e, w_stride_n, TOPK: tl.constexpr,
+                            HAS_MAP: tl.constexpr, BY_EXPERT: tl.constexpr, REDUCE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+    """Program (slot, n tile): y[pair, n tile] = act[pair] @ w2[e][n tile]^T for the pairs of one routed
+    expert, rounded to the input dtype (the reference's matmul output). With REDUCE, the last of the
+    ``slots`` programs of an n tile to arrive (a counter per n tile) sums every token's top_k rows of y in
+    choice order, weighted, in float32, and stores out (pairs held elsewhere add exactly 0)."""
+    pid_n = tl.program_id(1)
+    e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    if work:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_rows = act_ptr + offs_m[:, None].to(tl.int64) * inter
+        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < inter
+            a = tl.load(a_rows + kk[None, :], mask=rows[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(w), acc)
+        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * hidden + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=rows[:, None] & n_ok[None, :])
+    if REDUCE:
+        tl.debug_barrier()  # every thread's y stores precede the release below
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == slots - 1:
+            offs_t = tl.arange(0, BLOCK_T)
+            t_ok = offs_t < num_tokens
+            tot = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(TOPK):
+                pair = offs_t * TOPK + j
+                idj = tl.load(ids_ptr + pair, mask=t_ok, other=0)
+                if HAS_MAP:
+                    idj = tl.load(map_ptr + idj, mask=t_ok, other=-1)
+                here = t_ok & (idj >= 0)
+                wj = tl.load(wts_ptr + pair, mask=here, other=0.0).to(tl.float32)
+                yj = tl.load(y_ptr + pair[:, None].to(tl.int64) * hidden + offs_n[None, :],
+                             mask=here[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg").to(tl.float32)
+                tot += tl.where(here[:, None], wj[:, None] * yj, 0.0)
+            tl.store(out_ptr + offs_t[:, None].to(tl.int64) * hidden + offs_n[None, :],
+                     tot.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+
+
+def fused_experts_decode(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, act, plan) -> torch.Tensor:
+    """Few (token, choice) pairs: two launches, no sort. ``topk_ids`` [num_tokens, top_k] int32 (global ids,
+    contiguous), ``expert_map`` int32 or None, ``topk_weights`` contiguous; w13/w2 with unit stride on their
+    last dim; ``plan`` from ``accel_backend_cuda.moe_decode_plan``."""
+    num_tokens, hidden = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    num_pairs = num_tokens * top_k
+    inter = w2.shape[2]
+    dev = hidden_states.device
+    dt = hidden_states.dtype
+    out = torch.empty_like(hidden_states)
+    if num_pairs == 0:
+        return out
+    ieee = _tl_dtype_ieee(dt)
+    has_map = expert_map is not None
+    emap = expert_map if has_map else topk_ids
+    slots = plan["slots"]
+    up, down = plan["up"], plan["down"]
+    act_buf = torch.empty((num_pairs, inter), dtype=dt, device=dev)
+    y = torch.empty((num_pairs, hidden), dtype=dt, device=dev)
+    _moe_decode_up_kernel[(slots, triton.cdiv(inter, up["BLOCK_N"]))](
+        hidden_states, w13, topk_ids, emap, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
+        w13.stride(0), w13.stride(1), TOPK=top_k, ACT=act, HAS_MAP=has_map, BY_EXPERT=plan["BY_EXPERT"],
+        BLOCK_M=plan["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], IEEE=ieee,
+        num_warps=up["num_warps"], num_stages=up["num_stages"])
+    n_tiles = triton.cdiv(hidden, down["BLOCK_N"])
+    cnt = counters(dev, n_tiles)
+    _moe_decode_down_kernel[(slots, n_tiles)](
+        act_buf, w2, topk_ids, emap, topk_weights, y, out, cnt if cnt is not None else out, num_pairs, num_tokens,
+        slots, hidden, inter, w2.stride(0), w2.stride(1), TOPK=top_k, HAS_MAP=has_map,
+        BY_EXPERT=plan["BY_EXPERT"], REDUCE=cnt is not None, BLOCK_M=plan["BLOCK_M"], BLOCK_N=down["BLOCK_N"],
+        BLOCK_K=down["BLOCK_K"], BLOCK_T=triton.next_power_of_2(num_tokens), IEEE=ieee,
+        num_warps=down["num_warps"], num_stages=down["num_stages"])
+    if cnt is None:  # no counter buffer (first call inside a graph capture): a second kernel sums
+        ids = topk_ids.reshape(-1).to(torch.int64)
+        if has_map:
+            ids = expert_map.to(torch.int64)[ids]
+        block = min(1024, triton.next_power_of_2(hidden))
+        _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](
+            y, topk_weights.reshape(-1).to(torch.float32), ids, out, hidden, TOPK=top_k, BLOCK=block, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # W8A8: dynamic per-token int8 quantization
 # ----------------------------------------------------------------------------------------------------
 

@@ -400,7 +400,17 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=120)
     ap.add_argument("--hf-gen", type=int, default=16)
+    ap.add_argument("--kernel-config", type=Path, default=None,
+                    help="JSON of entries that replace accel_backend_cuda._triton_kernels.CONFIG's (launch configs "
+                         "chosen by a sweep in the same run, e.g. bench_moe_decode.py's best.json)")
     args = ap.parse_args()
+    if args.kernel_config is not None:
+        import importlib
+
+        override = json.loads(args.kernel_config.read_text())
+        importlib.import_module("accel_backend_cuda._triton_kernels").CONFIG.update(override)
+        RES["kernel_config"] = override
+        log(f"kernel config override: {json.dumps(override)}")
     for k in ("batches", "hf_batches", "compiled_batches"):
         setattr(args, k, [int(x) for x in getattr(args, k).split(",") if x])
     args.out.mkdir(parents=True, exist_ok=True)

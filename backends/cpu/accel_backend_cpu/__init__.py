@@ -9,9 +9,10 @@ vocabulary at hidden 512 takes 11.5 ms per 16-row step through ``F.linear`` and 
 
 What this backend implements:
 
-* ``prepare_linear``: packs float32 weights (bfloat16 / float16 ones where oneDNN has native kernels for
-  them on this CPU) with ``torch.ops.mkldnn._reorder_linear_weight``; returns None (plain ``F.linear``)
-  for other dtypes and non-CPU tensors. **Memory**: the packed copy sits beside the weight, so the linear
+* ``prepare_linear``: packs float32 weights of at least 2**18 elements (bfloat16 / float16 ones where
+  oneDNN has native kernels for them on this CPU) with ``torch.ops.mkldnn._reorder_linear_weight``;
+  returns None (plain ``F.linear``) for smaller weights (a packed call has ~14 us more fixed cost), other
+  dtypes and non-CPU tensors. **Memory**: the packed copy sits beside the weight, so the linear
   layers' weights take twice their size. Set ``ACCEL_CPU_PACK=0`` to turn packing off.
 * ``linear``: ``torch.ops.mkldnn._linear_pointwise`` on the packed weight. The prepared object remembers
   the weight it was made from (address, shape, dtype, version counter); a weight that no longer matches,
@@ -25,6 +26,7 @@ reference's -100).
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -76,6 +78,11 @@ def _packable(dtype: torch.dtype) -> bool:
     return False
 
 
+#: Smaller weights stay on F.linear: a oneDNN call on a packed weight costs ~14 us more than F.linear's fixed
+#: cost (measured on the CI machine), which only weights from ~512 x 512 up repay in a decode step.
+_MIN_PACKED_NUMEL = 1 << 18
+
+
 @dataclass(frozen=True)
 class PackedLinear:
     """A weight packed by oneDNN plus what identifies the weight it was packed from."""
@@ -94,7 +101,7 @@ class PackedLinear:
 @hookimpl
 def accel_prepare_linear(weight: torch.Tensor) -> PackedLinear | None:
     argcheck.check_prepare_linear(weight, _FLOATS, NAME)
-    if (weight.device.type != "cpu" or not _packable(weight.dtype) or weight.numel() == 0
+    if (weight.device.type != "cpu" or not _packable(weight.dtype) or weight.numel() < _MIN_PACKED_NUMEL
             or os.environ.get("ACCEL_CPU_PACK", "1") == "0" or _onednn_missing() is not None):
         return None
     with torch.no_grad():
@@ -118,14 +125,12 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 # [block_size, head_size] matrix, so a decode step gathers each sequence's blocks with one index_select and
 # multiplies them as they lie (batched GEMMs over (sequence, block, KV head) with the key block read
 # transposed by the BLAS), instead of the reference's gather + permute + contiguous copy of the context.
-# Caches are allocated zero-filled, so a slot holds zeros or what a write put there; write_kv_cache records
-# every cache that ever received a non-finite value, and only such a cache pays for zeroing the slots
-# outside each context (0 * NaN is NaN even at probability 0). Prefill and mixed batches go through the
+# Caches are allocated zero-filled, so a slot holds zeros or what a write put there; the slots outside each
+# context are zeroed (0 * NaN is NaN even at probability 0) only when an output comes out non-finite, and
+# that output is computed again. Prefill and mixed batches go through the
 # reference's implementation on a transposed view of the same cache.
 
 _LAYOUT_NAME = "[2, num_blocks, num_kv_heads, block_size, head_size] (zero-filled)"
-#: data_ptr of every cache that received a non-finite key or value (those take the masking path)
-_TAINTED: set[int] = set()
 
 
 @hookimpl
@@ -140,9 +145,7 @@ def accel_allocate_kv_cache(
 ) -> torch.Tensor:
     argcheck.check_allocate_kv_cache(num_blocks, block_size, accel_kv_cache_layout(
         num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype).block_sizes, NAME)
-    cache = torch.zeros((2, num_blocks, num_kv_heads, block_size, head_size), dtype=dtype, device=device)
-    _TAINTED.discard(cache.data_ptr())
-    return cache
+    return torch.zeros((2, num_blocks, num_kv_heads, block_size, head_size), dtype=dtype, device=device)
 
 
 def _check_cache(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
@@ -155,6 +158,9 @@ def _check_cache(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
     return num_blocks, kv_heads, block_size, head_size
 
 
+_HEAD_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
 @hookimpl
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_blocks, kv_heads, block_size, head_size = _check_cache(kv_cache)
@@ -164,15 +170,21 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
         slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
     if not slot_mapping.numel():
         return
-    if int(slot_mapping.max()) >= num_blocks * block_size:
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}, past the cache's "
-                         f"{num_blocks} blocks of {block_size} slots")
-    blk, off = slot_mapping // block_size, slot_mapping % block_size
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
-    k_cache[blk, :, off] = key.to(kv_cache.dtype)
-    v_cache[blk, :, off] = value.to(kv_cache.dtype)
-    if not (bool(torch.isfinite(key).all()) and bool(torch.isfinite(value).all())):
-        _TAINTED.add(kv_cache.data_ptr())
+    # the row of (slot, head) in the cache seen as [2, num_blocks * kv_heads * block_size, head_size]:
+    # block * kv_heads * block_size + head * block_size + offset = slot + block * (kv_heads - 1) * block_size + ...
+    offsets = _HEAD_OFFSETS.get((kv_heads, block_size, slot_mapping.device))
+    if offsets is None:
+        offsets = _HEAD_OFFSETS.setdefault((kv_heads, block_size, slot_mapping.device),
+                                           torch.arange(kv_heads, device=slot_mapping.device) * block_size)
+    rows = (slot_mapping + (slot_mapping // block_size) * ((kv_heads - 1) * block_size))[:, None] + offsets
+    rows = rows.flatten()
+    flat = kv_cache.view(2, num_blocks * kv_heads * block_size, head_size)
+    try:
+        flat[0].index_copy_(0, rows, key.reshape(-1, head_size).to(kv_cache.dtype))
+        flat[1].index_copy_(0, rows, value.reshape(-1, head_size).to(kv_cache.dtype))
+    except (IndexError, RuntimeError) as exc:
+        raise ValueError(f"slot_mapping holds slots in [{int(slot_mapping.min())}, {int(slot_mapping.max())}]; the "
+                         f"cache has {num_blocks} blocks of {block_size} slots ({exc})") from None
 
 
 _LOCAL = threading.local()
@@ -230,10 +242,25 @@ def accel_paged_attention(
     hidden = k_pos[None, :] >= seq_lens[:, None]  # [B, span]
     if sliding_window:
         hidden |= k_pos[None, :] < seq_lens[:, None] - sliding_window
-    if kv_cache.data_ptr() in _TAINTED:  # slots outside the contexts may hold NaN/inf: zero them
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    out = _decode_blocks(query, kv, hidden, batch, nb, kv_heads, group, block_size, head_size, scale,
+                         logits_soft_cap, acc)
+    # A slot outside a context holds zeros (fresh cache) or what an earlier sequence wrote; if that was NaN or
+    # inf, 0 * NaN poisons this output. Rare, and only then: zero those slots and compute again (what the
+    # reference always does). A sum is NaN/inf exactly when an element is (or on overflow: harmless).
+    if not math.isfinite(float(out.sum(dtype=acc))):
         kv.view(2, batch, nb, kv_heads, block_size, head_size).masked_fill_(
             hidden.view(1, batch, nb, 1, block_size, 1), 0)
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        out = _decode_blocks(query, kv, hidden, batch, nb, kv_heads, group, block_size, head_size, scale,
+                             logits_soft_cap, acc)
+    return out.to(query.dtype)
+
+
+def _decode_blocks(query: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor, batch: int, nb: int, kv_heads: int,
+                   group: int, block_size: int, head_size: int, scale: float, logits_soft_cap: float | None,
+                   acc: torch.dtype) -> torch.Tensor:
+    """Attention of one query row per sequence over its gathered blocks ``kv [2, B*nb*kvh, bs, D]``."""
+    num_heads = kv_heads * group
     # every (sequence, block, KV head) is one small GEMM: [group, D] x [D, block_size]
     q = query.view(batch, 1, kv_heads, group, head_size).expand(batch, nb, kv_heads, group, head_size)
     q = q.reshape(batch * nb * kv_heads, group, head_size).to(kv.dtype)
@@ -245,5 +272,4 @@ def accel_paged_attention(
     probs = torch.softmax(scores.reshape(batch, kv_heads, group, nb * block_size), dim=-1).to(kv.dtype)
     probs = probs.view(batch, kv_heads, group, nb, block_size).permute(0, 3, 1, 2, 4)
     out = torch.bmm(probs.reshape(batch * nb * kv_heads, group, block_size), kv[1])  # [B*nb*kvh, group, D]
-    out = out.view(batch, nb, num_heads, head_size).sum(dim=1, dtype=acc)
-    return out.to(query.dtype)
+    return out.view(batch, nb, num_heads, head_size).sum(dim=1, dtype=acc)

@@ -166,6 +166,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--verify-only", action="store_true", help="the checks of the default config, no timing")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     default = {"max_pairs": C.MOE_DECODE_CONFIG["max_pairs"], "up": dict(C.MOE_DECODE_CONFIG["up"]),
@@ -175,6 +176,12 @@ def main() -> int:
     except Exception as exc:
         RES["failures"].append(f"verify: {exc}\n{traceback.format_exc()}")
         log(traceback.format_exc())
+    if args.verify_only:
+        (args.out / "results.json").write_text(json.dumps(RES, indent=1, default=str))
+        print(f"verify of {default}: {len(RES['verify'])} cases, failures: {len(RES['failures'])}")
+        for f in RES["failures"]:
+            print("FAIL", f)
+        return 1 if RES["failures"] else 0
     bw = copy_bw()
     RES["copy_bandwidth_Bps"] = bw
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -336,6 +336,35 @@ def test_moe_align_places_every_local_pair_once_in_its_experts_blocks(ids, num_e
 
 
 # ----------------------------------------------------------------------------------------------------
+# fused_experts decode path plan (issue 11)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_moe_decode_plan_only_for_few_pairs():
+    max_pairs = C.MOE_DECODE_CONFIG["max_pairs"]
+    assert C.moe_decode_plan(0, 16, 2048, 1024) is None  # nothing to do: the launcher returns zeros
+    assert C.moe_decode_plan(max_pairs + 1, 16, 2048, 1024) is None  # prefill-sized: the sorted grouped GEMM
+    assert C.moe_decode_plan(1, 16, 2048, 1024, config={"moe_decode": {**C.MOE_DECODE_CONFIG, "max_pairs": 0}}) is None
+    one = C.moe_decode_plan(2, 16, 2048, 1024)  # Mixtral, one token: a slot per pair, both routed experts work
+    assert one["BLOCK_M"] == 16 and not one["BY_EXPERT"] and one["slots"] == 2
+    full = C.moe_decode_plan(max_pairs, 16, 2048, 1024)  # more pairs than experts: a slot per local expert
+    assert full["BY_EXPERT"] and full["slots"] == 16 and full["BLOCK_M"] >= max_pairs
+
+
+@given(pairs=st.integers(1, C.MOE_DECODE_CONFIG["max_pairs"]), num_local=st.integers(1, 300),
+       hidden=st.integers(1, 8192), inter=st.integers(1, 8192), itemsize=st.sampled_from([2, 4]))
+def test_moe_decode_plan_covers_the_pairs_and_fits_shared_memory(pairs, num_local, hidden, inter, itemsize):
+    p = C.moe_decode_plan(pairs, num_local, hidden, inter, itemsize)
+    assert p["BLOCK_M"] >= max(16, pairs) and p["BLOCK_M"] & (p["BLOCK_M"] - 1) == 0  # one pow2 row tile
+    # one slot per local expert, or one per pair: either way every routed expert has a program row
+    assert p["slots"] == (num_local if p["BY_EXPERT"] else pairs) and p["BY_EXPERT"] == (num_local <= pairs)
+    for name, weights in (("up", 2), ("down", 1)):
+        t = p[name]
+        assert t["BLOCK_N"] >= 16 and t["BLOCK_K"] >= 16 and t["num_stages"] >= 1
+        assert t["num_stages"] * (p["BLOCK_M"] + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize <= C.SMEM_BUDGET
+
+
+# ----------------------------------------------------------------------------------------------------
 # small-M linear plan (issue 11)
 # ----------------------------------------------------------------------------------------------------
 

@@ -191,8 +191,11 @@ def test_linear_hook_uses_the_small_m_kernel(kernels, monkeypatch):
     assert len(calls) == 2 and calls[0]["SPLIT_K"] > 1  # 2 row tiles on 4 "SMs": k is split
 
 
+@pytest.mark.parametrize("path", ["decode", "sorted"])
 @pytest.mark.parametrize("activation, ep", [("silu", False), ("gelu", True)])
-def test_fused_experts(activation, ep):
+def test_fused_experts(activation, ep, path, kernels, monkeypatch):
+    if path == "sorted":  # the grouped GEMM over sorted pairs (above the decode path's max_pairs)
+        monkeypatch.setitem(kernels.CONFIG, "moe_decode", {**C.MOE_DECODE_CONFIG, "max_pairs": 0})
     g = torch.Generator().manual_seed(3)
     tokens, experts, hidden, inter, top_k = 9, 5, 24, 20, 2
     x = torch.randn(tokens, hidden, generator=g)
@@ -211,6 +214,55 @@ def test_fused_experts(activation, ep):
     exp = R.accel_fused_experts(hidden_states=x.to(F64), w13=w13[:local].to(F64), w2=w2[:local].to(F64),
                                 topk_weights=tw, topk_ids=ti, activation=activation, expert_map=emap)
     assert rel(got, exp) < 2e-6
+
+
+def _moe_case(tokens, experts, local, top_k, hidden, inter, seed):
+    """Random fused_experts inputs; ``local`` experts (of ``experts``) held here through an expert_map with
+    -1 for the others (None: all local, no map)."""
+    g = torch.Generator().manual_seed(seed)
+    nl = local or experts
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = torch.randn(nl, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(nl, hidden, inter, generator=g) / inter**0.5
+    ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)]).to(torch.int32)
+    w = torch.rand(tokens, top_k, generator=g) + 0.1
+    emap = None
+    if local:
+        emap = torch.full((experts,), -1, dtype=torch.int32)
+        emap[torch.randperm(experts, generator=g)[:local]] = torch.arange(local, dtype=torch.int32)
+    return dict(hidden_states=x, w13=w13, w2=w2, topk_weights=w / w.sum(-1, keepdim=True), topk_ids=ids,
+                expert_map=emap)
+
+
+@pytest.mark.parametrize("tokens, experts, local, top_k, hidden, inter, act, slots", [
+    (1, 8, None, 2, 70, 40, "silu", "pairs"),     # one token: a slot per pair, each the first of its expert
+    (3, 8, 5, 3, 70, 40, "gelu", "experts"),      # 9 pairs >= 5 local experts: a slot per expert; -1 experts
+    (2, 12, 6, 2, 33, 17, "silu", "pairs"),       # odd tiles; some pairs held elsewhere
+    (12, 4, None, 2, 40, 24, "silu", "experts"),  # 24 pairs: a 32-row tile, experts shared by many tokens
+])
+def test_fused_experts_decode_path(tokens, experts, local, top_k, hidden, inter, act, slots, kernels, monkeypatch):
+    case = _moe_case(tokens, experts, local, top_k, hidden, inter, seed=tokens * 31 + experts)
+    plans = []
+    real = kernels.fused_experts_decode
+    monkeypatch.setattr(kernels, "fused_experts_decode", lambda *a: plans.append(a[-1]) or real(*a))
+    # small tiles so several n tiles and k steps run (the defaults would cover these shapes in one)
+    tiles = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setitem(kernels.CONFIG, "moe_decode", {"max_pairs": 32, "up": tiles, "down": tiles})
+    got = C.accel_fused_experts(activation=act, **case)
+    f64 = {k: (v.to(F64) if k in ("hidden_states", "w13", "w2") else v) for k, v in case.items()}
+    exp = R.accel_fused_experts(activation=act, **f64)
+    assert len(plans) == 1 and plans[0]["BY_EXPERT"] == (slots == "experts")
+    assert got.shape == exp.shape and rel(got, exp) < 2e-6
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())  # counters zeroed for the next call
+
+
+def test_fused_experts_decode_path_without_counters_sums_in_a_second_kernel(kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "COUNTER_SLOTS", 0)  # as on a first call inside a graph capture
+    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    case = _moe_case(3, 6, 4, 2, 48, 24, seed=5)
+    got = C.accel_fused_experts(activation="silu", **case)
+    f64 = {k: (v.to(F64) if k in ("hidden_states", "w13", "w2") else v) for k, v in case.items()}
+    assert rel(got, R.accel_fused_experts(activation="silu", **f64)) < 2e-6
 
 
 def test_int8_quant_and_matmul():

@@ -399,6 +399,11 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one model step; returns the (cumulative) output of every request that produced a token or
         finished in it."""
+        return self._step(finished_only=False)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
+        """:meth:`step`; ``finished_only`` (the offline ``generate``) builds outputs only for requests that
+        finished, sparing a copy of every running request's token lists per step."""
         self._check_open()
         sched = self.scheduler.schedule()
         if not sched.items:
@@ -464,7 +469,8 @@ class LLM:
             assert out is not None
             self._append(req, new_tokens[j], out.logprobs[j], out.sampled_logprob[j])
             j += 1
-            outputs.append(self._output(req))
+            if not finished_only or req.status is RequestStatus.FINISHED:
+                outputs.append(self._output(req))
         return outputs
 
     # -- step helpers --------------------------------------------------------------------------------------
@@ -564,7 +570,7 @@ class LLM:
         total = len(ids)
         try:
             while pending:
-                for o in self.step():
+                for o in self._step(finished_only=True):
                     if o.finished and o.request_id in pending:
                         results[o.request_id] = o
                         pending.discard(o.request_id)

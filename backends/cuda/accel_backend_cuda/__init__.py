@@ -34,6 +34,10 @@ FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZES = (16, 32, 64, 128)
 MAX_HEAD_SIZE = 256
 MAX_HIDDEN = 65536  # rms_norm / int8 quant keep one row in registers
+#: moe_topk's one-launch kernel keeps a token's expert scores and its top-k in registers
+MOE_TOPK_MAX_EXPERTS = 4096
+MOE_TOPK_MAX_K = 16
+TRITON_MOE_TOPK = True  # False: plain torch (the benchmark flips it to compare)
 #: Shared memory a kernel's pipelined tiles may take (H100: 227 KiB per block; some left for the epilogue).
 SMEM_BUDGET = 216 * 1024
 MIN_COMPUTE_CAPABILITY = (8, 0)  # bf16 tensor-core dots
@@ -428,10 +432,16 @@ def accel_moe_topk(
     e_score_correction_bias: torch.Tensor | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch on the GPU: a few small kernels over [tokens, experts]; not worth a Triton kernel yet."""
+    """One Triton launch for ungrouped routing (Mixtral, Qwen-MoE: a decode step's ~7 small torch kernels per
+    MoE layer were ~0.2 ms of the Mixtral step); grouped top-k (DeepSeek) in plain torch."""
     _check_tensors(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
     num_tokens, num_experts, grouped = argcheck.check_moe_topk(
         router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias, FLOATS, NAME)
+    if not grouped and top_k <= MOE_TOPK_MAX_K and num_experts <= MOE_TOPK_MAX_EXPERTS and TRITON_MOE_TOPK:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        bias = None if e_score_correction_bias is None else e_score_correction_bias.contiguous()
+        return _kernels().moe_topk(logits, top_k, scoring_func == "softmax", renormalize, bias,
+                                   routed_scaling_factor)
     logits = router_logits.to(torch.float32)
     scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
     choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(torch.float32)

@@ -464,6 +464,58 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
 
 
 @triton.jit
+def _moe_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, num_experts, logits_stride, scaling,
+                     TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SOFTMAX: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+    """One token per program: scores (softmax or sigmoid, float32), top-k by score (+ correction bias) with
+    ties to the lower expert id, weights of the chosen experts (renormalized, scaled)."""
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    ok = offs < num_experts
+    x = tl.load(logits_ptr + t * logits_stride + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        e = tl.where(ok, tl.exp(x - tl.max(x, 0)), 0.0)
+        scores = e / tl.sum(e, 0)
+    else:
+        scores = tl.where(ok, tl.sigmoid(x), 0.0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    choice = tl.where(ok, choice, float("-inf"))
+    koffs = tl.arange(0, BLOCK_K)
+    wts = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(choice, 0)
+        idx = tl.min(tl.where(choice == best, offs, BLOCK_E), 0)  # the lowest id among ties
+        w = tl.sum(tl.where(offs == idx, scores, 0.0), 0)
+        wts = tl.where(koffs == j, w, wts)
+        ids = tl.where(koffs == j, idx, ids)
+        choice = tl.where(offs == idx, float("-inf"), choice)
+    if RENORM:
+        wts = wts / tl.sum(wts, 0)
+    wts = wts * scaling
+    kok = koffs < TOP_K
+    tl.store(w_ptr + t * TOP_K + koffs, wts, mask=kok)
+    tl.store(ids_ptr + t * TOP_K + koffs, ids, mask=kok)
+
+
+def moe_topk(router_logits: torch.Tensor, top_k: int, softmax: bool, renormalize: bool,
+             bias: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ungrouped routing in one launch; ``router_logits`` [T, E] with a unit last stride."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=router_logits.device)
+    if num_tokens:
+        _moe_topk_kernel[(num_tokens,)](
+            router_logits, bias if bias is not None else router_logits, weights, ids, num_experts,
+            router_logits.stride(0), float(scaling), TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_E=triton.next_power_of_2(num_experts), SOFTMAX=softmax, HAS_BIAS=bias is not None,
+            RENORM=renormalize, num_warps=1 if num_experts <= 256 else 4)
+    return weights, ids
+
+
+@triton.jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr, num_pairs, hidden, inter,
                         x_stride, w_stride_e, w_stride_n, w_stride_k, TOPK: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

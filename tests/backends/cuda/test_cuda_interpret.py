@@ -280,3 +280,37 @@ def test_int8_quant_and_matmul():
     got = C.accel_int8_scaled_mm(a=q, b=b, scale_a=s, scale_b=sb, out_dtype=torch.float32, bias=bias)
     exp = (q.to(F64) @ b.to(F64).t()) * s.to(F64) * sb.to(F64) + bias.to(F64)
     assert rel(got, exp) < 1e-6
+
+
+@pytest.mark.parametrize(("tokens", "experts", "top_k", "scoring", "renorm", "bias", "scale"), [
+    (5, 8, 2, "softmax", True, False, 1.0),     # Mixtral
+    (3, 60, 4, "softmax", False, False, 1.0),   # Qwen2-MoE
+    (4, 128, 8, "softmax", True, False, 1.0),   # Qwen3-MoE
+    (2, 37, 3, "sigmoid", True, True, 2.5),     # sigmoid with a correction bias and routed scaling
+    (0, 8, 2, "softmax", True, False, 1.0),     # an empty batch
+])
+def test_moe_topk_kernel_matches_the_reference(tokens, experts, top_k, scoring, renorm, bias, scale):
+    g = torch.Generator().manual_seed(experts)
+    logits = torch.randn(tokens, experts, generator=g)
+    corr = torch.randn(experts, generator=g) * 0.1 if bias else None
+    kw = dict(top_k=top_k, scoring_func=scoring, renormalize=renorm, num_expert_group=None, topk_group=None,
+              routed_scaling_factor=scale)
+    w, ids = C.accel_moe_topk(router_logits=logits, e_score_correction_bias=corr, **kw)
+    ew, eids = R.accel_moe_topk(router_logits=logits.to(F64), e_score_correction_bias=None if corr is None else corr.to(F64), **kw)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (tokens, top_k)
+    assert torch.equal(ids, eids)
+    if tokens:
+        assert rel(w, ew) < 1e-6
+
+
+def test_moe_topk_kernel_breaks_ties_toward_the_lower_expert_id():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, 2.0]])  # experts 1, 2 and 4 tie for first
+    kw = dict(top_k=3, scoring_func="softmax", renormalize=False, num_expert_group=None, topk_group=None,
+              e_score_correction_bias=None, routed_scaling_factor=1.0)
+    _, ids = C.accel_moe_topk(router_logits=logits, **kw)
+    assert ids.tolist() == [[1, 2, 4]]
+    _, ids = C.accel_moe_topk(router_logits=torch.flip(logits, dims=[1]), **kw)  # now experts 1, 3 and 4
+    assert ids.tolist() == [[1, 3, 4]]
+    strided = torch.tensor([[1.0, 0.0, 3.0, 0.0, 3.0, 0.0]])[:, ::2]  # a non-unit last stride
+    _, ids = C.accel_moe_topk(router_logits=strided, **{**kw, "top_k": 2})
+    assert ids.tolist() == [[1, 2]]

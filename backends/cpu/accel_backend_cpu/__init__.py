@@ -18,6 +18,9 @@ What this backend implements:
   the weight it was made from (address, shape, dtype, version counter); a weight that no longer matches,
   or ``prepared=None``, takes ``F.linear`` (never a stale copy).
 
+* ``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``: torch's fused CPU kernels in float32 (the
+  reference's math); the reference's code in other dtypes.
+
 Every other op falls back to the reference backend (per-op fallback; ``accel-models ops --backend cpu``
 lists them). Selected automatically on machines without an accelerator backend (priority 0, above the
 reference's -100).
@@ -115,6 +118,45 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if isinstance(prepared, PackedLinear) and x.device.type == "cpu" and prepared.matches(weight):
         return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalization and activation: torch's fused CPU kernels where they compute the reference's math
+# ----------------------------------------------------------------------------------------------------
+#
+# In float32 ``F.rms_norm`` (one kernel) computes exactly the reference's ``x * rsqrt(mean(x^2) + eps) * w``;
+# in bfloat16/float16 the reference rounds the normalized x to the input dtype before the weight (as HF
+# does) and F.rms_norm does not, so those dtypes keep the reference. A decode step calls these 2-3 times per
+# layer on a few rows, where the op count, not the bytes, is the cost.
+
+
+@hookimpl
+def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return _ref.accel_rms_norm(x=x, weight=weight, eps=eps)
+    argcheck.check_rms_norm(x, weight, _FLOATS, NAME)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@hookimpl
+def accel_fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (x.dtype != torch.float32 or residual.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.device.type != "cpu"):
+        return _ref.accel_fused_add_rms_norm(x=x, residual=residual, weight=weight, eps=eps)
+    argcheck.check_fused_add_rms_norm(x, residual, weight, _FLOATS, NAME)
+    residual_out = x + residual
+    return F.rms_norm(residual_out, (x.shape[-1],), weight, eps), residual_out
+
+
+@hookimpl
+def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return _ref.accel_silu_and_mul(x=x)
+    argcheck.check_gated(x, _FLOATS, NAME)
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
 
 
 # ----------------------------------------------------------------------------------------------------

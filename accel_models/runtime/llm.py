@@ -12,6 +12,7 @@ Bad input policy (documented in the README's runtime section):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -339,12 +340,15 @@ class LLM:
         return out
 
     def _make_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None,
-                      score: bool = False) -> Request:
+                      score: bool = False, _child: bool = False) -> Request:
         self._check_open()
         if params is None:
             params = self.get_default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be an accel_models.SamplingParams, got {type(params).__name__}")
+        if params.n != 1 and not _child:
+            raise ValueError(f"n={params.n}: the step API runs one completion per request; add {params.n} requests "
+                             "(with different seeds if seeded) or use generate(), which does that for you")
         text, ids = self._tokenize(prompt)
         limit = self.max_model_len if score else self.max_model_len - 1
         if len(ids) > limit:
@@ -625,13 +629,38 @@ class LLM:
         else:
             params_list = [sampling_params] * len(prompts)
         reqs: list[Request | RequestOutput] = []
+        groups: list[tuple[str, int]] = []  # per prompt: (request id, number of completions)
         for prompt, params in zip(prompts, params_list):
             rid = f"gen-{next(self._counter)}"
+            n = params.n if isinstance(params, SamplingParams) else 1
             try:
-                reqs.append(self._make_request(rid, prompt, params))
+                if n == 1:
+                    reqs.append(self._make_request(rid, prompt, params))
+                else:  # n completions = n requests; a seeded one gets seeds seed, seed + 1, ... (as vLLM)
+                    assert isinstance(params, SamplingParams)
+                    reqs.extend(self._make_request(
+                        f"{rid}#{i}", prompt, params.model_copy(update={
+                            "n": 1, "seed": None if params.seed is None else params.seed + i}), _child=True)
+                        for i in range(n))
             except ValueError as exc:
+                n = 1
                 reqs.append(self._error_output(rid, prompt, exc))
-        return self._run(reqs, progress)
+            groups.append((rid, n))
+        outs = self._run(reqs, progress)
+        merged: list[RequestOutput] = []
+        pos = 0
+        for rid, n in groups:
+            part = outs[pos : pos + n]
+            pos += n
+            if n == 1:
+                merged.append(part[0])
+                continue
+            first = part[0]
+            merged.append(RequestOutput(
+                request_id=rid, prompt=first.prompt, prompt_token_ids=first.prompt_token_ids,
+                outputs=[dataclasses.replace(o.outputs[0], index=i) for i, o in enumerate(part)], finished=True,
+                prompt_logprobs=first.prompt_logprobs, error=first.error))
+        return merged
 
     def chat(
         self,

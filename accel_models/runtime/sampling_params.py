@@ -25,7 +25,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    n: int = Field(default=1, description="completions per prompt (only 1 is supported)")
+    n: int = Field(default=1, description="completions per prompt (LLM.generate; the step API takes n=1)")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0,
                                     description="subtracted once from the logit of every token already generated")
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0,
@@ -86,9 +86,9 @@ class SamplingParams(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _n_is_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"n={v}: only n=1 is supported; submit the prompt several times with different seeds")
+    def _n_is_positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"n must be at least 1, got {v}")
         return v
 
     @field_validator("max_tokens")

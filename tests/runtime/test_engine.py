@@ -124,6 +124,26 @@ def test_seeds_reproduce_across_batch_compositions(llm):
     assert other_seed != alone
 
 
+def test_n_completions_per_prompt(llm):
+    """n > 1: n completions in one RequestOutput (index 0..n-1); seeded, completion i uses seed + i (as vLLM),
+    so each equals a single request with that seed; the step API refuses n > 1 with what to do instead."""
+    sp = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, n=3)
+    outs = llm.generate([PROMPT, "Hello world"], sp)
+    assert len(outs) == 2 and all(o.finished and len(o.outputs) == 3 for o in outs)
+    assert [c.index for c in outs[0].outputs] == [0, 1, 2]
+    for i in range(3):
+        single = llm.generate(PROMPT, sp.model_copy(update={"n": 1, "seed": 7 + i}))[0].outputs[0]
+        assert outs[0].outputs[i].token_ids == single.token_ids and outs[0].outputs[i].text == single.text
+    assert len({tuple(c.token_ids) for c in outs[0].outputs}) > 1  # different seeds, different samples
+    greedy_n = llm.generate(PROMPT, greedy(n=2))[0]
+    assert greedy_n.outputs[0].token_ids == greedy_n.outputs[1].token_ids == llm.generate(PROMPT, greedy())[0].outputs[0].token_ids
+    bad = llm.generate(["", PROMPT], greedy(n=2))  # a bad prompt with n > 1: one error output, the rest run
+    assert bad[0].outputs[0].finish_reason == "error" and len(bad[1].outputs) == 2
+    with pytest.raises(ValueError, match="n=2"):
+        llm.add_request("x", PROMPT, greedy(n=2))
+    assert not llm.has_unfinished_requests() and llm.kv.num_free_blocks == llm.num_blocks
+
+
 # -- abort, step API --------------------------------------------------------------------------------------
 
 
@@ -162,7 +182,7 @@ def test_abort_waiting_request_and_duplicate_ids(llm):
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"min_p": 2.0}, "min_p"), ({"top_k": -2}, "top_k"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 3.0}, "presence_penalty"),
-    ({"n": 2}, "n"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
+    ({"n": 0}, "n"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"stop": [""]}, "stop"),
     ({"logprobs": -1}, "logprobs"), ({"bogus": 1}, "bogus"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
 ])
 def test_bad_sampling_params_are_rejected(kw, match):

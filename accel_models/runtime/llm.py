@@ -90,6 +90,9 @@ class LLM:
         graph_batch_sizes: decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up
             to ``max_num_seqs``); a decode of ``n`` sequences runs as the smallest captured size ``>= n``,
             padded, and eagerly when none is.
+        enable_prefix_caching: keep computed full KV-cache blocks after their request ends and give them to
+            later requests whose tokens start the same way (shared system prompts, several completions of
+            one prompt, multi-turn chats): their prefill skips those tokens. On by default, as in vLLM.
 
     Use it as a context manager or call :meth:`shutdown` (which also stops the ranks).
     """
@@ -113,6 +116,7 @@ class LLM:
         enable_expert_parallel: bool = False,
         enforce_eager: bool = False,
         graph_batch_sizes: Sequence[int] | None = None,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self._tp: Any = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
         self._closed = True
@@ -121,7 +125,7 @@ class LLM:
                         block_size=block_size, kv_cache_memory=kv_cache_memory,
                         max_num_batched_tokens=max_num_batched_tokens, seed=seed, tokenizer=tokenizer,
                         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
-                        enable_expert_parallel=enable_expert_parallel)
+                        enable_expert_parallel=enable_expert_parallel, enable_prefix_caching=enable_prefix_caching)
             self._setup_graphs(enforce_eager, graph_batch_sizes)
         except BaseException:
             if self._tp is not None:  # no rank outlives a failed construction
@@ -132,7 +136,7 @@ class LLM:
                device: str | torch.device | None, *, max_num_seqs: int, max_model_len: int | None,
                block_size: int | None, kv_cache_memory: int, max_num_batched_tokens: int | None,
                seed: int | None, tokenizer: str | Path | None, kv_cache_dtype: torch.dtype | None,
-               tensor_parallel_size: int, enable_expert_parallel: bool) -> None:
+               tensor_parallel_size: int, enable_expert_parallel: bool, enable_prefix_caching: bool) -> None:
         from accel_models.loader import load_model
         from accel_models.runner import ModelRunner
 
@@ -224,7 +228,7 @@ class LLM:
         else:
             self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                       kv_cache_dtype=kv_dtype, device=self.device, max_model_len=max_model_len)
-        self.kv = KVCacheManager(num_blocks, block_size)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=self.max_num_batched_tokens)
         max_blocks = -(-max_model_len // block_size)
@@ -461,6 +465,7 @@ class LLM:
         for req, n, r0, k, samples, prompt_pass in plan:
             prev = req.num_computed_tokens
             req.num_computed_tokens += n
+            self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if prompt_pass:
                 assert logits is not None
                 self._prompt_pass(req, logits[r0 : r0 + k], prev, n)

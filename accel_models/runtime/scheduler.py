@@ -11,6 +11,9 @@ When a running request needs a block and none is free, the most recently arrived
 its prompt and its output so far, to be prefilled again when there is room (its sampling state is kept,
 so a seeded request still produces the same tokens). The engine caps ``max_model_len`` to what the cache
 can hold, so a request alone always fits and preemption always makes progress.
+
+With prefix caching (the KV manager's), a request admitted from the waiting queue first takes the cached
+full blocks its tokens start with and computes only the rest (a recomputed preempted request too).
 """
 
 from __future__ import annotations
@@ -138,6 +141,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    @staticmethod
+    def _may_reuse_prefix(req: Request) -> bool:
+        """Score requests and ones still owing prompt logprobs need the logits of every prompt position."""
+        needs_prompt_logits = req.score or (req.params.prompt_logprobs is not None and not req.prompt_pass_done)
+        return not needs_prompt_logits
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         items: list[ScheduledItem] = []
@@ -163,8 +172,14 @@ class Scheduler:
         if not preempted:
             while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
                 req = self.waiting[0]
+                if req.num_computed_tokens == 0 and self._may_reuse_prefix(req):
+                    # cached full blocks of the prompt (never the last token: its logits are needed)
+                    req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.all_token_ids,
+                                                                   req.num_tokens - 1)
                 n = min(req.num_tokens - req.num_computed_tokens, budget)
                 if not self.kv.can_hold(req.request_id, req.num_computed_tokens + n):
+                    self.kv.free(req.request_id)  # give the matched blocks back (they stay cached)
+                    req.num_computed_tokens = 0
                     break
                 self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n)
                 self.waiting.popleft()

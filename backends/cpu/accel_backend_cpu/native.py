@@ -1,0 +1,99 @@
+"""The CPU backend's native kernels: plain C compiled on first use with the machine's compiler, called
+through ctypes.
+
+Why not a torch C++ extension: including torch's headers costs ~30 s of compilation per build on a 2-core
+machine, and a prebuilt wheel would have to match every torch release; these kernels only need pointers.
+The shared library is cached under ``$ACCEL_CPU_CACHE`` (default ``~/.cache/accel_models/cpu``) by a hash
+of the source, the compiler command and the CPU's instruction-set flags (``-march=native``). When no
+compiler is found, or the build fails, or ``ACCEL_CPU_NATIVE=0``, :func:`kernels` returns None once with a
+logged reason and the backend keeps its pure-torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("accel_backend_cpu")
+
+_SOURCES = ("decode_attention.c",)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc):
+        return shutil.which(cc)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (with the reason logged once) when it cannot be had here."""
+    if os.environ.get("ACCEL_CPU_NATIVE", "1") == "0":
+        logger.info("native CPU kernels off (ACCEL_CPU_NATIVE=0): pure-torch paths")
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.warning("no C compiler (cc, gcc or clang) on PATH: the cpu backend uses its pure-torch decode "
+                       "attention (install gcc for the native kernel)")
+        return None
+    src_dir = Path(__file__).with_name("csrc")
+    sources = [src_dir / s for s in _SOURCES]
+    digest = hashlib.sha256()
+    for s in sources:
+        digest.update(s.read_bytes())
+    digest.update(" ".join((cc, *_FLAGS)).encode())
+    digest.update(_cpu_flags().encode())
+    cache = Path(os.environ.get("ACCEL_CPU_CACHE", Path.home() / ".cache" / "accel_models" / "cpu"))
+    lib = cache / f"accel_cpu_kernels-{digest.hexdigest()[:16]}.so"
+    if not lib.exists():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move: no half-written .so
+                out = Path(tmp) / lib.name
+                proc = subprocess.run([cc, *_FLAGS, "-o", str(out), *map(str, sources), "-lm"],
+                                      capture_output=True, text=True, timeout=300)
+                if proc.returncode != 0:
+                    logger.warning("building the cpu backend's native kernels failed (%s); using the pure-torch "
+                                   "paths:\n%s", cc, proc.stderr[-2000:])
+                    return None
+                os.replace(out, lib)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("building the cpu backend's native kernels failed: %s; using the pure-torch paths", exc)
+            return None
+    try:
+        dll = ctypes.CDLL(str(lib))
+    except OSError as exc:
+        logger.warning("loading %s failed: %s; using the pure-torch paths", lib, exc)
+        return None
+    fn = dll.accel_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                   ctypes.c_int]
+    return dll

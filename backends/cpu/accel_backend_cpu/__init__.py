@@ -136,6 +136,14 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
         return _ref.accel_rms_norm(x=x, weight=weight, eps=eps)
     argcheck.check_rms_norm(x, weight, _FLOATS, NAME)
+    lib = native.kernels()
+    if lib is not None and x.numel() and x.stride(-1) == 1 and weight.is_contiguous():
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n)
+        out = torch.empty(x2.shape, dtype=x.dtype)
+        lib.accel_rms_norm_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), n, x2.shape[0], n,
+                               float(eps), torch.get_num_threads())
+        return out.view(x.shape)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
@@ -147,6 +155,14 @@ def accel_fused_add_rms_norm(
             or x.device.type != "cpu"):
         return _ref.accel_fused_add_rms_norm(x=x, residual=residual, weight=weight, eps=eps)
     argcheck.check_fused_add_rms_norm(x, residual, weight, _FLOATS, NAME)
+    lib = native.kernels()
+    if (lib is not None and x.dim() == 2 and x.numel() and x.stride(-1) == 1 and residual.stride(-1) == 1
+            and weight.is_contiguous() and not (x.requires_grad or residual.requires_grad)):
+        # in place, as the hookspec allows: residual <- x + residual, x <- norm(residual) * weight
+        lib.accel_fused_add_rms_norm_f32(x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                                         weight.data_ptr(), x.shape[0], x.shape[1], float(eps),
+                                         torch.get_num_threads())
+        return x, residual
     residual_out = x + residual
     return F.rms_norm(residual_out, (x.shape[-1],), weight, eps), residual_out
 
@@ -157,7 +173,59 @@ def accel_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return _ref.accel_silu_and_mul(x=x)
     argcheck.check_gated(x, _FLOATS, NAME)
     d = x.shape[-1] // 2
+    lib = native.kernels()
+    if lib is not None and x.numel() and x.stride(-1) == 1:
+        x2 = x.reshape(-1, 2 * d)
+        out = torch.empty((x2.shape[0], d), dtype=x.dtype)
+        lib.accel_silu_and_mul_f32(x2.data_ptr(), x2.stride(0), out.data_ptr(), x2.shape[0], d,
+                                   torch.get_num_threads())
+        return out.view(*x.shape[:-1], d)
     return F.silu(x[..., :d]) * x[..., d:]
+
+
+def _heads_view(t: torch.Tensor, head_size: int) -> tuple[int, int] | None:
+    """(row stride, heads) when ``t`` ([T, H * D] or [T, H, D]) has contiguous heads within each row."""
+    if t.dim() == 2 and t.stride(1) == 1 and t.shape[1] % head_size == 0:
+        return t.stride(0), t.shape[1] // head_size
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == head_size and t.shape[2] == head_size:
+        return t.stride(0), t.shape[1]
+    return None
+
+
+@hookimpl
+def accel_rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32: one in-place pass over q and k (the hookspec allows rotating in place); else the reference."""
+    args = dict(positions=positions, query=query, key=key, cos_sin_cache=cos_sin_cache, head_size=head_size,
+                rotary_dim=rotary_dim, is_neox=is_neox)
+    lib = native.kernels()
+    if (lib is None or query.dtype != torch.float32 or cos_sin_cache.dtype != torch.float32
+            or (key is not None and key.dtype != torch.float32) or query.device.type != "cpu"
+            or query.requires_grad or (key is not None and key.requires_grad)):
+        return _ref.accel_rotary_embedding(**args)
+    num_tokens = argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim,
+                                                 _FLOATS, NAME)
+    qv = _heads_view(query, head_size)
+    kv = _heads_view(key, head_size) if key is not None else (0, 0)
+    if qv is None or kv is None or not positions.is_contiguous() or cos_sin_cache.stride(-1) != 1:
+        return _ref.accel_rotary_embedding(**args)
+    if not num_tokens:
+        return query, key
+    rc = lib.accel_rotary_f32(positions.data_ptr(), query.data_ptr(), qv[0], qv[1],
+                              key.data_ptr() if key is not None else None, kv[0], kv[1], cos_sin_cache.data_ptr(),
+                              cos_sin_cache.stride(0), cos_sin_cache.shape[0], num_tokens, head_size, rotary_dim,
+                              int(is_neox))
+    if rc != 0:
+        raise ValueError(f"positions must lie in [0, max_position={cos_sin_cache.shape[0]}) of cos_sin_cache, "
+                         f"got values in [{int(positions.min())}, {int(positions.max())}]")
+    return query, key
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +276,17 @@ _HEAD_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_blocks, kv_heads, block_size, head_size = _check_cache(kv_cache)
     argcheck.check_write_kv_cache(key, value, slot_mapping, kv_heads, head_size)
+    lib = native.kernels()
+    if (lib is not None and key.dtype == value.dtype == kv_cache.dtype and kv_cache.dtype in (torch.float32, torch.bfloat16)
+            and kv_cache.is_contiguous() and slot_mapping.is_contiguous()
+            and _heads_view(key, head_size) is not None and _heads_view(value, head_size) is not None):
+        rc = lib.accel_write_kv(key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache.data_ptr(),
+                                slot_mapping.data_ptr(), slot_mapping.shape[0], kv_heads, head_size, block_size,
+                                num_blocks, kv_cache.element_size())
+        if rc != 0:
+            raise ValueError(f"slot_mapping holds slots up to {int(slot_mapping.max())}; the cache has "
+                             f"{num_blocks} blocks of {block_size} slots")
+        return
     if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # padding slots are skipped
         valid = slot_mapping >= 0
         slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]

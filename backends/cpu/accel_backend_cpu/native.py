@@ -1,4 +1,4 @@
-"""The CPU backend's native kernels: plain C compiled on first use with the machine's compiler, called
+"""The CPU backend's native kernels (csrc/*.c): plain C compiled on first use with the machine's compiler, called
 through ctypes.
 
 Why not a torch C++ extension: including torch's headers costs ~30 s of compilation per build on a 2-core
@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger("accel_backend_cpu")
 
-_SOURCES = ("decode_attention.c",)
+_SOURCES = ("decode_attention.c", "elementwise.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -96,4 +96,16 @@ def kernels() -> ctypes.CDLL | None:
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
                    ctypes.c_int]
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "accel_rms_norm_f32": (None, [ptr, i64, ptr, ptr, i64, i64, i64, f32, i32]),
+        "accel_fused_add_rms_norm_f32": (None, [ptr, i64, ptr, i64, ptr, i64, i64, f32, i32]),
+        "accel_silu_and_mul_f32": (None, [ptr, i64, ptr, i64, i64, i32]),
+        "accel_rotary_f32": (ctypes.c_int, [ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i32]),
+        "accel_write_kv": (ctypes.c_int, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        f = getattr(dll, name)
+        f.restype = restype
+        f.argtypes = argtypes
     return dll

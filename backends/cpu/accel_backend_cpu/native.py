@@ -100,7 +100,6 @@ def kernels() -> ctypes.CDLL | None:
     signatures = {
         "accel_rms_norm_f32": (None, [ptr, i64, ptr, ptr, i64, i64, i64, f32, i32]),
         "accel_fused_add_rms_norm_f32": (None, [ptr, i64, ptr, i64, ptr, i64, i64, f32, i32]),
-        "accel_silu_and_mul_f32": (None, [ptr, i64, ptr, i64, i64, i32]),
         "accel_rotary_f32": (ctypes.c_int, [ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i32]),
         "accel_write_kv": (ctypes.c_int, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]),
     }

@@ -1,4 +1,4 @@
-/* Row-wise float32 kernels of the accel-models CPU backend (normalization, activation, rotary, KV write):
+/* Row-wise float32 kernels of the accel-models CPU backend (normalization, rotary, KV write):
  * each replaces several eager torch ops of a decode step with one pass. Built and loaded like
  * decode_attention.c (see accel_backend_cpu/native.py). Row strides are in elements; rows are contiguous.
  */
@@ -35,17 +35,6 @@ void accel_fused_add_rms_norm_f32(float *x, int64_t x_stride, float *res, int64_
         }
         const float inv = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
         for (int64_t i = 0; i < n; ++i) xr[i] = (rr[i] * inv) * w[i];
-    }
-}
-
-/* out[r, i] = silu(x[r, i]) * x[r, d + i] */
-void accel_silu_and_mul_f32(const float *x, int64_t x_stride, float *out, int64_t rows, int64_t d,
-                            int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * d > 65536)
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *g = x + r * x_stride, *u = g + d;
-        float *o = out + r * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
 

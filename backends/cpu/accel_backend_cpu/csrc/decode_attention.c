@@ -15,6 +15,7 @@
 
 #define MAX_GROUP 16
 #define MAX_HEAD 256
+#define MAX_BLOCK 256
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = ((uint32_t)v) << 16;
@@ -39,7 +40,8 @@ int accel_decode_attention(const void *query, const void *cache, const int32_t *
                            int64_t num_blocks, float scale, int64_t window, float soft_cap, int dtype,
                            int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
-    if (group > MAX_GROUP || head_size > MAX_HEAD || group * num_kv_heads != num_heads) return -1;
+    if (group > MAX_GROUP || head_size > MAX_HEAD || block_size > MAX_BLOCK || group * num_kv_heads != num_heads)
+        return -1;
     const int64_t head_stride = block_size * head_size;               /* one KV head of one block */
     const int64_t block_stride = num_kv_heads * head_stride;
     const int64_t half = num_blocks * block_stride;                    /* keys -> values */
@@ -60,36 +62,71 @@ int accel_decode_attention(const void *query, const void *cache, const int32_t *
                 l[g] = 0.0f;
                 memset(acc[g], 0, sizeof(float) * head_size);
             }
-            for (int64_t p = start; p < len; ++p) {
-                const int64_t blk = block_table[b * block_table_stride + p / block_size];
-                const int64_t koff = blk * block_stride + kh * head_stride + (p % block_size) * head_size;
-                const float *k32 = NULL, *v32 = NULL;
-                if (dtype) {
-                    const uint16_t *k16 = (const uint16_t *)cache + koff, *v16 = (const uint16_t *)cache + half + koff;
-                    for (int64_t d = 0; d < head_size; ++d) { krow[d] = bf16_to_f32(k16[d]); vrow[d] = bf16_to_f32(v16[d]); }
-                    k32 = krow;
-                    v32 = vrow;
-                } else {
-                    k32 = (const float *)cache + koff;
-                    v32 = (const float *)cache + half + koff;
+            /* block by block: the block's scores for every query head of the group, one rescale per block,
+             * then the weighted values; the next block's rows are prefetched while this one is used */
+            for (int64_t p0 = start - start % block_size; p0 < len; p0 += block_size) {
+                const int64_t j = p0 / block_size;
+                const int64_t lo = p0 < start ? start - p0 : 0;
+                const int64_t hi = (len - p0) < block_size ? (len - p0) : block_size;
+                const int64_t kbase = (int64_t)block_table[b * block_table_stride + j] * block_stride + kh * head_stride;
+                if (p0 + block_size < len) {
+                    const int64_t nb = (int64_t)block_table[b * block_table_stride + j + 1] * block_stride + kh * head_stride;
+                    const char *nk = (const char *)cache + nb * (dtype ? 2 : 4);
+                    const char *nv = (const char *)cache + (half + nb) * (dtype ? 2 : 4);
+                    for (int64_t off = 0; off < head_stride * (dtype ? 2 : 4); off += 64) {
+                        __builtin_prefetch(nk + off, 0, 1);
+                        __builtin_prefetch(nv + off, 0, 1);
+                    }
+                }
+                float sc[MAX_GROUP][MAX_BLOCK];
+                for (int64_t t = lo; t < hi; ++t) {
+                    const float *k32;
+                    if (dtype) {
+                        const uint16_t *k16 = (const uint16_t *)cache + kbase + t * head_size;
+                        for (int64_t d = 0; d < head_size; ++d) krow[d] = bf16_to_f32(k16[d]);
+                        k32 = krow;
+                    } else {
+                        k32 = (const float *)cache + kbase + t * head_size;
+                    }
+                    for (int64_t g = 0; g < group; ++g) {
+                        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                        for (int64_t d = 0; d < head_size; ++d) s += q[g][d] * k32[d];
+                        s *= scale;
+                        if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
+                        sc[g][t] = s;
+                    }
                 }
                 for (int64_t g = 0; g < group; ++g) {
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t d = 0; d < head_size; ++d) s += q[g][d] * k32[d];
-                    s *= scale;
-                    if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
-                    if (s > m[g]) {  /* rescale what was accumulated under the old maximum */
-                        const float alpha = expf(m[g] - s);
+                    float bm = -INFINITY;
+                    for (int64_t t = lo; t < hi; ++t) bm = sc[g][t] > bm ? sc[g][t] : bm;
+                    if (bm > m[g]) {  /* rescale what was accumulated under the old maximum */
+                        const float alpha = expf(m[g] - bm);
                         l[g] *= alpha;
 #pragma omp simd
                         for (int64_t d = 0; d < head_size; ++d) acc[g][d] *= alpha;
-                        m[g] = s;
+                        m[g] = bm;
                     }
-                    const float e = expf(s - m[g]);
-                    l[g] += e;
+                    for (int64_t t = lo; t < hi; ++t) {
+                        const float e = expf(sc[g][t] - m[g]);
+                        sc[g][t] = e;
+                        l[g] += e;
+                    }
+                }
+                for (int64_t t = lo; t < hi; ++t) {
+                    const float *v32;
+                    if (dtype) {
+                        const uint16_t *v16 = (const uint16_t *)cache + half + kbase + t * head_size;
+                        for (int64_t d = 0; d < head_size; ++d) vrow[d] = bf16_to_f32(v16[d]);
+                        v32 = vrow;
+                    } else {
+                        v32 = (const float *)cache + half + kbase + t * head_size;
+                    }
+                    for (int64_t g = 0; g < group; ++g) {
+                        const float e = sc[g][t];
 #pragma omp simd
-                    for (int64_t d = 0; d < head_size; ++d) acc[g][d] += e * v32[d];
+                        for (int64_t d = 0; d < head_size; ++d) acc[g][d] += e * v32[d];
+                    }
                 }
             }
             for (int64_t g = 0; g < group; ++g) {

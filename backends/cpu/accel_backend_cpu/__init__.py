@@ -121,9 +121,14 @@ def accel_prepare_linear(weight: torch.Tensor) -> PackedLinear | None:
 
 @hookimpl
 def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any) -> torch.Tensor:
-    argcheck.check_linear(x, weight, bias, _FLOATS, NAME)
-    if isinstance(prepared, PackedLinear) and x.device.type == "cpu" and prepared.matches(weight):
+    # the packed path checks only what can differ from the weight validated when it was packed
+    if (isinstance(prepared, PackedLinear) and isinstance(x, torch.Tensor) and x.dtype == prepared.dtype
+            and x.dim() >= 1 and x.shape[-1] == prepared.shape[1] and x.device.type == "cpu"
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype
+                                  and tuple(bias.shape) == prepared.shape[:1]))
+            and prepared.matches(weight)):
         return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")
+    argcheck.check_linear(x, weight, bias, _FLOATS, NAME)
     return F.linear(x, weight, bias)
 
 

@@ -120,9 +120,14 @@ def test_packing_can_be_turned_off_and_other_dtypes_and_small_weights_are_not_pa
     (dict(x=torch.randn(2, 4), weight=torch.randn(3, 4), bias=torch.randn(2), prepared=None), "bias"),
     (dict(x=torch.ones(2, 4, dtype=torch.int32), weight=torch.randn(3, 4), bias=None, prepared=None), "x"),
 ])
-def test_bad_linear_input_is_a_value_error_naming_it(ops, kwargs, arg):
+def test_bad_linear_input_is_a_value_error_naming_it(ops, pack_all, kwargs, arg):
     with pytest.raises(ValueError, match=rf"\b{arg}\b"):
         ops.linear(**kwargs)
+    # the same with a packed weight (the fast path checks less and must hand bad input to the full check)
+    prepared = ops.prepare_linear(weight=kwargs["weight"])
+    assert isinstance(prepared, cpu.PackedLinear)
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        ops.linear(**{**kwargs, "prepared": prepared})
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -243,3 +243,31 @@ def test_greedy_generation_equals_the_reference_backend(tmp_path):
             outs[backend] = [r.outputs[0].token_ids for r in llm.generate(prompts, sp)]
     assert outs["cpu"] == outs["reference"]
     assert set(PORTABLE_OPS) == {"linear", "prepare_linear"}
+
+
+def test_thread_pinning_leaves_the_calling_thread_and_its_children_free():
+    """Pinning the OpenMP workers must not pin the caller: a process it starts later inherits its mask."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from accel_backend_cpu import native
+
+    if native.kernels() is None:
+        pytest.skip("no native kernels here")
+    before = os.sched_getaffinity(0)
+    result = {}
+
+    def run():  # a fresh thread: binding happens once per calling thread
+        result["pinned"] = native.bind_threads()
+        result["mask"] = os.sched_getaffinity(0)
+        out = subprocess.run([sys.executable, "-c", "import os; print(len(os.sched_getaffinity(0)))"],
+                             capture_output=True, text=True, check=True)
+        result["child"] = int(out.stdout)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert result["mask"] == before and result["child"] == len(before)
+    assert result["pinned"] == (torch.get_num_threads() - 1 if torch.get_num_threads() <= len(before) else 0)

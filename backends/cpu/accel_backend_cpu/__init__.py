@@ -122,6 +122,10 @@ def accel_prepare_linear(weight: torch.Tensor) -> PackedLinear | None:
     return PackedLinear(packed, tuple(weight.shape), weight.dtype, weight.data_ptr(), weight._version)
 
 
+#: the op overload itself: calling the packet resolves the overload on every call (~7 us measured)
+_LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if _onednn_missing() is None else None
+
+
 @hookimpl
 def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any) -> torch.Tensor:
     # the packed path checks only what can differ from the weight validated when it was packed
@@ -130,7 +134,7 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == x.dtype
                                   and tuple(bias.shape) == prepared.shape[:1]))
             and prepared.matches(weight)):
-        return torch.ops.mkldnn._linear_pointwise(x, prepared.packed, bias, "none", [], "")
+        return _LINEAR_POINTWISE(x, prepared.packed, bias, "none", [], "")
     argcheck.check_linear(x, weight, bias, _FLOATS, NAME)
     return F.linear(x, weight, bias)
 

@@ -28,7 +28,7 @@ import torch
 __all__ = [
     "FLOATS", "check_activation", "check_allocate_kv_cache", "check_approximate", "check_dtype",
     "check_dynamic_int8_quant", "check_float", "check_fused_add_rms_norm", "check_fused_experts", "check_gated",
-    "check_index", "check_int8_scaled_mm", "check_linear", "check_prepare_linear", "check_moe_topk", "check_paged_attention", "check_rms_norm",
+    "check_index", "check_int8_scaled_mm", "check_linear", "check_prepare_linear", "check_moe_topk", "check_paged_attention", "check_paged_attention_lengths", "check_rms_norm",
     "check_rotary_embedding", "check_tensor", "check_write_kv_cache", "dtype_names",
 ]
 
@@ -279,3 +279,16 @@ def check_linear(x: Any, weight: Any, bias: Any, dtypes: Sequence[torch.dtype] =
         if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
     return weight.shape[1], weight.shape[0]
+
+
+def check_paged_attention_lengths(block_table: Any, seq_lens: Any, block_size: int, max_seq_len: int) -> int:
+    """paged_attention's length arguments agree: the block table covers ``max_seq_len`` and no sequence is
+    longer than it. Reads ``seq_lens`` on the host (backends whose kernels run on a device skip this or do
+    it where a host copy exists). Returns ``int(max_seq_len)``."""
+    max_s = int(max_seq_len)
+    if block_table.shape[1] * block_size < max_s:
+        raise ValueError(f"block_table has {block_table.shape[1]} columns of {block_size}-token blocks, too few "
+                         f"for max_seq_len={max_s}")
+    if seq_lens.numel() and int(seq_lens.max()) > max_s:
+        raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
+    return max_s

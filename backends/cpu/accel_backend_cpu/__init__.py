@@ -358,12 +358,7 @@ def accel_paged_attention(
             query=query, kv_cache=kv_cache.transpose(2, 3), block_table=block_table, seq_lens=seq_lens,
             query_start_loc=query_start_loc, max_query_len=max_query_len, max_seq_len=max_seq_len, scale=scale,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
-    max_s = int(max_seq_len)
-    if block_table.shape[1] * block_size < max_s:
-        raise ValueError(f"block_table has {block_table.shape[1]} columns of {block_size}-token blocks, too few "
-                         f"for max_seq_len={max_s}")
-    if int(seq_lens.max()) > max_s:
-        raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
+    max_s = argcheck.check_paged_attention_lengths(block_table, seq_lens, block_size, max_seq_len)
     num_heads = query.shape[1]
     group = num_heads // kv_heads
     out = _native_decode(query, kv_cache, block_table, seq_lens, batch, num_heads, kv_heads, head_size,

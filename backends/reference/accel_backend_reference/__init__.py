@@ -228,12 +228,8 @@ def accel_paged_attention(
     num_tokens, num_heads, _ = query.shape
     group = num_heads // kv_heads
     dev = query.device
-    max_q, max_s = int(max_query_len), int(max_seq_len)
-    if block_table.shape[1] * block_size < max_s:
-        raise ValueError(f"block_table has {block_table.shape[1]} columns of {block_size}-token blocks, too few "
-                         f"for max_seq_len={max_s}")
-    if batch and int(seq_lens.max()) > max_s:
-        raise ValueError(f"max_seq_len={max_s} is smaller than max(seq_lens)={int(seq_lens.max())}")
+    max_q = int(max_query_len)
+    max_s = argcheck.check_paged_attention_lengths(block_table, seq_lens, block_size, max_seq_len)
 
     if max_q == 1 and num_tokens == batch:  # a pure decode batch: the same math in a third of the ops
         return _decode_attention(query, kv_cache, block_table, seq_lens, max_s, scale, sliding_window,

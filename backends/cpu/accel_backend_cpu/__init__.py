@@ -412,6 +412,9 @@ def _native_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
         out.data_ptr(), batch, num_heads, kv_heads, head_size, block_size, num_blocks, float(scale),
         int(sliding_window or 0), float(logits_soft_cap or 0.0), 1 if q.dtype == torch.bfloat16 else 0,
         torch.get_num_threads())
+    if rc == -2:
+        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the context of some "
+                         "sequence; entries up to each sequence's length must name allocated blocks")
     return out if rc == 0 else None
 
 

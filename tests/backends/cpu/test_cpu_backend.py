@@ -198,6 +198,17 @@ def test_the_native_kernel_is_built_here_and_agrees_with_the_torch_path(ops, mon
     torch.testing.assert_close(ops.paged_attention(**args), fast, rtol=1e-5, atol=1e-6)
 
 
+def test_a_block_id_outside_the_cache_is_an_error_not_a_crash(ops):
+    c = ops.allocate_kv_cache(num_blocks=4, block_size=16, num_kv_heads=1, head_size=16, dtype=torch.float32,
+                              device=torch.device("cpu"))
+    table = torch.tensor([[0, 1], [2, 99]], dtype=torch.int32)  # sequence 1's second block does not exist
+    with pytest.raises(ValueError, match="block_table"):
+        ops.paged_attention(query=torch.randn(2, 2, 16), kv_cache=c, block_table=table,
+                            seq_lens=torch.tensor([20, 20], dtype=torch.int32),
+                            query_start_loc=torch.arange(3, dtype=torch.int32), max_query_len=1, max_seq_len=20,
+                            scale=0.25, sliding_window=None, logits_soft_cap=None)
+
+
 def test_a_nan_in_another_sequences_slot_does_not_leak(ops, ref):
     """Sequence 1's block holds NaN/inf past its context (a slot an earlier request wrote): the poisoned
     output is detected and computed again with the slots outside each context zeroed, as the reference does."""

@@ -33,7 +33,8 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
 }
 
 /* dtype: 0 = float32, 1 = bfloat16 (query, cache and output share it). Returns 0, or -1 for sizes this
- * kernel does not take (the caller checks them first). */
+ * kernel does not take (the caller checks them first), -2 when a block-table entry a sequence uses lies outside
+ * the cache (nothing of that sequence is read). */
 int accel_decode_attention(const void *query, const void *cache, const int32_t *block_table,
                            int64_t block_table_stride, const int32_t *seq_lens, void *out, int64_t batch,
                            int64_t num_heads, int64_t num_kv_heads, int64_t head_size, int64_t block_size,
@@ -45,9 +46,22 @@ int accel_decode_attention(const void *query, const void *cache, const int32_t *
     const int64_t head_stride = block_size * head_size;               /* one KV head of one block */
     const int64_t block_stride = num_kv_heads * head_stride;
     const int64_t half = num_blocks * block_stride;                    /* keys -> values */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
+    int bad_block = 0; /* a block-table entry outside the cache: reported, never read */
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads) reduction(| : bad_block)
     for (int64_t b = 0; b < batch; ++b) {
         for (int64_t kh = 0; kh < num_kv_heads; ++kh) {
+            {
+                const int64_t len0 = seq_lens[b];
+                int ok = 1;
+                for (int64_t j = 0; j * block_size < len0; ++j) {
+                    const int64_t blk = block_table[b * block_table_stride + j];
+                    ok &= blk >= 0 && blk < num_blocks;
+                }
+                if (!ok) {
+                    bad_block = 1;
+                    continue;
+                }
+            }
             float q[MAX_GROUP][MAX_HEAD];
             float acc[MAX_GROUP][MAX_HEAD];
             float m[MAX_GROUP], l[MAX_GROUP];
@@ -140,5 +154,5 @@ int accel_decode_attention(const void *query, const void *cache, const int32_t *
             }
         }
     }
-    return 0;
+    return bad_block ? -2 : 0;
 }

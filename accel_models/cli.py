@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from accel_models.backends import (
     KV_CACHE_GROUP,
+    LINEAR_GROUP,
     OP_NAMES,
     BackendError,
     list_backends,
@@ -57,7 +58,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
     names = [b.name for b in backends]
     rows = []
     for op in OP_NAMES:
-        row = [op + (" *" if op in KV_CACHE_GROUP else "")]
+        row = [op + (" *" if op in KV_CACHE_GROUP else " +" if op in LINEAR_GROUP else "")]
         for b in backends:
             row.append("native" if op in b.ops else "fallback")
         rows.append(row)
@@ -66,6 +67,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
         return 0
     print(_table(["op", *names], rows))
     print("\n* KV-cache group: these four ops always come from one backend (fallback moves them together).")
+    print("+ linear group: both from one backend; their fallback is the device's own torch matmul (F.linear).")
     unusable = [b for b in backends if not b.usable]
     for b in unusable:
         print(f"note: {b.name} is unusable here ({b.reason})")

@@ -76,7 +76,8 @@ def _run(path: Path, tp: int, ep: bool, batches: list[int], repeat: int) -> dict
     sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     t0 = time.perf_counter()
     llm = LLM(path, backend="reference", dtype="float32", max_num_seqs=max(batches), kv_cache_memory=KV_CACHE,
-              max_model_len=256, tensor_parallel_size=tp, enable_expert_parallel=ep)
+              max_model_len=256, tensor_parallel_size=tp, enable_expert_parallel=ep,
+              enable_prefix_caching=False)  # rounds repeat their prompts; measure TP, not the prefix cache
     startup = time.perf_counter() - t0
     out: dict = {"startup_s": startup, "tok_s": {}, "tokens": {}}
     with llm:

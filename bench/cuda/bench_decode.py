@@ -304,7 +304,8 @@ def bench_model(name: str, args, bw: float) -> None:
     t0 = time.perf_counter()
     llm = LLM(path, backend="cuda", dtype=torch.bfloat16, max_num_seqs=max_b, max_model_len=max_len,
               kv_cache_memory=int(1.25 * kv_tok * max_len * max_b) + (64 << 20),
-              max_num_batched_tokens=max(2048, args.prompt * max_b), graph_batch_sizes=args.batches)
+              max_num_batched_tokens=max(2048, args.prompt * max_b), graph_batch_sizes=args.batches,
+              enable_prefix_caching=False)  # every run repeats its prompts: each must prefill them whole
     log(f"[{name}] LLM ready (graphs {sorted(llm.graphs.graphs) if llm.graphs else None}) "
         f"in {time.perf_counter() - t0:.1f}s")
     g = torch.Generator().manual_seed(1)

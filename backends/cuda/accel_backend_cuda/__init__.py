@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+import accel_backend_reference
 from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
 NAME = "cuda"
@@ -433,7 +434,7 @@ def accel_moe_topk(
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Triton launch for ungrouped routing (Mixtral, Qwen-MoE: a decode step's ~7 small torch kernels per
-    MoE layer were ~0.2 ms of the Mixtral step); grouped top-k (DeepSeek) in plain torch."""
+    MoE layer were ~0.2 ms of the Mixtral step); grouped top-k (DeepSeek) through the reference's torch code."""
     _check_tensors(router_logits=router_logits, e_score_correction_bias=e_score_correction_bias)
     num_tokens, num_experts, grouped = argcheck.check_moe_topk(
         router_logits, top_k, scoring_func, num_expert_group, topk_group, e_score_correction_bias, FLOATS, NAME)
@@ -442,27 +443,12 @@ def accel_moe_topk(
         bias = None if e_score_correction_bias is None else e_score_correction_bias.contiguous()
         return _kernels().moe_topk(logits, top_k, scoring_func == "softmax", renormalize, bias,
                                    routed_scaling_factor)
-    logits = router_logits.to(torch.float32)
-    scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
-    choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(torch.float32)
-    if grouped:
-        assert num_expert_group is not None
-        grouped_choice = choice.view(num_tokens, num_expert_group, -1)
-        if e_score_correction_bias is None:
-            group_scores = grouped_choice.amax(dim=-1)
-        else:
-            group_scores = grouped_choice.topk(min(2, grouped_choice.shape[-1]), dim=-1).values.sum(dim=-1)
-        top_groups = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(num_experts // num_expert_group, dim=1), float("-inf"))
-    # a stable descending sort breaks ties toward the lower expert id (torch.topk does not promise that)
-    topk_ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
-    topk_weights = scores.gather(1, topk_ids)
-    if renormalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    if routed_scaling_factor != 1.0:
-        topk_weights = topk_weights * routed_scaling_factor
-    return topk_weights, topk_ids.to(torch.int32)
+    # grouped top-k (DeepSeek) and shapes past the kernel: the reference's torch code, which runs on the GPU
+    # as it is (float32 math, no host synchronization, stable ties) and is the contract's definition
+    return accel_backend_reference.accel_moe_topk(
+        router_logits=router_logits, top_k=top_k, scoring_func=scoring_func, renormalize=renormalize,
+        num_expert_group=num_expert_group, topk_group=topk_group, e_score_correction_bias=e_score_correction_bias,
+        routed_scaling_factor=routed_scaling_factor)
 
 
 def fit_moe_config(cfg: dict[str, int], itemsize: int, *, gate_up: bool) -> dict[str, int]:

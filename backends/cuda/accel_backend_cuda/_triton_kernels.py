@@ -137,6 +137,18 @@ def rms_norm(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Ten
 
 
 @triton.jit
+def _activation(g, ACT: tl.constexpr, LIB: tl.constexpr):
+    """The gated activation of float32 ``g``: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g), LIB))
+    return a
+
+
+@triton.jit
 def _act_and_mul_kernel(x_ptr, out_ptr, d, x_stride, ACT: tl.constexpr, BLOCK: tl.constexpr, LIB: tl.constexpr):
     # ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh)
     row = tl.program_id(0).to(tl.int64)
@@ -144,12 +156,7 @@ def _act_and_mul_kernel(x_ptr, out_ptr, d, x_stride, ACT: tl.constexpr, BLOCK: t
     mask = cols < d
     g = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * x_stride + d + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g), LIB))
+    a = _activation(g, ACT, LIB)
     tl.store(out_ptr + row * d + cols, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -554,10 +561,7 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr
         dt = act_ptr.dtype.element_ty
         g = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
         u = acc_u.to(dt).to(tl.float32)
-        if ACT == 0:
-            a_out = g / (1.0 + tl.exp(-g))
-        else:
-            a_out = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        a_out = _activation(g, ACT, False)  # MoE activations: silu or gelu (erf)
         tl.store(act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (a_out * u).to(dt),
                  mask=m_ok[:, None] & n_ok[None, :])
 
@@ -710,10 +714,7 @@ def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, act_ptr, num_pairs, hi
         dt = act_ptr.dtype.element_ty
         gv = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
         uv = acc_u.to(dt).to(tl.float32)
-        if ACT == 0:
-            av = gv / (1.0 + tl.exp(-gv))
-        else:
-            av = 0.5 * gv * (1.0 + tl.math.erf(gv * 0.7071067811865476))
+        av = _activation(gv, ACT, False)  # MoE activations: silu or gelu (erf)
         tl.store(act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (av * uv).to(dt),
                  mask=rows[:, None] & n_ok[None, :])
 

@@ -314,3 +314,16 @@ def test_moe_topk_kernel_breaks_ties_toward_the_lower_expert_id():
     strided = torch.tensor([[1.0, 0.0, 3.0, 0.0, 3.0, 0.0]])[:, ::2]  # a non-unit last stride
     _, ids = C.accel_moe_topk(router_logits=strided, **{**kw, "top_k": 2})
     assert ids.tolist() == [[1, 2]]
+
+
+def test_moe_topk_grouped_routing_matches_the_float64_reference():
+    """DeepSeek-style grouped top-k with a correction bias (the path outside the one-launch kernel)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 64, generator=g)
+    corr = torch.randn(64, generator=g) * 0.1
+    kw = dict(top_k=6, scoring_func="sigmoid", renormalize=True, num_expert_group=8, topk_group=3,
+              routed_scaling_factor=2.5)
+    w, ids = C.accel_moe_topk(router_logits=logits, e_score_correction_bias=corr, **kw)
+    ew, eids = R.accel_moe_topk(router_logits=logits.to(F64), e_score_correction_bias=corr.to(F64), **kw)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids, eids) and rel(w, ew) < 1e-6

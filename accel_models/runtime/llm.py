@@ -24,7 +24,7 @@ import torch
 from accel_models.runtime.kv_cache import KVCacheManager
 from accel_models.runtime.metadata import InputBuffers, MetadataBuilder
 from accel_models.runtime.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from accel_models.runtime.sampler import Sampler, SamplingRow, position_logprobs
+from accel_models.runtime.sampler import Sampler, SamplerOutput, SamplingRow, position_logprobs
 from accel_models.runtime.sampling_params import SamplingParams, default_sampling_params
 from accel_models.runtime.scheduler import Request, RequestStatus, Scheduler
 from accel_models.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -35,6 +35,33 @@ logger = logging.getLogger("accel_models.runtime")
 DEFAULT_KV_CACHE_MEMORY = 256 << 20
 
 Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step started on the device whose results the host has not processed yet."""
+
+    plan: list[tuple[Request, int, int, int, bool, bool]]  # (request, new tokens, row, logits rows, samples, prompt pass)
+    logits: torch.Tensor | None
+    sample_rows: list[int]
+    tokens: torch.Tensor | None = None  # the sampled ids on the device (async scheduling)
+    tokens_host: torch.Tensor | None = None  # their copy on the host, complete once ``event`` is
+    event: Any = None
+
+
+def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Start copying ``t`` to (pinned) host memory; returns the host tensor and an event to wait on
+    (None on the CPU, where ``t`` is returned as is)."""
+    from accel_models.runtime.metadata import device_event
+
+    if t.device.type == "cpu":
+        return t, None
+    try:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    except RuntimeError:
+        host = torch.empty(t.shape, dtype=t.dtype)
+    host.copy_(t, non_blocking=True)
+    return host, device_event(t.device)
 
 
 def _attention_layers(model: torch.nn.Module) -> list[Any]:
@@ -90,6 +117,11 @@ class LLM:
         graph_batch_sizes: decode batch sizes to capture (default 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up
             to ``max_num_seqs``); a decode of ``n`` sequences runs as the smallest captured size ``>= n``,
             padded, and eagerly when none is.
+        async_scheduling: overlap the host's work with the device's: a pure decode step whose tokens
+            can be sampled on the device (no penalties, logprobs or active min_tokens) launches the next
+            decode step of the same requests before its own tokens reach the host (vLLM's async
+            scheduling). The same tokens either way. Default: on when the model is not on the CPU (where
+            host and device are the same cores, so nothing overlaps).
         enable_prefix_caching: keep computed full KV-cache blocks after their request ends and give them to
             later requests whose tokens start the same way (shared system prompts, several completions of
             one prompt, multi-turn chats): their prefill skips those tokens. On by default, as in vLLM.
@@ -117,8 +149,10 @@ class LLM:
         enforce_eager: bool = False,
         graph_batch_sizes: Sequence[int] | None = None,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool | None = None,
     ) -> None:
-        self._tp: Any = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
+        self._tp: Any = None
+        self._inflight: _Launched | None = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
         self._closed = True
         try:
             self._setup(model, backend, dtype, device, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -127,6 +161,10 @@ class LLM:
                         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
                         enable_expert_parallel=enable_expert_parallel, enable_prefix_caching=enable_prefix_caching)
             self._setup_graphs(enforce_eager, graph_batch_sizes)
+            if async_scheduling is None:  # overlap pays where the host and the device run apart
+                async_scheduling = self.device.type != "cpu"
+            self.async_scheduling = bool(async_scheduling)
+            self.overlapped_steps = 0  # steps launched before the previous one's tokens reached the host
         except BaseException:
             if self._tp is not None:  # no rank outlives a failed construction
                 self._tp.shutdown()
@@ -301,6 +339,7 @@ class LLM:
         if self._closed:
             return
         try:
+            self._drop_inflight()
             for rid in list(self.scheduler.requests):
                 self.abort(rid)
         finally:
@@ -411,22 +450,44 @@ class LLM:
 
     def _step(self, finished_only: bool) -> list[RequestOutput]:
         """:meth:`step`; ``finished_only`` (the offline ``generate``) builds outputs only for requests that
-        finished, sparing a copy of every running request's token lists per step."""
+        finished, sparing a copy of every running request's token lists per step.
+
+        With async scheduling, a pure decode step whose tokens are sampled on the device is followed at
+        once by the next decode step of the same requests, launched *before* this one's tokens reach the
+        host (its input ids are copied on the device from this step's sampled ids); the host then
+        processes this step's tokens while the device runs the next. A request that this step finishes
+        (an end token, a stop string) has its row of the next step dropped. Tokens are the same as without
+        overlap; only host and device time overlap."""
         self._check_open()
-        sched = self.scheduler.schedule()
-        if not sched.items:
-            return []
+        cur = self._inflight
+        self._inflight = None
+        if cur is None:
+            sched = self.scheduler.schedule()
+            if not sched.items:
+                return []
+            cur = self._launch([(it.request, it.num_new_tokens) for it in sched.items])
+        if self.async_scheduling and cur.tokens is not None:
+            self._inflight = self._launch_next(cur)
+        return self._complete(cur, finished_only)
+
+    def _launch(self, scheduled: list[tuple[Request, int]], after: _Launched | None = None) -> _Launched:
+        """Build the inputs of one step and start it on the device: the model and, when every sampling
+        row allows it, the sampling (see :attr:`async_scheduling`). ``after``: the step whose device-side
+        tokens are this one-token-per-request step's inputs (not yet on the host)."""
+        if self.async_scheduling:
+            self.buffers.flip()
         items = []
         sample_rows: list[int] = []  # logits row of each sampling request
         row = 0
         plan = []
-        for it in sched.items:
-            req, n = it.request, it.num_new_tokens
-            end = req.num_computed_tokens + n
-            samples = end == req.num_tokens and not req.score
+        for req, n in scheduled:
+            computed = req.num_computed_tokens + (1 if after is not None else 0)
+            end = computed + n
+            samples = end == req.num_tokens + (1 if after is not None else 0) and not req.score
             prompt_pass = (req.params.prompt_logprobs is not None or req.score) and not req.prompt_pass_done
             k = n if prompt_pass else (1 if samples else 0)
-            items.append((req.all_token_ids, req.num_computed_tokens, n, self.kv.block_tables[req.request_id], k))
+            tokens = None if after is not None else req.all_token_ids
+            items.append((tokens, computed, n, self.kv.block_tables[req.request_id], k))
             plan.append((req, n, row, k, samples, prompt_pass))
             if samples:
                 sample_rows.append(row + k - 1)
@@ -439,6 +500,9 @@ class LLM:
             else:
                 self.graphs.pad(len(items), graph_size)
         inputs = self.builder.build(items)
+        if after is not None:
+            assert after.tokens is not None
+            inputs.input_ids[: len(items)].copy_(after.tokens, non_blocking=True)
         logits = None
         if graph_size is not None:
             assert self.graphs is not None
@@ -449,10 +513,60 @@ class LLM:
         else:
             self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
                                 inputs.logits_indices)
+        launched = _Launched(plan, logits, sample_rows)
+        sampling = [p for p in plan if p[4]]
+        extra = 1 if after is not None else 0
+        if (self.async_scheduling and sampling and logits is not None and len(sample_rows) == logits.shape[0]
+                and all(Sampler.on_device(p[0].params, len(p[0].output_token_ids) + extra) for p in sampling)):
+            rows = [SamplingRow(params=p[0].params, prompt_token_ids=p[0].prompt_token_ids,
+                                output_token_ids=p[0].output_token_ids, generator=p[0].generator)
+                    for p in sampling]
+            launched.tokens = self.sampler.sample_tensor(logits, rows)
+            launched.tokens_host, launched.event = _to_host_async(launched.tokens)
+        return launched
+
+    def _launch_next(self, cur: _Launched) -> _Launched | None:
+        """The next decode step of ``cur``'s requests, launched before ``cur``'s tokens reach the host;
+        None when that step is not certain to be what the scheduler would run (requests waiting, a
+        request that ends by length, no room in the KV cache, a row the device cannot sample)."""
+        reqs = [p[0] for p in cur.plan]
+        if (self.scheduler.waiting or len(self.scheduler.running) != len(reqs)
+                or len(reqs) > self.max_num_batched_tokens
+                or not all(p[1] == 1 and p[3] == 1 and p[4] and not p[5] for p in cur.plan)):
+            return None
+        for req in reqs:
+            # after cur: num_tokens + 1 tokens, the next step computes position num_tokens
+            if (req.status is not RequestStatus.RUNNING or len(req.output_token_ids) + 1 >= req.max_tokens
+                    or req.num_tokens + 1 >= self.max_model_len
+                    or not self.kv.can_hold(req.request_id, req.num_tokens + 1)):
+                return None
+        for req in reqs:
+            self.kv.allocate_slots(req.request_id, req.num_tokens + 1)
+        # (the slots are the ones the scheduler would allocate for that step: nothing leaks if it is dropped)
+        nxt = self._launch([(r, 1) for r in reqs], after=cur)
+        self.overlapped_steps += 1
+        assert nxt.tokens is not None, "on_device accepted every row, so the step samples on the device"
+        return nxt
+
+    def _drop_inflight(self) -> None:
+        """Forget a launched step nobody will process (an error, an abort of everything, shutdown). Its KV
+        writes land in slots its requests own (or owned): a later step rewrites them, in stream order."""
+        launched, self._inflight = self._inflight, None
+        if launched is not None and launched.event is not None:
+            launched.event.synchronize()
+
+    def _complete(self, cur: _Launched, finished_only: bool) -> list[RequestOutput]:
+        """Bring a launched step's tokens to the host and advance its requests."""
+        plan, logits, sample_rows = cur.plan, cur.logits, cur.sample_rows
         sampling = [p for p in plan if p[4]]
         new_tokens: list[int] = []
         out = None
-        if sampling:
+        if cur.tokens is not None:
+            if cur.event is not None:
+                cur.event.synchronize()
+            new_tokens = cur.tokens_host.tolist()
+            out = SamplerOutput(new_tokens, [None] * len(new_tokens), [None] * len(new_tokens))
+        elif sampling:
             assert logits is not None
             rows = [SamplingRow(params=p[0].params, prompt_token_ids=p[0].prompt_token_ids,
                                 output_token_ids=p[0].output_token_ids, generator=p[0].generator,
@@ -461,8 +575,12 @@ class LLM:
             out = self.sampler(sel, rows)
             new_tokens = out.token_ids
         outputs: list[RequestOutput] = []
-        j = 0
+        j = -1
         for req, n, r0, k, samples, prompt_pass in plan:
+            if samples:
+                j += 1
+            if req.status is RequestStatus.FINISHED:
+                continue  # ended (a stop token, an abort) after this step was launched: its row is dropped
             prev = req.num_computed_tokens
             req.num_computed_tokens += n
             self.kv.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -477,7 +595,6 @@ class LLM:
                 continue
             assert out is not None
             self._append(req, new_tokens[j], out.logprobs[j], out.sampled_logprob[j])
-            j += 1
             if not finished_only or req.status is RequestStatus.FINISHED:
                 outputs.append(self._output(req))
         return outputs
@@ -588,6 +705,7 @@ class LLM:
                 if pending and not self.scheduler.has_unfinished():  # pragma: no cover - defensive
                     raise RuntimeError(f"requests {sorted(pending)[:4]} vanished from the scheduler")
         except BaseException:
+            self._drop_inflight()
             for rid in pending:
                 self.abort(rid)
             raise

@@ -14,11 +14,25 @@ buffers *are* the host arrays (shared memory), so there is no copy at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from accel_models.context import AttentionMetadata
+
+
+def device_event(device: torch.device) -> Any:
+    """A device-agnostic event recorded now on ``device``'s current stream (``torch.Event``: CUDA, or a
+    PrivateUse1 device such as the NPU), or None where the device has no events (the CPU)."""
+    if device.type == "cpu":
+        return None
+    try:
+        ev = torch.Event(device=device)
+        ev.record()
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+    return ev
 
 
 @dataclass
@@ -57,19 +71,30 @@ class InputBuffers:
         for k, (shape, dt, _) in specs.items():
             offsets[k] = nbytes
             nbytes += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8
-        staging = torch.zeros(nbytes, dtype=torch.uint8)
-        if not self._on_host:
-            try:  # page-locked for the device's runtime (CUDA, or a PrivateUse1 device such as the NPU)
-                staging = staging.pin_memory()
-            except RuntimeError:  # no runtime to pin for: pageable memory works, the copy is only slower
-                pass
-        self._staging = staging
-        raw = staging.numpy()
-        self.host = {}
-        for k, (shape, dt, fill) in specs.items():
-            n = int(np.prod(shape)) * np.dtype(dt).itemsize
-            self.host[k] = raw[offsets[k] : offsets[k] + n].view(dt).reshape(shape)
-            self.host[k][...] = fill
+        # Two host staging buffers on a device (one on the CPU, where the host arrays are the inputs): with
+        # overlapped steps (the LLM's async_scheduling) the host fills one while the copy of the other may
+        # still be queued behind the running step; :meth:`flip` switches, after that copy is done.
+        self._stagings: list[torch.Tensor] = []
+        self._hosts: list[dict[str, np.ndarray]] = []
+        self._copied: list[Any] = [None, None]  # per staging: an event recorded after its last copy
+        for _ in range(1 if self._on_host else 2):
+            staging = torch.zeros(nbytes, dtype=torch.uint8)
+            if not self._on_host:
+                try:  # page-locked for the device's runtime (CUDA, or a PrivateUse1 device such as the NPU)
+                    staging = staging.pin_memory()
+                except RuntimeError:  # no runtime to pin for: pageable memory works, the copy is only slower
+                    pass
+            raw = staging.numpy()
+            host = {}
+            for k, (shape, dt, fill) in specs.items():
+                n = int(np.prod(shape)) * np.dtype(dt).itemsize
+                host[k] = raw[offsets[k] : offsets[k] + n].view(dt).reshape(shape)
+                host[k][...] = fill
+            self._stagings.append(staging)
+            self._hosts.append(host)
+        self._cur = 0
+        self._staging = self._stagings[0]
+        self.host = self._hosts[0]
         if self._on_host:
             self.dev = {k: torch.from_numpy(v) for k, v in self.host.items()}
         else:
@@ -78,11 +103,26 @@ class InputBuffers:
             self.dev = {k: self._dev_bytes[offsets[k] : offsets[k] + int(np.prod(shape)) * np.dtype(dt).itemsize]
                         .view(tdt[dt]).view(shape) for k, (shape, dt, _) in specs.items()}
 
+    def flip(self) -> None:
+        """Make the other staging buffer :attr:`host` (waiting for its last host-to-device copy). A runtime
+        that fills the next step's inputs while the device may not yet have taken the last ones calls this
+        first; on the CPU it does nothing."""
+        if self._on_host:
+            return
+        self._cur ^= 1
+        ev = self._copied[self._cur]
+        if ev is not None:
+            ev.synchronize()
+            self._copied[self._cur] = None
+        self._staging = self._stagings[self._cur]
+        self.host = self._hosts[self._cur]
+
     def prepare(self, num_tokens: int, num_seqs: int, num_logits: int, max_query_len: int,
                 max_seq_len: int, num_block_cols: int) -> StepInputs:
         """Publish the first ``num_tokens`` / ``num_seqs`` entries (already written into :attr:`host`)."""
         if not self._on_host:
             self._dev_bytes.copy_(self._staging, non_blocking=True)
+            self._copied[self._cur] = device_event(self.device)
         d = self.dev
         md = AttentionMetadata(
             query_start_loc=d["query_start_loc"][: num_seqs + 1],
@@ -104,8 +144,9 @@ class MetadataBuilder:
         self.buffers = buffers
         self.block_size = block_size
 
-    def build(self, items: list[tuple[list[int], int, int, list[int], int]]) -> StepInputs:
+    def build(self, items: list[tuple[list[int] | None, int, int, list[int], int]]) -> StepInputs:
         """``items``: per scheduled sequence ``(token_ids, num_computed, num_new, block_table, num_logits)``
+        (``token_ids`` None for a one-token step whose token the caller writes on the device)
         where the step computes ``token_ids[num_computed : num_computed + num_new]`` and needs the logits of
         its last ``num_logits`` new tokens (1 to sample, all of them for prompt logprobs, 0 for a chunk
         of a prefill). Returns the step's inputs."""
@@ -121,7 +162,8 @@ class MetadataBuilder:
         for b, (tokens, start, n, table, k) in enumerate(items):
             end = start + n
             if n == 1:  # a decode token: scalar writes (no temporary arrays), the common case per step
-                ids[t] = tokens[start]
+                # tokens None: the token is not on the host yet (an overlapped step copies it on the device)
+                ids[t] = tokens[start] if tokens is not None else 0
                 positions[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:

@@ -125,7 +125,7 @@ class Sampler:
         if simple:
             tokens = logits.argmax(dim=-1).tolist()
         else:
-            tokens = self._sample(logits, rows)
+            tokens = self._sample(logits, rows).tolist()
         lps: list[PositionLogprobs | None] = [None] * R
         sampled: list[float | None] = [None] * R
         if any(want_lp):
@@ -135,7 +135,21 @@ class Sampler:
                     lps[i], sampled[i] = position_logprobs(raw_lp[i], tokens[i], int(r.params.logprobs or 0))
         return SamplerOutput(token_ids=tokens, logprobs=lps, sampled_logprob=sampled)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    @staticmethod
+    def on_device(params: SamplingParams, num_output_tokens: int) -> bool:
+        """Whether a row's token can be sampled without the host's help (:meth:`sample_tensor`): no
+        penalties (they read the output so far), no min_tokens mask still active, no logprobs."""
+        return (params.logprobs is None and params.repetition_penalty == 1.0 and not params.frequency_penalty
+                and not params.presence_penalty and num_output_tokens >= params.min_tokens)
+
+    def sample_tensor(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampled token ids as a tensor on the logits' device, without waiting for the device (for
+        rows :meth:`on_device` accepts): the same tokens :meth:`__call__` returns."""
+        if all(r.params.greedy for r in rows):
+            return logits.argmax(dim=-1)
+        return self._sample(logits, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         dev = logits.device
         logits = logits.to(torch.float32).clone()
         for i, r in enumerate(rows):
@@ -146,7 +160,7 @@ class Sampler:
         if pen:
             idx = torch.tensor(pen, dtype=torch.int64, device=dev)
             logits[idx] = apply_penalties(logits[idx], [rows[i] for i in pen])
-        tokens = logits.argmax(dim=-1).tolist()  # the greedy rows' answer
+        tokens = logits.argmax(dim=-1)  # the greedy rows' answer
         rnd = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not rnd:
             return tokens
@@ -169,7 +183,5 @@ class Sampler:
             q.exponential_(generator=self.generator)
         for j in seeded:
             q[j].exponential_(generator=rows[rnd[j]].generator)
-        picked = probs.div_(q).argmax(dim=-1).tolist()
-        for j, i in enumerate(rnd):
-            tokens[i] = picked[j]
+        tokens[idx] = probs.div_(q).argmax(dim=-1)
         return tokens

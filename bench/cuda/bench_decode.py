@@ -321,7 +321,9 @@ def bench_model(name: str, args, bw: float) -> None:
             graphs = llm.graphs
             t1, _ = llm_generate(llm, plist, 1)
             r0, e0, p0 = graphs.replays, graphs.eager_decode_steps, llm.scheduler.num_preemptions
+            llm._o_start = getattr(llm, "overlapped_steps", 0)
             tg, toks_graph = llm_generate(llm, plist, args.gen)
+            llm._o_start = (getattr(llm, "overlapped_steps", 0) - llm._o_start)  # one run's overlapped steps
             row["graph_steps"] = [graphs.replays - r0, graphs.eager_decode_steps - e0,
                                   llm.scheduler.num_preemptions - p0]  # replays, eager decode steps, preemptions
             tg2, _ = llm_generate(llm, plist, args.gen)  # twice: the better of two (host noise)
@@ -329,6 +331,15 @@ def bench_model(name: str, args, bw: float) -> None:
             tg = min(tg, tg2)
             row["ours_graph_ms"] = (tg - t1) / (args.gen - 1) * 1e3
             row["graph_replay_ms"] = (replay_time(llm, b) or float("nan")) * 1e3
+            # the same graphs without async scheduling (each step waits for its tokens before the next)
+            was, o0 = llm.async_scheduling, llm.overlapped_steps
+            llm.async_scheduling = False
+            t1s, _ = llm_generate(llm, plist, 1)
+            tsy, toks_sync = llm_generate(llm, plist, args.gen)
+            llm.async_scheduling = was
+            row["ours_graph_sync_ms"] = (tsy - t1s) / (args.gen - 1) * 1e3
+            row["async_sync_identical"] = toks_sync == toks_graph
+            row["overlapped_steps_per_run"] = llm._o_start
             llm.graphs = None  # graphs off: the same engine, eager steps
             t1, _ = llm_generate(llm, plist, 1)
             te, toks_eager = llm_generate(llm, plist, args.gen)
@@ -340,7 +351,8 @@ def bench_model(name: str, args, bw: float) -> None:
                                     "seqs": b, "tokens_per_seq": args.gen})
             row["graph_eager_identical"] = same
             log(f"[{name}] b={b} ours graph {row['ours_graph_ms_runs']} ms (replay {row['graph_replay_ms']:.3f}; "
-                f"replays/eager/preemptions {row['graph_steps']}), "
+                f"replays/eager/preemptions {row['graph_steps']}), sync {row['ours_graph_sync_ms']:.3f} ms "
+                f"(same tokens {row['async_sync_identical']}, overlapped {row['overlapped_steps_per_run']}), "
                 f"eager {row['ours_eager_ms']:.3f} ms, identical tokens {same} ({nseq}/{b} seqs)")
         except Exception as exc:
             RES["errors"].append(f"{name} b={b} ours: {exc}\n{traceback.format_exc()}")
@@ -375,16 +387,17 @@ def fmt(v, d=3):
 
 def summary(bw: float) -> str:
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", "",
-             "| model | batch | floor ms | ours (graphs) ms | x floor | tok/s | graph replay ms | ours eager ms "
-             "| transformers ms | compiled torch ms | graphs = eager tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | floor ms | ours (graphs) ms | x floor | tok/s | graph replay ms | ours, no async ms "
+             "| ours eager ms | transformers ms | compiled torch ms | graphs = eager tokens | async = no async |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in RES["rows"]:
         og = r.get("ours_graph_ms")
         lines.append(
             f"| {r['model']} | {r['batch']} | {fmt(r['floor_ms'])} | {fmt(og)} | "
             f"{fmt(og / r['floor_ms'] if og else None, 2)} | {fmt(r['batch'] / og * 1e3 if og else None, 0)} | "
-            f"{fmt(r.get('graph_replay_ms'))} | {fmt(r.get('ours_eager_ms'))} | {fmt(r.get('hf_ms'), 2)} | "
-            f"{fmt(r.get('compiled_ms'))} | {r.get('graph_eager_identical', '-')} |")
+            f"{fmt(r.get('graph_replay_ms'))} | {fmt(r.get('ours_graph_sync_ms'))} | {fmt(r.get('ours_eager_ms'))} | "
+            f"{fmt(r.get('hf_ms'), 2)} | {fmt(r.get('compiled_ms'))} | {r.get('graph_eager_identical', '-')} | "
+            f"{r.get('async_sync_identical', '-')} |")
     if RES["errors"]:
         lines += ["", f"{len(RES['errors'])} error(s): " + "; ".join(e.splitlines()[0] for e in RES["errors"])]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ __all__ = [
     "check_dynamic_int8_quant", "check_float", "check_fused_add_rms_norm", "check_fused_experts", "check_gated",
     "check_index", "check_int8_scaled_mm", "check_linear", "check_prepare_linear", "check_moe_topk", "check_paged_attention", "check_paged_attention_lengths", "check_rms_norm",
     "check_rotary_embedding", "check_tensor", "check_write_kv_cache", "dtype_names",
+    "check_rope_and_write_kv_cache", "check_act_and_mul_linear", "ACT_AND_MUL_ACTIVATIONS",
 ]
 
 #: Every float dtype the hookspecs allow (the reference backend takes all of them).
@@ -279,6 +280,45 @@ def check_linear(x: Any, weight: Any, bias: Any, dtypes: Sequence[torch.dtype] =
         if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
     return weight.shape[1], weight.shape[0]
+
+
+#: act_and_mul_linear's activations -> gelu_and_mul's ``approximate`` (None: silu_and_mul)
+ACT_AND_MUL_ACTIVATIONS: dict[str, str | None] = {"silu": None, "gelu": "none", "gelu_tanh": "tanh"}
+
+
+def check_rope_and_write_kv_cache(positions: Any, query: Any, key: Any, value: Any, cos_sin_cache: Any,
+                                  head_size: int, rotary_dim: int, slot_mapping: Any, num_kv_heads: int,
+                                  cache_head_size: int, dtypes: Sequence[torch.dtype] = FLOATS,
+                                  backend: str | None = None) -> int:
+    """rope_and_write_kv_cache (after the backend checked its cache layout): rotary_embedding's checks,
+    3-D ``query [T, heads, head_size]``, ``key`` / ``value`` ``[T, num_kv_heads, head_size]`` of the query's
+    dtype, and write_kv_cache's checks; returns num_tokens."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_float(name, t, dtypes, backend)
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [num_tokens, heads, head_size], got {tuple(t.shape)}")
+        if t.dtype != query.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}; expected the query's {query.dtype}")
+    num_tokens = check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim, dtypes, backend)
+    if cache_head_size != head_size:
+        raise ValueError(f"head_size={head_size} does not match the cache's head size {cache_head_size}")
+    check_write_kv_cache(key, value, slot_mapping, num_kv_heads, cache_head_size)
+    return num_tokens
+
+
+def check_act_and_mul_linear(x: Any, weight: Any, bias: Any, activation: Any, dtypes: Sequence[torch.dtype] = FLOATS,
+                             backend: str | None = None) -> tuple[int, int]:
+    """act_and_mul_linear: an activation of :data:`ACT_AND_MUL_ACTIVATIONS`, float ``x [..., 2 * k]`` and
+    linear's checks of ``weight [n, k]`` and ``bias``; returns ``(k, n)``."""
+    if activation not in ACT_AND_MUL_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACT_AND_MUL_ACTIVATIONS))}, "
+                         f"got {activation!r}")
+    check_gated(x, dtypes, backend)
+    check_prepare_linear(weight, dtypes, backend)
+    if x.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"x [..., 2 * k] and weight [n, k] disagree: x {tuple(x.shape)} holds gate|up of "
+                         f"{x.shape[-1] // 2} features, weight {tuple(weight.shape)} takes {weight.shape[1]}")
+    return check_linear(x[..., : weight.shape[1]], weight, bias, dtypes, backend)
 
 
 def check_paged_attention_lengths(block_table: Any, seq_lens: Any, block_size: int, max_seq_len: int) -> int:

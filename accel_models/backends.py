@@ -7,7 +7,8 @@ op once to a plain function, so a forward pass never goes through pluggy.
 Environment (programmatic arguments and :func:`use_backend` win over all of these):
 
 ``ACCEL_BACKEND``       backend name; unset or ``auto`` picks the usable backend with the highest priority.
-``ACCEL_OPS``           per-op overrides, ``"paged_attention=reference,rms_norm=npu"``.
+``ACCEL_OPS``           per-op overrides, ``"paged_attention=reference,rms_norm=npu"``; a fused op may be
+                        set to ``composite`` (``"act_and_mul_linear=composite"``) to bind its composite.
 ``ACCEL_STRICT``        ``1``: no fallback to the reference; a backend lacking an op is an error.
 ``ACCEL_PLUGINS``       comma list: load only these plugins (the reference is always loaded).
 ``ACCEL_PLUGINS_BLOCK`` comma list: never load these plugins.
@@ -31,7 +32,7 @@ from typing import Any
 
 import pluggy
 
-from accel_models import hookspecs
+from accel_models import composites, hookspecs
 from accel_models.types import HOOKSPEC_API_VERSION, BackendInfo
 
 logger = logging.getLogger("accel_models.backends")
@@ -57,6 +58,21 @@ OP_GROUPS: tuple[tuple[str, ...], ...] = (KV_CACHE_GROUP, LINEAR_GROUP)
 #: Numeric ops whose reference is plain torch that runs on every device (dense matmul): strict mode does
 #: not require them, the conformance kit checks them when a backend has them.
 PORTABLE_OPS: tuple[str, ...] = LINEAR_GROUP
+#: Fused ops (API 1.3) -> the ops each one fuses. A backend may implement a fused op; where the selected
+#: backend does not, or where the ops it fuses do not all come from the one backend that implements it
+#: natively (a native rope_and_write_kv_cache writes its own backend's cache layout, a native
+#: act_and_mul_linear reads its own backend's prepared weight), the table binds a **composite**
+#: (:mod:`accel_models.composites`) that calls the same table's primitive ops. Composites are no fallback
+#: (``OpTable.fallbacks`` leaves them out), strict mode does not require fused ops, and their provider is
+#: :data:`COMPOSITE`.
+COMPOSITE_OPS: dict[str, tuple[str, ...]] = {
+    "rope_and_write_kv_cache": ("rotary_embedding", *KV_CACHE_GROUP),
+    "act_and_mul_linear": ("silu_and_mul", "gelu_and_mul", *LINEAR_GROUP),
+}
+#: The provider name of an op bound as a composite (reserved: no backend may take it).
+COMPOSITE = "composite"
+#: Every op that is not a fused op.
+PRIMITIVE_OPS: tuple[str, ...] = tuple(op for op in OP_NAMES if op not in COMPOSITE_OPS)
 
 _SPEC_PARAMS: dict[str, tuple[str, ...]] = {
     op: tuple(inspect.signature(getattr(hookspecs, f"accel_{op}")).parameters) for op in OP_NAMES
@@ -145,6 +161,11 @@ class Registry:
             self.unregister(name)
         record = BackendRecord(name, plugin=plugin, version=version, source=source)
         self.records[name] = record
+        if name == COMPOSITE:
+            record.error = (f"the name {COMPOSITE!r} is reserved (it names ops bound as composites of a "
+                            "backend's primitive ops): register the backend under another name")
+            record.plugin = None
+            return record
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:
@@ -345,7 +366,8 @@ class OpTable:
     """The bound ops of one selection: ``ops.rms_norm(x=..., weight=..., eps=...)``.
 
     Each op is a plain function attribute (a direct call, no pluggy). ``providers`` maps each op name
-    to the backend that provides it; ``backend`` is the selected backend, ``info`` its description.
+    to the backend that provides it, or to ``"composite"`` for a fused op bound as a composite of this
+    table's primitives; ``backend`` is the selected backend, ``info`` its description.
     """
 
     backend: str
@@ -371,11 +393,17 @@ class OpTable:
         """Ops not provided by the selected backend (optional hooks such as capture_graph and the dense
         matmul ops, which every device's torch runs, not counted)."""
         return [op for op, p in self.providers.items()
-                if p != self.backend and op not in OPTIONAL_OPS and op not in PORTABLE_OPS]
+                if p != self.backend and p != COMPOSITE and op not in OPTIONAL_OPS and op not in PORTABLE_OPS]
+
+    @property
+    def composites(self) -> list[str]:
+        """Fused ops bound as composites of this table's primitive ops (API 1.3)."""
+        return [op for op, p in self.providers.items() if p == COMPOSITE]
 
     def __repr__(self) -> str:
         fb = self.fallbacks
-        return f"OpTable(backend={self.backend!r}, fallbacks={fb if fb else 'none'})"
+        return (f"OpTable(backend={self.backend!r}, fallbacks={fb if fb else 'none'}, "
+                f"composites={self.composites or 'none'})")
 
     # Declared for type checkers; set per instance in __init__.
     rms_norm: Callable[..., Any]
@@ -391,7 +419,11 @@ class OpTable:
     fused_experts: Callable[..., Any]
     dynamic_int8_quant: Callable[..., Any]
     int8_scaled_mm: Callable[..., Any]
+    prepare_linear: Callable[..., Any]
+    linear: Callable[..., Any]
     capture_graph: Callable[..., Any]
+    rope_and_write_kv_cache: Callable[..., Any]
+    act_and_mul_linear: Callable[..., Any]
 
 
 def _check_signature(op: str, backend: str, fn: Callable[..., Any]) -> None:
@@ -431,10 +463,13 @@ def resolve_ops(
 
     Args:
         backend: backend name; None takes :func:`use_backend`'s, else ``ACCEL_BACKEND``, else auto.
-        strict: no fallback (None takes :func:`use_backend`'s, else ``ACCEL_STRICT``).
+        strict: no fallback (None takes :func:`use_backend`'s, else ``ACCEL_STRICT``). Fused ops are never
+            required: without a native one, their composite is bound.
         allow_unavailable: bind a backend that reports itself unusable here (tests that run its ops
             through an emulation or another implementation of its kernels); normal selection never does.
-        ops: per-op overrides (a mapping or ``"op=backend,..."``), merged over ``ACCEL_OPS``.
+        ops: per-op overrides (a mapping or ``"op=backend,..."``), merged over ``ACCEL_OPS``. A fused op
+            may be overridden to ``"composite"``, or to a backend that implements it and provides every op
+            it fuses in this table.
 
     Raises:
         BackendError: the backend is not installed, unusable, of another API version, lacks ops in
@@ -478,7 +513,7 @@ def resolve_ops(
                     src_overrides[op] = g
         overrides.update(src_overrides)
 
-    missing = [op for op in OP_NAMES
+    missing = [op for op in PRIMITIVE_OPS
                if op not in rec.ops and op not in overrides and op not in OPTIONAL_OPS and op not in PORTABLE_OPS]
     if strict and missing:
         raise BackendError(
@@ -487,8 +522,13 @@ def resolve_ops(
         )
     group_fallback = {op for group in OP_GROUPS if any(o not in rec.ops for o in group) for op in group}
 
+    for op, provider in overrides.items():
+        if provider == COMPOSITE and op not in COMPOSITE_OPS:
+            raise BackendError(f"override {op}={COMPOSITE}: only the fused ops ({', '.join(COMPOSITE_OPS)}) have "
+                               "composites; name a backend for this op")
+
     providers: dict[str, str] = {}
-    for op in OP_NAMES:
+    for op in PRIMITIVE_OPS:
         if op in overrides:
             provider = overrides[op]
             prec = _check_backend(reg, provider, allow_unavailable=allow_unavailable,
@@ -500,10 +540,34 @@ def resolve_ops(
         else:
             provider = name if op in rec.ops else REFERENCE
         providers[op] = provider
+    for op, parts in COMPOSITE_OPS.items():
+        part_providers = {providers[p] for p in parts}
+        if op in overrides:
+            provider = overrides[op]
+            if provider != COMPOSITE:
+                prec = _check_backend(reg, provider, allow_unavailable=allow_unavailable,
+                                      what=f"override {op}={provider}: backend")
+                if op not in prec.ops:
+                    raise BackendError(f"override {op}={provider}: backend {provider!r} does not implement {op}; "
+                                       f"use {op}={COMPOSITE} for the composite of the table's own ops")
+                if part_providers != {provider}:
+                    others = {p: providers[p] for p in parts if providers[p] != provider}
+                    raise BackendError(
+                        f"override {op}={provider}: a native {op} does the work of {', '.join(parts)} and must "
+                        f"come from the backend that provides them all, but here {others}; override those "
+                        f"to {provider!r} too, or use {op}={COMPOSITE}")
+        else:
+            # native only from the one backend that provides every op it fuses; else the composite
+            (only,) = part_providers if len(part_providers) == 1 else (None,)
+            prec = reg.records.get(only) if only is not None else None
+            provider = only if prec is not None and op in prec.ops else COMPOSITE
+        providers[op] = provider
 
     functions: dict[str, Callable[..., Any]] = {}
     trace = _env_flag("ACCEL_TRACE")
     for op, provider in providers.items():
+        if provider == COMPOSITE:
+            continue  # built below, over the bound primitives
         if provider == REFERENCE and provider != name:
             _check_backend(reg, REFERENCE, allow_unavailable=False, what="fallback backend")
         impl = reg._impl(op, provider)
@@ -511,6 +575,10 @@ def resolve_ops(
             raise BackendError(f"backend {provider!r} has no implementation of {op} (and none to fall back to)")
         _check_signature(op, provider, impl.function)
         functions[op] = _traced(op, provider, impl.function) if trace else impl.function
+    for op, provider in providers.items():
+        if provider == COMPOSITE:
+            fn = composites.FACTORIES[op](functions)
+            functions[op] = _traced(op, provider, fn) if trace else fn
 
     assert rec.info is not None
     return OpTable(name, rec.info, functions, providers, bool(strict))

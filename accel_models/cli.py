@@ -14,9 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from accel_models.backends import (
+    COMPOSITE_OPS,
     KV_CACHE_GROUP,
     LINEAR_GROUP,
     OP_NAMES,
+    PRIMITIVE_OPS,
     BackendError,
     list_backends,
     parse_ops_override,
@@ -42,7 +44,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
         status = "usable" if b.usable else f"unusable: {b.reason}"
         device = b.info.device_type if b.info else "?"
         prio = str(b.info.priority) if b.info else "?"
-        rows.append((b.name, device, b.version or "-", prio, f"{len(b.ops)}/{len(OP_NAMES)}", status))
+        fused = len(b.ops & COMPOSITE_OPS.keys())
+        count = f"{len(b.ops & frozenset(PRIMITIVE_OPS))}/{len(PRIMITIVE_OPS)}" + (f" +{fused} fused" if fused else "")
+        rows.append((b.name, device, b.version or "-", prio, count, status))
         data.append({"name": b.name, "device_type": device, "version": b.version, "usable": b.usable,
                      "reason": b.reason, "ops": sorted(b.ops), "source": b.source})
     if args.json:
@@ -60,7 +64,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
     for op in OP_NAMES:
         row = [op + (" *" if op in KV_CACHE_GROUP else " +" if op in LINEAR_GROUP else "")]
         for b in backends:
-            row.append("native" if op in b.ops else "fallback")
+            row.append("native" if op in b.ops else "composite" if op in COMPOSITE_OPS else "fallback")
         rows.append(row)
     if args.json:
         print(json.dumps({op: {b.name: op in b.ops for b in backends} for op in OP_NAMES}, indent=2))
@@ -68,6 +72,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
     print(_table(["op", *names], rows))
     print("\n* KV-cache group: these four ops always come from one backend (fallback moves them together).")
     print("+ linear group: both from one backend; their fallback is the device's own torch matmul (F.linear).")
+    print(f"{', '.join(COMPOSITE_OPS)}: fused ops (API 1.3); 'composite' = the same backend's own ops called in "
+          "turn (no fallback), also bound where a native one's backend does not provide every op it fuses.")
     unusable = [b for b in backends if not b.usable]
     for b in unusable:
         print(f"note: {b.name} is unusable here ({b.reason})")
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list installed backends: device, version, usable or why not")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_backends)
-    p = sub.add_parser("ops", help="op x backend matrix: native or fallback")
+    p = sub.add_parser("ops", help="op x backend matrix: native, fallback or composite")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--backend", help="also show what each op binds to for this backend")
     p.set_defaults(func=cmd_ops)

@@ -24,11 +24,22 @@ Calling convention
   core binds the four from the same backend, in fallback and in per-op overrides alike. ``prepare_linear``
   and ``linear`` form another (a prepared weight is readable only by the backend that prepared it).
 
+Fused ops (API 1.3)
+-------------------
+A *fused op* (``rope_and_write_kv_cache``, ``act_and_mul_linear``) is defined as a fixed sequence of
+primitive ops and exists only so a backend can do that work in fewer kernel launches. No backend has to
+implement one: where the selected backend does not, the core binds a **composite** (``accel_models.composites``)
+that calls the same op table's primitive ops, so a model runs the same numbers on the same device either way.
+A backend's native fused op is bound only where that backend also provides every op it fuses (e.g. the
+whole KV-cache group for ``rope_and_write_kv_cache``, since it writes the backend's own cache layout);
+otherwise the composite is bound. Strict mode does not require fused ops.
+
 Versioning
 ----------
-The API major version is :data:`accel_models.types.HOOKSPEC_API_VERSION` (1). Each hook's docstring says
-the version that added it. A new hook is a minor addition (backends without it fall back); a change of an
-existing hook's keywords or math bumps the major version.
+The API major version is :data:`accel_models.types.HOOKSPEC_API_VERSION` (1); the current minor version is
+:data:`HOOKSPEC_API_MINOR_VERSION`. Each hook's docstring says the version that added it. A new hook is a
+minor addition (backends without it fall back, or get a composite); a change of an existing hook's keywords
+or math bumps the major version.
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from accel_models.types import BackendInfo, KVCacheLayout
 
 PROJECT_NAME = "accel_models"
+#: Minor version of the hookspec API (1.1: capture_graph; 1.2: prepare_linear and linear; 1.3: the fused
+#: ops rope_and_write_kv_cache and act_and_mul_linear). Backends declare only the major version.
+HOOKSPEC_API_MINOR_VERSION = 3
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
@@ -512,4 +526,87 @@ def accel_int8_scaled_mm(
         accumulated exactly in int32, scaling in float32.
 
     Added in API 1.
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused ops (API 1.3): optional; without a native one the core binds a composite of the primitives above
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_rope_and_write_kv_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of query and key, then the rotated keys and the values written into the paged cache.
+
+    Exactly::
+
+        query, key = rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim, is_neox)
+        write_kv_cache(key=key, value=value, kv_cache=kv_cache, slot_mapping=slot_mapping)
+        return query, key
+
+    (the attention layer's work before ``paged_attention``, in one call: vLLM fuses it the same way).
+
+    Args:
+        positions, cos_sin_cache, head_size, rotary_dim, is_neox: as in :func:`accel_rotary_embedding`.
+        query: ``[num_tokens, num_heads, head_size]``.
+        key: ``[num_tokens, num_kv_heads, head_size]``.
+        value: ``[num_tokens, num_kv_heads, head_size]``; not modified.
+        kv_cache, slot_mapping: as in :func:`accel_write_kv_cache` (``kv_cache`` modified in place; a
+            negative slot skips the token's write, though its query and key are still rotated).
+        Inputs may be strided views (e.g. q, k and v split from one fused qkv projection); the last
+        dimension has unit stride.
+
+    Returns:
+        ``(query_out, key_out)``, the rotated query and key with the inputs' shapes and dtypes, as
+        :func:`accel_rotary_embedding` returns them (may be in place on ``query`` and ``key``).
+
+    Added in API 1.3. Optional: a backend without it gets the composite above, built from its own
+    ``rotary_embedding`` and ``write_kv_cache``. A native implementation is bound only where the same
+    backend provides ``rotary_embedding`` and the whole KV-cache group (it writes that backend's layout);
+    otherwise the composite is. Conformance compares the returned query and key with the float64
+    composite of the reference, and the cache through this backend's ``paged_attention``.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_act_and_mul_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any, activation: str
+) -> torch.Tensor:
+    """Gated activation followed by a dense linear layer (a feed-forward block's down projection).
+
+    Exactly::
+
+        h = silu_and_mul(x)                         # activation == "silu"
+        h = gelu_and_mul(x, approximate="none")     # activation == "gelu"
+        h = gelu_and_mul(x, approximate="tanh")     # activation == "gelu_tanh"
+        return linear(h, weight, bias, prepared)
+
+    Args:
+        x: ``[..., 2 * k]`` float, ``[gate | up]`` (the merged gate/up projection's output; may be strided).
+        weight: ``[n, k]``, x's dtype (``nn.Linear`` layout).
+        bias: None or ``[n]``.
+        prepared: None, or what this backend's :func:`accel_prepare_linear` returned for ``weight``.
+        activation: ``"silu"``, ``"gelu"`` (erf form) or ``"gelu_tanh"`` (tanh approximation); anything
+            else is a ValueError.
+
+    Returns:
+        ``[..., n]`` of x's dtype. The composite rounds the activation ``h`` to x's dtype before the
+        product (``act_and_mul`` returns x's dtype); a native implementation may round it or not (keep
+        it within the ``linear`` tolerance either way). ``x`` is not modified.
+
+    Added in API 1.3. Optional: a backend without it gets the composite above, built from its own
+    activation ops and ``linear``. A native implementation is bound only where the same backend provides
+    ``silu_and_mul``, ``gelu_and_mul`` and the linear group (``prepared`` is that backend's); otherwise the
+    composite is. Conformance compares it with the float64 composite of the reference.
     """

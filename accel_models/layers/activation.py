@@ -1,4 +1,10 @@
-"""Gated activations (ops ``silu_and_mul`` / ``gelu_and_mul``)."""
+"""Gated activations (ops ``silu_and_mul`` / ``gelu_and_mul``).
+
+Each module's ``activation`` attribute is its name for the fused op ``act_and_mul_linear`` (``"silu"``,
+``"gelu"``, ``"gelu_tanh"``): a feed-forward block passes it to
+:meth:`~accel_models.layers.linear.RowParallelLinear.forward_act_and_mul` so the activation and the down
+projection are one op call.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ from accel_models.context import get_build_context
 
 class SiluAndMul(nn.Module):
     """``x = [gate | up]`` of ``[..., 2 d]`` -> ``silu(gate) * up`` of ``[..., d]`` (SwiGLU)."""
+
+    #: the activation's name for act_and_mul_linear
+    activation = "silu"
 
     def __init__(self, *, prefix: str = "") -> None:
         super().__init__()
@@ -29,6 +38,8 @@ class GeluAndMul(nn.Module):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.prefix = prefix
         self.approximate = approximate
+        #: the activation's name for act_and_mul_linear
+        self.activation = "gelu" if approximate == "none" else "gelu_tanh"
         self._op = get_build_context().ops.gelu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ class LinearBase(nn.Module):
         self._ctx = ctx
         self._linear = ctx.ops.linear
         self._prepare_linear = ctx.ops.prepare_linear
+        self._act_and_mul_linear = ctx.ops.act_and_mul_linear
         #: what the backend's prepare_linear returned for the current weight (None: not prepared)
         self.linear_prepared: Any = None
 
@@ -276,7 +277,26 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel and self.tp_size > 1:
             size = self.input_size_per_partition
             x = x.narrow(-1, self.tp_rank * size, size)
-        out = self._matmul(x, None)
+        return self._reduce_and_bias(self._matmul(x, None))
+
+    def forward_act_and_mul(self, x: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward(act_and_mul(x))`` as one ``act_and_mul_linear`` op call (API 1.3).
+
+        ``x`` is ``[..., 2 * input_size_per_partition]``, this rank's ``[gate | up]`` (the output of a
+        :class:`MergedColumnParallelLinear` of two equal projections), or, without ``input_is_parallel``,
+        the full ``[gate | up]`` (``2 * input_size``), of which this rank takes its slice of each half.
+        ``activation`` is ``"silu"``, ``"gelu"`` or ``"gelu_tanh"`` (an activation module's ``activation``).
+        The all-reduce and the bias are as in :meth:`forward`: the bias is added once, after the reduction.
+        """
+        if not self.input_is_parallel and self.tp_size > 1:
+            size = self.input_size_per_partition
+            gate, up = x.chunk(2, dim=-1)
+            x = torch.cat((gate.narrow(-1, self.tp_rank * size, size), up.narrow(-1, self.tp_rank * size, size)), -1)
+        out = self._act_and_mul_linear(x=x, weight=self.weight, bias=None, prepared=self.linear_prepared,
+                                       activation=activation)
+        return self._reduce_and_bias(out)
+
+    def _reduce_and_bias(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.reduce_results and self.tp_size > 1:
             out = self.tp_group.all_reduce(out)
         if self.bias is not None and not self.skip_bias_add:

@@ -38,7 +38,12 @@ from accel_models.context import get_build_context
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate|up merged into one projection."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate|up merged into one projection.
+
+    The activation and the down projection are one op call (``act_and_mul_linear`` through
+    ``down_proj.forward_act_and_mul``): one kernel on backends that fuse them; ``act_fn`` names the
+    activation (and still computes it alone for anyone who calls it).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False, *,
                  prefix: str = "") -> None:
@@ -51,12 +56,16 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, _ = self.gate_up_proj(x)  # [T, 2 I / tp]
-        x, _ = self.down_proj(self.act_fn(gate_up))
+        x, _ = self.down_proj.forward_act_and_mul(gate_up, self.act_fn.activation)
         return x
 
 
 class LlamaAttention(nn.Module):
-    """Self-attention: fused qkv projection, rotary, paged :class:`Attention`, output projection."""
+    """Self-attention: fused qkv projection, rotary, paged :class:`Attention`, output projection.
+
+    The rotary is applied by :class:`Attention` (built with ``rotary_emb``), so on the paged path it is
+    one op call with the KV write (``rope_and_write_kv_cache``).
+    """
 
     def __init__(self, config: Any, *, prefix: str = "") -> None:
         super().__init__()
@@ -82,7 +91,8 @@ class LlamaAttention(nn.Module):
                                    config.rope_parameters, is_neox=True, prefix=f"{prefix}.rotary_emb")
         self.attn = Attention(self.num_heads, self.head_dim, self.scaling, num_kv_heads=self.num_kv_heads,
                               prefix=f"{prefix}.attn",
-                              sliding_window=config.sliding_window_for_layer(self.layer_idx))
+                              sliding_window=config.sliding_window_for_layer(self.layer_idx),
+                              rotary_emb=self.rotary_emb)
 
     def _qk_norm(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head normalization of q and k before rotary (Qwen3); identity here."""
@@ -92,8 +102,7 @@ class LlamaAttention(nn.Module):
         qkv, _ = self.qkv_proj(hidden_states)  # [T, (H + 2 Hk) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self._qk_norm(q, k)
-        q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        out, _ = self.o_proj(self.attn(q, k, v, positions))  # rotary inside: fused with the KV write
         return out
 
 

@@ -333,6 +333,96 @@ def check_linear(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, dev
     return _worst(("out", out, expect), op="linear", dtype=dtype)
 
 
+def check_rope_and_write_kv_cache(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """The fused rotary + KV write (API 1.3) against the float64 composite of the reference.
+
+    Every slot of the cache first holds older keys and values (``write_kv_cache``); the fused op then
+    writes the new tokens (some with slot -1: rotated, never written). The returned query and key are
+    compared directly; the cache through the backend's own ``paged_attention``, one decode sequence per
+    block reading every slot, so a wrong key rotation, a missing value or a stray write (a padding token
+    written anywhere) changes an output.
+    """
+    g = _gen(case["seed"])
+    t, h, hk, d, bs = case["tokens"], case["num_heads"], case["num_kv_heads"], case["head_size"], case["block_size"]
+    layout = ops.kv_cache_layout(num_kv_heads=hk, head_size=d, dtype=dtype)
+    if bs not in layout.block_sizes:
+        return CheckResult(float("inf"), f"block size {bs} drawn from the layout's block_sizes {layout.block_sizes} was refused")
+    qkv64 = _rand(g, t, (h + 2 * hk) * d)
+    low = qkv64.to(dtype)
+    qkv_ref = low.to(torch.float64)
+    parts = [h * d, hk * d, hk * d]
+    if case["strided"]:  # views of one qkv buffer, as an attention layer passes them
+        q, k, v = (p.view(t, -1, d) for p in low.to(device).split(parts, dim=-1))
+    else:
+        q, k, v = (p.reshape(t, -1, d).contiguous().to(device) for p in low.split(parts, dim=-1))
+    q64, k64, v64 = (p.reshape(t, -1, d) for p in qkv_ref.split(parts, dim=-1))
+    pos = torch.randint(0, case["max_position"], (t,), generator=g, dtype=torch.int64)
+    num_blocks = -(-t // bs) + 2
+    slots = torch.randperm(num_blocks * bs, generator=g)[:t].to(torch.int64)
+    pad = torch.randperm(t, generator=g)[: min(case["padding"], t)]
+    slots[pad] = -1
+
+    # older context in every slot
+    cache = ops.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d, dtype=dtype,
+                                  device=torch.device(device))
+    ref_cache = ref.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d,
+                                      dtype=torch.float64, device=torch.device("cpu"))
+    old_k, old_k64 = _pair(_rand(g, num_blocks * bs, hk, d), dtype, device)
+    old_v, old_v64 = _pair(_rand(g, num_blocks * bs, hk, d), dtype, device)
+    every = torch.arange(num_blocks * bs, dtype=torch.int64)
+    ops.write_kv_cache(key=old_k, value=old_v, kv_cache=cache, slot_mapping=every.to(device))
+    ref.write_kv_cache(key=old_k64, value=old_v64, kv_cache=ref_cache, slot_mapping=every)
+
+    cache_cs64 = rope_cache(case["max_position"], case["rotary_dim"])
+    cos_sin = cache_cs64.to(torch.float32).to(device)
+    args = dict(head_size=d, rotary_dim=case["rotary_dim"], is_neox=case["is_neox"])
+    v_before = v.clone()
+    qo, ko = ops.rope_and_write_kv_cache(positions=pos.to(device), query=q, key=k, value=v, cos_sin_cache=cos_sin,
+                                         kv_cache=cache, slot_mapping=slots.to(device), **args)
+    bad = _unchanged("value", v_before, v)
+    if bad:
+        return bad
+    # the contract casts cos/sin to the query's dtype before the products: give the reference those values
+    cs_ref = cos_sin.cpu().to(dtype).to(torch.float64)
+    qr, kr = ref.rope_and_write_kv_cache(positions=pos, query=q64.clone(), key=k64.clone(), value=v64,
+                                         cos_sin_cache=cs_ref, kv_cache=ref_cache, slot_mapping=slots, **args)
+    rotated = _worst(("query", qo, qr), ("key", ko, kr), op="rotary_embedding", dtype=dtype)
+
+    # read the whole cache back through attention: sequence b = block b, full, one decode query
+    block_table = torch.arange(num_blocks, dtype=torch.int32)[:, None]
+    seq_lens = torch.full((num_blocks,), bs, dtype=torch.int32)
+    qsl = torch.arange(num_blocks + 1, dtype=torch.int32)
+    aq, aq64 = _pair(_rand(g, num_blocks, h, d), dtype, device)
+    common = dict(max_query_len=1, max_seq_len=bs, scale=d**-0.5, sliding_window=None, logits_soft_cap=None)
+    out = ops.paged_attention(query=aq, kv_cache=cache, block_table=block_table.to(device),
+                              seq_lens=seq_lens.to(device), query_start_loc=qsl.to(device), **common)
+    expect = ref.paged_attention(query=aq64, kv_cache=ref_cache, block_table=block_table, seq_lens=seq_lens,
+                                 query_start_loc=qsl, **common)
+    read = _worst(("cache (read through paged_attention)", out, expect), op="rope_and_write_kv_cache", dtype=dtype)
+    return rotated if rotated.ratio >= read.ratio else read
+
+
+def check_act_and_mul_linear(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """The fused gated activation + linear (API 1.3), with and without what ``prepare_linear`` returned,
+    against the float64 composite of the reference (the activation unrounded)."""
+    g = _gen(case["seed"])
+    m, n, k = case["m"], case["n"], case["k"]
+    lead = (m,) if not case["batched"] else (1, m)
+    x, x64 = _pair(_rand(g, *lead, 2 * k), dtype, device, case["noncontig"])
+    w, w64 = _pair(_rand(g, n, k, scale=k**-0.5), dtype, device)
+    bias, bias64 = _pair(_rand(g, n), dtype, device) if case["bias"] else (None, None)
+    x_before = x.clone()
+    prepared = ops.prepare_linear(weight=w) if case["prepare"] else None
+    out = ops.act_and_mul_linear(x=x, weight=w, bias=bias, prepared=prepared, activation=case["activation"])
+    bad = _unchanged("x", x_before, x)
+    if bad:
+        return bad
+    if out.dtype != dtype:
+        return CheckResult(float("inf"), f"out has dtype {out.dtype}, expected x's dtype {dtype}")
+    expect = ref.act_and_mul_linear(x=x64, weight=w64, bias=bias64, prepared=None, activation=case["activation"])
+    return _worst(("out", out, expect), op="act_and_mul_linear", dtype=dtype)
+
+
 #: ops checked through another op's check (the KV-cache group is exercised only through paged_attention,
 #: prepare_linear only through linear)
 CHECKED_VIA = {"kv_cache_layout": "paged_attention", "allocate_kv_cache": "paged_attention",
@@ -350,4 +440,6 @@ CHECKS = {
     "dynamic_int8_quant": check_dynamic_int8_quant,
     "int8_scaled_mm": check_int8_scaled_mm,
     "linear": check_linear,
+    "rope_and_write_kv_cache": check_rope_and_write_kv_cache,
+    "act_and_mul_linear": check_act_and_mul_linear,
 }

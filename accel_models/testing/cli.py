@@ -49,7 +49,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         rows = []
         for r in report.ops:
             worst = "-" if r.status == "skip" else ("inf" if r.worst == float("inf") else f"{r.worst:.3f}")
-            rows.append((r.op, "native" if r.native else f"fallback ({r.provider})", r.status.upper(), worst,
+            provider = "native" if r.native else "composite" if r.provider == "composite" else f"fallback ({r.provider})"
+            rows.append((r.op, provider, r.status.upper(), worst,
                          str(r.cases), ",".join(r.dtypes) or "-", r.message[:100]))
         print(f"conformance of backend {args.backend!r} (worst = max |err| / tolerance; <= 1 passes)\n")
         print(_table(("op", "provider", "result", "worst", "cases", "dtypes", "note"), rows))

@@ -143,6 +143,42 @@ def linear_cases(draw, quick: bool = False):
 
 
 @st.composite
+def rope_kv_cases(draw, block_sizes: tuple[int, ...] = (16,), quick: bool = False):
+    """rope_and_write_kv_cache (API 1.3): rotary cases plus a cache, padding slots and strided q/k/v."""
+    head_size = draw(st.sampled_from(HEAD_SIZES))
+    kv_heads = draw(st.sampled_from([1, 2, 4, 8]))
+    return {
+        "tokens": draw(st.integers(1, 24 if quick else 160)),
+        "num_heads": kv_heads * draw(st.sampled_from([1, 2, 4, 7])),
+        "num_kv_heads": kv_heads,
+        "head_size": head_size,
+        "rotary_dim": draw(st.sampled_from([head_size, head_size // 2, head_size // 4 * 2])),
+        "is_neox": draw(st.booleans()),
+        "strided": draw(st.booleans()),  # q, k, v as views of one [T, (H + 2 Hk) D] qkv buffer
+        "padding": draw(st.sampled_from([0, 1, 3])),  # tokens with slot -1 (rotated, not written)
+        "block_size": draw(st.sampled_from(list(block_sizes))),
+        "max_position": 4096,
+        "seed": draw(_seed()),
+    }
+
+
+@st.composite
+def act_linear_cases(draw, quick: bool = False):
+    """act_and_mul_linear (API 1.3): linear cases over a gated input ``[..., 2 k]``."""
+    return {
+        "m": draw(st.sampled_from([1, 2, 7, 16, 64] if quick else [1, 2, 3, 7, 16, 33, 64, 300])),
+        "k": draw(st.sampled_from([1, 16, 33, 128, 512] if quick else [1, 16, 33, 128, 512, 1000])),
+        "n": draw(st.sampled_from([1, 8, 31, 256, 1000])),
+        "activation": draw(st.sampled_from(["silu", "silu", "gelu", "gelu_tanh"])),
+        "bias": draw(st.booleans()),
+        "batched": draw(st.booleans()),  # x [1, m, 2k] instead of [m, 2k]
+        "noncontig": draw(st.booleans()),  # x a strided view
+        "prepare": draw(st.booleans()),  # prepared= from prepare_linear, else None
+        "seed": draw(_seed()),
+    }
+
+
+@st.composite
 def quant_cases(draw, quick: bool = False):
     return {
         "m": draw(st.integers(1, 64 if quick else 300)),

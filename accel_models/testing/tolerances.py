@@ -37,6 +37,10 @@ OP_FACTORS: dict[str, float] = {
     "dynamic_int8_quant": 1.0,
     "int8_scaled_mm": 1.0,
     "linear": 4.0,  # reductions over k up to 1000 (inputs of unit scale, weights scaled by k**-0.5)
+    # fused ops (API 1.3): the returned query/key use rotary_embedding's factor; the cache, read back
+    # through the backend's paged_attention, paged_attention's
+    "rope_and_write_kv_cache": 4.0,
+    "act_and_mul_linear": 4.0,  # as linear (the activation may be rounded to x's dtype before the product)
 }
 
 

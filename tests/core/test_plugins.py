@@ -78,7 +78,7 @@ def register(mod: types.ModuleType, name: str) -> B.BackendRecord:
 def test_reference_comes_through_its_entry_point(registry):
     rec = registry.records["reference"]
     assert rec.source == "entry point" and rec.usable and rec.plugin is accel_backend_reference
-    assert rec.ops == frozenset(B.OP_NAMES)
+    assert rec.ops == frozenset(B.PRIMITIVE_OPS)  # the fused ops' reference is their composite
     assert accel_models.get_backend().name == "reference"
     assert [b.name for b in accel_models.list_backends()][0] == "reference"
 
@@ -224,10 +224,11 @@ def test_per_op_fallback_to_the_reference(registry):
     mod = make_backend("partial", ops=("rms_norm", "silu_and_mul"))
     register(mod, "partial")
     ops = accel_models.resolve_ops("partial")
-    assert ops.providers == {op: ("partial" if op in ("rms_norm", "silu_and_mul") else "reference")
-                             for op in B.OP_NAMES}
-    assert sorted(ops.fallbacks) == sorted(set(B.OP_NAMES) - {"rms_norm", "silu_and_mul"} - set(B.OPTIONAL_OPS)
+    assert ops.providers == {op: ("partial" if op in ("rms_norm", "silu_and_mul") else
+                                  B.COMPOSITE if op in B.COMPOSITE_OPS else "reference") for op in B.OP_NAMES}
+    assert sorted(ops.fallbacks) == sorted(set(B.PRIMITIVE_OPS) - {"rms_norm", "silu_and_mul"} - set(B.OPTIONAL_OPS)
                                           - set(B.PORTABLE_OPS))
+    assert sorted(ops.composites) == sorted(B.COMPOSITE_OPS)
     assert ops.rms_norm is mod.accel_rms_norm
     assert ops.gelu_and_mul is accel_backend_reference.accel_gelu_and_mul
     assert ops.strict is False and ops.device_type == "cpu" and ops.info.name == "partial"
@@ -269,7 +270,7 @@ def test_linear_group_falls_back_and_moves_together(registry, monkeypatch):
 
 def test_bound_op_is_the_hookimpl_function_and_bypasses_pluggy(registry):
     ops = accel_models.resolve_ops("reference")
-    for op in B.OP_NAMES:
+    for op in B.PRIMITIVE_OPS:
         assert getattr(ops, op) is getattr(accel_backend_reference, f"accel_{op}")
 
     def no_pluggy(*args, **kwargs):
@@ -292,7 +293,7 @@ def test_optable_rejects_names_that_are_not_ops(registry):
 @pytest.mark.parametrize("how", ["env", "argument", "context"])
 def test_strict_mode_names_the_missing_ops(registry, monkeypatch, how):
     register(make_backend("partial", ops=("rms_norm", "silu_and_mul")), "partial")
-    missing = [op for op in B.OP_NAMES if op not in ("rms_norm", "silu_and_mul") and op not in B.OPTIONAL_OPS
+    missing = [op for op in B.PRIMITIVE_OPS if op not in ("rms_norm", "silu_and_mul") and op not in B.OPTIONAL_OPS
                and op not in B.PORTABLE_OPS]
     if how == "env":
         monkeypatch.setenv("ACCEL_STRICT", "1")
@@ -308,20 +309,20 @@ def test_strict_mode_names_the_missing_ops(registry, monkeypatch, how):
     assert "strict mode" in str(err.value) and "'partial'" in str(err.value)
     for op in missing:
         assert op in str(err.value)
-    # dense matmul runs in every device's torch: strict mode does not ask a backend for it
-    for op in B.PORTABLE_OPS:
+    # dense matmul runs in every device's torch, fused ops have composites: strict mode asks for neither
+    for op in (*B.PORTABLE_OPS, *B.COMPOSITE_OPS):
         assert not re.search(rf"\b{op}\b", str(err.value).split("implement", 1)[1].split(";")[0]), op
 
 
 def test_strict_argument_false_wins_over_env_and_full_backend_passes_strict(registry, monkeypatch):
     register(make_backend("partial"), "partial")
-    register(make_backend("complete", ops=B.OP_NAMES), "complete")
+    register(make_backend("complete", ops=B.PRIMITIVE_OPS), "complete")
     monkeypatch.setenv("ACCEL_STRICT", "1")
     assert accel_models.resolve_ops("partial", strict=False).strict is False
     ops = accel_models.resolve_ops("complete")
-    assert ops.strict is True and not ops.fallbacks
+    assert ops.strict is True and not ops.fallbacks and sorted(ops.composites) == sorted(B.COMPOSITE_OPS)
     # strict is satisfied by explicit per-op overrides
-    ops = accel_models.resolve_ops("partial", ops={op: "reference" for op in B.OP_NAMES if op != "rms_norm"})
+    ops = accel_models.resolve_ops("partial", ops={op: "reference" for op in B.PRIMITIVE_OPS if op != "rms_norm"})
     assert ops.providers["rms_norm"] == "partial"
 
 
@@ -331,13 +332,14 @@ def test_strict_argument_false_wins_over_env_and_full_backend_passes_strict(regi
 
 
 def test_accel_ops_overrides_one_op(registry, monkeypatch):
-    register(make_backend("full", ops=B.OP_NAMES), "full")
+    register(make_backend("full", ops=B.PRIMITIVE_OPS), "full")
     register(make_backend("other", ops=("silu_and_mul",)), "other")
     monkeypatch.setenv("ACCEL_OPS", " rms_norm = reference , silu_and_mul=other")
     ops = accel_models.resolve_ops("full")
     assert ops.providers["rms_norm"] == "reference" and ops.providers["silu_and_mul"] == "other"
     assert ops.rms_norm is accel_backend_reference.accel_rms_norm
-    assert all(p == "full" for op, p in ops.providers.items() if op not in ("rms_norm", "silu_and_mul"))
+    assert all(p == "full" for op, p in ops.providers.items()
+               if op not in ("rms_norm", "silu_and_mul") and op not in B.COMPOSITE_OPS)
 
 
 @pytest.mark.parametrize(("spec", "match"), [
@@ -357,7 +359,7 @@ def test_bad_accel_ops_is_an_error_naming_it(registry, monkeypatch, spec, match)
 
 
 def test_override_of_one_kv_op_moves_the_whole_group(registry, monkeypatch):
-    register(make_backend("full", ops=B.OP_NAMES), "full")
+    register(make_backend("full", ops=B.PRIMITIVE_OPS), "full")
     for op in B.KV_CACHE_GROUP:
         monkeypatch.setenv("ACCEL_OPS", f"{op}=reference")
         ops = accel_models.resolve_ops("full")
@@ -378,7 +380,7 @@ def test_kv_group_override_to_a_backend_lacking_part_of_the_group_is_an_error(re
 
 
 def test_programmatic_overrides_merge_over_env(registry, monkeypatch):
-    register(make_backend("full", ops=B.OP_NAMES), "full")
+    register(make_backend("full", ops=B.PRIMITIVE_OPS), "full")
     monkeypatch.setenv("ACCEL_OPS", "rms_norm=reference,silu_and_mul=reference")
     with accel_models.use_backend("full", ops="silu_and_mul=full,gelu_and_mul=reference"):
         ops = accel_models.resolve_ops(ops={"gelu_and_mul": "full", "moe_topk": "reference"})
@@ -394,7 +396,7 @@ def test_programmatic_overrides_merge_over_env(registry, monkeypatch):
 
 def test_programmatic_kv_group_override_wins_over_env_group_override(registry, monkeypatch):
     """ACCEL_OPS moves the group to one backend, the ops= argument moves it (by another member) elsewhere."""
-    register(make_backend("full", ops=B.OP_NAMES), "full")
+    register(make_backend("full", ops=B.PRIMITIVE_OPS), "full")
     monkeypatch.setenv("ACCEL_OPS", "paged_attention=full")
     ops = accel_models.resolve_ops("reference", ops={"write_kv_cache": "reference"})
     assert {ops.providers[g] for g in B.KV_CACHE_GROUP} == {"reference"}
@@ -445,7 +447,7 @@ def test_reset_registry_reloads_entry_points(registry):
 def test_strict_mode_does_not_require_the_optional_capture_graph_hook(registry):
     """capture_graph (API 1.1) is a backend-level hook, not a numeric op: a backend written for API 1.0
     with every op passes strict mode and gets the reference's answer (no graphs)."""
-    numeric = [op for op in B.OP_NAMES if op not in B.OPTIONAL_OPS]
+    numeric = [op for op in B.PRIMITIVE_OPS if op not in B.OPTIONAL_OPS]
     register(make_backend("api10", ops=numeric), "api10")
     ops = accel_models.resolve_ops("api10", strict=True)
     assert ops.providers["capture_graph"] == "reference" and ops.fallbacks == []

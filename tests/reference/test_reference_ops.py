@@ -569,6 +569,14 @@ BAD_INPUTS = [
     ("linear", dict(x=_f(2, 4), weight=_f(3, 4), bias=_f(4), prepared=None), "bias"),
     ("linear", dict(x=_f(2, 4).double(), weight=_f(3, 4), bias=None, prepared=None), "weight"),
     ("linear", dict(x=torch.ones(2, 4, dtype=torch.int32), weight=_f(3, 4), bias=None, prepared=None), "x"),
+    # fused ops (API 1.3): the reference binds their composites, whose primitives name the bad argument
+    ("rope_and_write_kv_cache", dict(positions=torch.tensor([0, 1]), query=_f(2, 2, 8), key=_f(2, 2, 8),
+                                     value=_f(2, 3, 8), cos_sin_cache=cos_sin_cache(4, 8).float(), head_size=8,
+                                     rotary_dim=8, is_neox=True, kv_cache=torch.zeros(2, 4, 16, 2, 8),
+                                     slot_mapping=torch.tensor([0, 1])), "value"),
+    ("act_and_mul_linear", dict(x=_f(2, 8), weight=_f(3, 4), bias=None, prepared=None, activation="relu"),
+     "activation"),
+    ("act_and_mul_linear", dict(x=_f(2, 8), weight=_f(3, 5), bias=None, prepared=None, activation="silu"), "weight"),
 ]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import accel_models
-from accel_models.backends import OPTIONAL_OPS, PORTABLE_OPS
+from accel_models.backends import COMPOSITE_OPS, OPTIONAL_OPS, PORTABLE_OPS
 from accel_backend_npu import use_torch_npu
 from accel_backend_npu.emulation import TorchNpuEmulation
 
@@ -34,8 +34,10 @@ def npu() -> NpuEnv:
     """Module-scoped (hypothesis forbids function-scoped fixtures in @given tests)."""
     with use_torch_npu(TorchNpuEmulation()) as emu:
         ops = accel_models.resolve_ops(backend="npu", allow_unavailable=True, strict=True)
-        # every op from the npu backend (optional backend-level hooks such as capture_graph, API 1.1, aside)
-        assert {p for op, p in ops.providers.items() if op not in OPTIONAL_OPS and op not in PORTABLE_OPS} == {"npu"}, ops.providers
+        # every op from the npu backend (optional backend-level hooks such as capture_graph, API 1.1, and the
+        # fused ops of API 1.3, bound as composites of the npu's own ops, aside)
+        assert {p for op, p in ops.providers.items()
+                if op not in OPTIONAL_OPS and op not in PORTABLE_OPS and op not in COMPOSITE_OPS} == {"npu"}, ops.providers
         yield NpuEnv(emu, ops, accel_models.resolve_ops(backend="reference"))
 
 

@@ -243,24 +243,23 @@ def accel_rotary_embedding(
     rotary_dim: int,
     is_neox: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q and k rotated in place in one launch (``_rope_kernel``: a program per token and head chunk)."""
     _check_tensors(positions=positions, query=query, key=key, cos_sin_cache=cos_sin_cache)
     argcheck.check_rotary_embedding(positions, query, key, cos_sin_cache, head_size, rotary_dim, FLOATS, NAME)
     if cos_sin_cache.stride(1) != 1:
         cos_sin_cache = cos_sin_cache.contiguous()
-    kern = _kernels()
-
-    def apply(name: str, t: torch.Tensor) -> torch.Tensor:
-        if t.dtype != query.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}; expected the query's {query.dtype}")
-        if t.stride(-1) != 1:
-            t = t.contiguous()
-        t3 = t if t.dim() == 3 else t.unflatten(1, (-1, head_size))
-        kern.rotary_(positions, t3, cos_sin_cache, rotary_dim, is_neox)  # in place (allowed by the spec)
-        return t
-
-    q = apply("query", query)
-    k = apply("key", key) if key is not None else None
+    q = _unit_stride("query", query, query.dtype)
+    k = _unit_stride("key", key, query.dtype) if key is not None else None
+    q3 = q if q.dim() == 3 else q.unflatten(1, (-1, head_size))
+    k3 = None if k is None else k if k.dim() == 3 else k.unflatten(1, (-1, head_size))
+    _kernels().rope(positions, q3, k3, cos_sin_cache, rotary_dim, is_neox)  # in place (allowed by the spec)
     return q, k
+
+
+def _unit_stride(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype != dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected the query's {dtype}")
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,6 +311,36 @@ def accel_write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch
     if value.stride(-1) != 1:
         value = value.contiguous()
     _kernels().write_kv_cache(key, value, kv_cache, slot_mapping.contiguous())
+
+
+@hookimpl
+def accel_rope_and_write_kv_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_size: int,
+    rotary_dim: int,
+    is_neox: bool,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch (``_rope_kernel`` with WRITE): query and key rotated in place, the rotated keys and the
+    values stored at their slots (slot -1 skipped), as rotary_embedding then write_kv_cache compute them."""
+    _check_cache(kv_cache)
+    _check_tensors(positions=positions, query=query, key=key, value=value, cos_sin_cache=cos_sin_cache,
+                   slot_mapping=slot_mapping)
+    argcheck.check_rope_and_write_kv_cache(positions, query, key, value, cos_sin_cache, head_size, rotary_dim,
+                                           slot_mapping, kv_cache.shape[2], kv_cache.shape[4], FLOATS, NAME)
+    if cos_sin_cache.stride(1) != 1:
+        cos_sin_cache = cos_sin_cache.contiguous()
+    q = _unit_stride("query", query, query.dtype)
+    k = _unit_stride("key", key, query.dtype)
+    v = _unit_stride("value", value, query.dtype)
+    _kernels().rope(positions, q, k, cos_sin_cache, rotary_dim, is_neox, value=v, kv_cache=kv_cache,
+                    slot_mapping=slot_mapping.contiguous())
+    return q, k
 
 
 @dataclass(frozen=True)
@@ -659,6 +688,37 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     out = _kernels().linear_small_m(_rows("x", x), weight, bias, plan)
+    return out.view(*x.shape[:-1], n)
+
+
+#: Weight bytes from which act_and_mul_linear takes the fused small-M kernel (None: the linear's
+#: ``min_bytes``). Below it, as for linear, the activation kernel and cuBLAS (two launches).
+ACT_LINEAR_MIN_BYTES: int | None = None
+_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # _triton_kernels._activation's ACT
+
+
+@hookimpl
+def accel_act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any,
+                             activation: str) -> torch.Tensor:
+    """Decode-sized rows (the small-M linear's plan): one launch, the small-M split-K kernel computing
+    ``act(gate) * up`` at its x loads (rounded to x's dtype there, as act_and_mul's stored output is), so
+    no intermediate is written. Otherwise act_and_mul then linear (this backend's, as the composite)."""
+    _check_tensors(x=x, weight=weight, bias=bias)
+    k, n = argcheck.check_act_and_mul_linear(x, weight, bias, activation, FLOATS, NAME)
+    act = _ACT_CODES[activation]
+    m = x.numel() // (2 * k) if k else 0
+    plan = None
+    if weight.stride(-1) == 1 and weight.stride(0) >= k and (x.device.type == "cuda" or _interpret()):
+        kern = _kernels()
+        cfg = dict(kern.CONFIG.get("linear") or LINEAR_CONFIG)
+        if ACT_LINEAR_MIN_BYTES is not None:
+            cfg["min_bytes"] = ACT_LINEAR_MIN_BYTES
+        plan = linear_plan(m, n, k, _num_sms(x.device), {"linear": cfg}, x.element_size())
+    if plan is None:
+        return accel_linear(x=_act(x, act), weight=weight, bias=bias, prepared=prepared)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    out = _kernels().linear_small_m(_rows("x", x), weight, bias, plan, act)
     return out.view(*x.shape[:-1], n)
 
 

@@ -172,49 +172,116 @@ def act_and_mul(x2: torch.Tensor, act: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Rotary embedding (in place)
+# Rotary embedding of q and k in one launch (in place), optionally fused with the KV-cache write
 # ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, x_ptr, cache_ptr, n_heads, half, x_stride_t, x_stride_h, cache_stride,
-                   IS_NEOX: tl.constexpr, HEADS: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0)
-    heads = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
-    i = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr + t)
-    imask = i < half
+def _rope_heads(x_ptr, t, heads, n_heads, x_stride_t, x_stride_h, c, s, o1, o2, imask):
+    """Rotate (in place) ``heads`` of token ``t``; returns the rotated pairs (float32 of the stored
+    values) and the pair mask. cos/sin ``c``, ``s`` are already rounded to the dtype."""
     dt = x_ptr.dtype.element_ty
-    c = tl.load(cache_ptr + pos * cache_stride + i, mask=imask, other=0.0).to(dt).to(tl.float32)
-    s = tl.load(cache_ptr + pos * cache_stride + half + i, mask=imask, other=0.0).to(dt).to(tl.float32)
+    base = x_ptr + t.to(tl.int64) * x_stride_t + heads[:, None].to(tl.int64) * x_stride_h
+    mask = (heads < n_heads)[:, None] & imask[None, :]
+    x1 = tl.load(base + o1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + o2[None, :], mask=mask, other=0.0).to(tl.float32)
+    # each product rounded to the input dtype, as the eager (Hugging Face) formula does
+    y1 = ((x1 * c[None, :]).to(dt).to(tl.float32) - (x2 * s[None, :]).to(dt).to(tl.float32)).to(dt)
+    y2 = ((x2 * c[None, :]).to(dt).to(tl.float32) + (x1 * s[None, :]).to(dt).to(tl.float32)).to(dt)
+    tl.store(base + o1[None, :], y1, mask=mask)
+    tl.store(base + o2[None, :], y2, mask=mask)
+    return y1, y2, mask
+
+
+@triton.jit
+def _rope_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cs_ptr, n_q, n_k, half, rotary_dim, head_size,
+                 q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cs_stride,
+                 c_stride_kv, c_stride_blk, c_stride_h, c_stride_tok, q_chunks,
+                 IS_NEOX: tl.constexpr, HAS_K: tl.constexpr, WRITE: tl.constexpr, HEADS_Q: tl.constexpr,
+                 HEADS_K: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, HEAD_PAD: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr):
+    """Program (token t, head chunk j): chunks ``j < q_chunks`` rotate HEADS_Q query heads, the others
+    HEADS_K key heads, so q and k take one launch. With WRITE, a key chunk also stores its rotated keys,
+    their pass-through dims (``rotary_dim:head_size``) and the values into the paged cache
+    ``[2, blocks, kv_heads, BLOCK_SIZE, head_size]`` at ``slot_mapping[t]`` (nothing for a negative slot),
+    as ``write_kv_cache`` does: rope + KV write in one launch."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    imask = i < half
+    pos = tl.load(pos_ptr + t)
+    dt = q_ptr.dtype.element_ty
+    c = tl.load(cs_ptr + pos * cs_stride + i, mask=imask, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(cs_ptr + pos * cs_stride + half + i, mask=imask, other=0.0).to(dt).to(tl.float32)
     if IS_NEOX:
         o1 = i
         o2 = i + half
     else:
         o1 = 2 * i
         o2 = 2 * i + 1
-    base = x_ptr + t.to(tl.int64) * x_stride_t + heads[:, None].to(tl.int64) * x_stride_h
-    mask = (heads < n_heads)[:, None] & imask[None, :]
-    x1 = tl.load(base + o1[None, :], mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + o2[None, :], mask=mask, other=0.0).to(tl.float32)
-    # each product rounded to the input dtype, as the eager (Hugging Face) formula does
-    y1 = (x1 * c[None, :]).to(dt).to(tl.float32) - (x2 * s[None, :]).to(dt).to(tl.float32)
-    y2 = (x2 * c[None, :]).to(dt).to(tl.float32) + (x1 * s[None, :]).to(dt).to(tl.float32)
-    tl.store(base + o1[None, :], y1.to(dt), mask=mask)
-    tl.store(base + o2[None, :], y2.to(dt), mask=mask)
+    if j < q_chunks:
+        heads = j * HEADS_Q + tl.arange(0, HEADS_Q)
+        _rope_heads(q_ptr, t, heads, n_q, q_stride_t, q_stride_h, c, s, o1, o2, imask)
+    elif HAS_K:
+        heads = (j - q_chunks) * HEADS_K + tl.arange(0, HEADS_K)
+        y1, y2, mask = _rope_heads(k_ptr, t, heads, n_k, k_stride_t, k_stride_h, c, s, o1, o2, imask)
+        if WRITE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                cdt = cache_ptr.dtype.element_ty
+                hmask = heads < n_k
+                dst = (cache_ptr + (slot // BLOCK_SIZE) * c_stride_blk + heads[:, None].to(tl.int64) * c_stride_h
+                       + (slot % BLOCK_SIZE) * c_stride_tok)
+                tl.store(dst + o1[None, :], y1.to(cdt), mask=mask)
+                tl.store(dst + o2[None, :], y2.to(cdt), mask=mask)
+                if REST > 0:  # partial rotary: the key's remaining dims pass through unrotated
+                    r = rotary_dim + tl.arange(0, REST)
+                    rmask = hmask[:, None] & (r < head_size)[None, :]
+                    kr = tl.load(k_ptr + t.to(tl.int64) * k_stride_t + heads[:, None].to(tl.int64) * k_stride_h
+                                 + r[None, :], mask=rmask)
+                    tl.store(dst + r[None, :], kr.to(cdt), mask=rmask)
+                d = tl.arange(0, HEAD_PAD)
+                vmask = hmask[:, None] & (d < head_size)[None, :]
+                vv = tl.load(v_ptr + t.to(tl.int64) * v_stride_t + heads[:, None].to(tl.int64) * v_stride_h
+                             + d[None, :], mask=vmask)
+                tl.store(dst + c_stride_kv + d[None, :], vv.to(cdt), mask=vmask)
 
 
-def rotary_(positions: torch.Tensor, x3: torch.Tensor, cos_sin_cache: torch.Tensor, rotary_dim: int,
-            is_neox: bool) -> None:
-    """Rotate x3 ([T, heads, head_size], unit stride on the last dim) in place."""
-    t, n_heads, _ = x3.shape
+def _heads_per_program(n_heads: int, half_pad: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(n_heads, 1)), 4096 // half_pad))
+
+
+def rope(positions: torch.Tensor, q3: torch.Tensor, k3: torch.Tensor | None, cos_sin_cache: torch.Tensor,
+         rotary_dim: int, is_neox: bool, value: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None,
+         slot_mapping: torch.Tensor | None = None) -> None:
+    """Rotate q3 ([T, heads, head_size]) and k3 ([T, kv_heads, head_size] or None), both with a unit stride on
+    the last dim, in place, in one launch. With ``kv_cache`` (layout [2, blocks, kv_heads, block_size,
+    head_size]) the same launch writes the rotated keys and ``value`` at ``slot_mapping`` (int64, contiguous;
+    negative slots skipped)."""
+    t, n_q, head_size = q3.shape
+    n_k = k3.shape[1] if k3 is not None else 0
     half = rotary_dim // 2
     half_pad = triton.next_power_of_2(half)
-    heads_blk = max(1, min(triton.next_power_of_2(n_heads), 4096 // half_pad))
-    if t and n_heads:
-        _rotary_kernel[(t, triton.cdiv(n_heads, heads_blk))](
-            positions, x3, cos_sin_cache, n_heads, half, x3.stride(0), x3.stride(1), cos_sin_cache.stride(0),
-            IS_NEOX=is_neox, HEADS=heads_blk, HALF=half_pad, num_warps=4)
+    heads_q = _heads_per_program(n_q, half_pad)
+    heads_k = _heads_per_program(n_k, half_pad)
+    q_chunks = triton.cdiv(n_q, heads_q)
+    k_chunks = triton.cdiv(n_k, heads_k) if k3 is not None else 0
+    write = kv_cache is not None
+    if not t or not (q_chunks + k_chunks):
+        return
+    k = k3 if k3 is not None else q3
+    v = value if write else k
+    cache = kv_cache if write else q3
+    slots = slot_mapping if write else positions
+    cst = kv_cache.stride() if write else (0, 0, 0, 0, 0)
+    rest = head_size - rotary_dim
+    _rope_kernel[(t, q_chunks + k_chunks)](
+        positions, q3, k, v, cache, slots, cos_sin_cache, n_q, n_k, half, rotary_dim, head_size,
+        q3.stride(0), q3.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        cst[0], cst[1], cst[2], cst[3], q_chunks,
+        IS_NEOX=is_neox, HAS_K=k3 is not None, WRITE=write, HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_pad,
+        REST=triton.next_power_of_2(rest) if rest > 0 and write else 0,
+        HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=kv_cache.shape[3] if write else 1, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -856,12 +923,18 @@ def dynamic_int8_quant(x2: torch.Tensor):
 def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, x_stride,
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
     and stores (without REDUCE, _split_sum_kernel does that); otherwise the program stores directly.
-    Accumulation in float32, one rounding at the end."""
+    Accumulation in float32, one rounding at the end.
+
+    ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
+    ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
+    to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
+    no intermediate is written."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -882,6 +955,9 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
         k_ok = kk < k_hi
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if ACT >= 0:  # x holds the gates; the ups sit K columns further
+            u = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = (_activation(x.to(tl.float32), ACT, LIB) * u.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if USE_DOT:
             if IEEE:
                 acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -931,11 +1007,12 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
 
 
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   cfg: dict[str, int]) -> torch.Tensor:
+                   cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
-    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages)."""
-    m, k = x2.shape
-    n = weight.shape[0]
+    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages). ``act`` >= 0: x2 is
+    [M, 2 K] = [gate | up] and the product reads ``act(gate) * up`` (0 silu, 1 gelu, 2 gelu tanh)."""
+    m = x2.shape[0]
+    n, k = weight.shape
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return out
@@ -953,8 +1030,8 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2, weight, bias if bias is not None else out, out, ws, cnt if cnt is not None else out, m, n, k, k_per,
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,

@@ -180,6 +180,28 @@ def host_tensors_ok(monkeypatch):
                                   num_expert_group=None, topk_group=None, e_score_correction_bias=None,
                                   routed_scaling_factor=1.0), "'softmax' or 'sigmoid'"),
         (lambda: C.accel_dynamic_int8_quant(x=torch.randn(2, 3, 4)), "2-D"),
+        # fused ops (API 1.3)
+        (lambda: C.accel_rope_and_write_kv_cache(
+            positions=torch.zeros(3, dtype=torch.int64), query=torch.randn(3, 4, 8), key=torch.randn(3, 2, 8),
+            value=torch.randn(3, 2, 8), cos_sin_cache=torch.randn(8, 8), head_size=8, rotary_dim=8, is_neox=True,
+            kv_cache=torch.empty(2, 4, 16, 2, 8), slot_mapping=torch.zeros(3, dtype=torch.int64)), "the cuda layout is"),
+        (lambda: C.accel_rope_and_write_kv_cache(
+            positions=torch.zeros(3, dtype=torch.int64), query=torch.randn(3, 32), key=torch.randn(3, 2, 8),
+            value=torch.randn(3, 2, 8), cos_sin_cache=torch.randn(8, 8), head_size=8, rotary_dim=8, is_neox=True,
+            kv_cache=torch.empty(2, 4, 2, 16, 8), slot_mapping=torch.zeros(3, dtype=torch.int64)), "query must be 3-D"),
+        (lambda: C.accel_rope_and_write_kv_cache(
+            positions=torch.zeros(3, dtype=torch.int64), query=torch.randn(3, 4, 8), key=torch.randn(3, 2, 8),
+            value=torch.randn(3, 3, 8), cos_sin_cache=torch.randn(8, 8), head_size=8, rotary_dim=8, is_neox=True,
+            kv_cache=torch.empty(2, 4, 2, 16, 8), slot_mapping=torch.zeros(3, dtype=torch.int64)), "value has shape"),
+        (lambda: C.accel_rope_and_write_kv_cache(
+            positions=torch.zeros(3, dtype=torch.int64), query=torch.randn(3, 4, 8),
+            key=torch.randn(3, 2, 8, dtype=torch.float16), value=torch.randn(3, 2, 8), cos_sin_cache=torch.randn(8, 8),
+            head_size=8, rotary_dim=8, is_neox=True, kv_cache=torch.empty(2, 4, 2, 16, 8),
+            slot_mapping=torch.zeros(3, dtype=torch.int64)), "key has dtype torch.float16"),
+        (lambda: C.accel_act_and_mul_linear(x=torch.randn(3, 16), weight=torch.randn(4, 8), bias=None, prepared=None,
+                                            activation="gelu_new"), "activation must be one of"),
+        (lambda: C.accel_act_and_mul_linear(x=torch.randn(3, 16), weight=torch.randn(4, 6), bias=None, prepared=None,
+                                            activation="silu"), r"x \[..., 2 \* k\] and weight"),
         (lambda: C.accel_int8_scaled_mm(a=torch.zeros(2, 8, dtype=torch.int8), b=torch.zeros(4, 7, dtype=torch.int8),
                                         scale_a=torch.ones(2, 1), scale_b=torch.ones(4), out_dtype=torch.float32,
                                         bias=None), r"b must be \[n, k=8\]"),

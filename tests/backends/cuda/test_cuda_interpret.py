@@ -2,8 +2,9 @@
 
 This checks the kernels' indexing and math in CI, without a GPU, against the reference backend run in
 float64 (an independent, vectorized torch implementation, itself checked against naive loops in
-tests/reference). Only float32: the interpreter's bfloat16 dot is wrong (numpy has no bfloat16), so the
-bfloat16 paths are verified on the H100 by bench/cuda/run_all.py. Shapes are small and odd: the
+tests/reference). Float32, except the dot-free rotary + KV-write kernel (also bfloat16): the interpreter's
+bfloat16 dot is wrong (numpy has no bfloat16), so the bfloat16 paths are verified on the H100 by
+bench/cuda/run_all.py (and the fused ops by bench/cuda/check_fused.py). Shapes are small and odd: the
 interpreter runs each program in Python.
 
 TRITON_INTERPRET must be set before Triton is first imported (its own library functions are decorated
@@ -327,3 +328,168 @@ def test_moe_topk_grouped_routing_matches_the_float64_reference():
     ew, eids = R.accel_moe_topk(router_logits=logits.to(F64), e_score_correction_bias=corr.to(F64), **kw)
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     assert torch.equal(ids, eids) and rel(w, ew) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------
+# rotary in one launch, rope + KV write fused (API 1.3), act_and_mul fused into the small-M linear
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Launches:
+    """Stands in for a @triton.jit kernel: counts ``kernel[grid](...)`` launches, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _rope64(x, pos, cos_sin, rotary_dim, is_neox, dtype):
+    """Independent float64 rotary of x [T, heads, D]; cos/sin rounded to the dtype first (the contract), and
+    for bfloat16 each product rounded to it too (the eager formula the kernel follows)."""
+    rnd = (lambda t: t.to(dtype).to(F64)) if dtype != torch.float32 else (lambda t: t)
+    half = rotary_dim // 2
+    cs = cos_sin.to(dtype).to(F64)[pos][:, None, :]  # [T, 1, rotary_dim]
+    c, s = cs[..., :half], cs[..., half:]
+    x = x.to(F64)
+    out = x.clone()
+    i1 = torch.arange(half) if is_neox else torch.arange(half) * 2
+    i2 = i1 + half if is_neox else i1 + 1
+    x1, x2 = x[..., i1], x[..., i2]
+    out[..., i1] = rnd(x1 * c) - rnd(x2 * s)
+    out[..., i2] = rnd(x2 * c) + rnd(x1 * s)
+    return out
+
+
+def _rope_inputs(tokens, heads, kv_heads, head_size, rotary_dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+    pos = torch.randint(0, 50, (tokens,), generator=g)
+    cos_sin = torch.randn(50, rotary_dim, generator=g)  # float32, as get_rope builds it
+    return qkv, q.view(tokens, heads, head_size), k.view(tokens, kv_heads, head_size), \
+        v.view(tokens, kv_heads, head_size), pos, cos_sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("is_neox, rotary_dim, chunk", [(True, 24, None), (False, 24, 2), (True, 10, 4),
+                                                        (False, 6, None)])
+def test_rope_and_write_kv_cache_one_launch(is_neox, rotary_dim, chunk, dtype, kernels, monkeypatch):
+    """Strided q/k/v (views of one qkv buffer), GQA, padding slots, partial rotary, both styles; ``chunk``
+    forces several head chunks per token for q and for k. Every cache slot nothing wrote stays NaN."""
+    if chunk:
+        monkeypatch.setattr(kernels, "_heads_per_program", lambda n, half_pad: chunk)
+    launches = _Launches(kernels._rope_kernel)
+    monkeypatch.setattr(kernels, "_rope_kernel", launches)
+    tokens, heads, kv_heads, head_size, block_size, blocks = 7, 6, 3, 24, 16, 3
+    qkv, q, k, v, pos, cos_sin = _rope_inputs(tokens, heads, kv_heads, head_size, rotary_dim, dtype, seed=rotary_dim)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    slots = torch.tensor([5, -1, 17, 40, 0, -1, 33])
+    cache = C.accel_allocate_kv_cache(num_blocks=blocks, block_size=block_size, num_kv_heads=kv_heads,
+                                      head_size=head_size, dtype=dtype, device="cpu")
+    cache.fill_(float("nan"))
+    qo, ko = C.accel_rope_and_write_kv_cache(positions=pos, query=q, key=k, value=v, cos_sin_cache=cos_sin,
+                                             head_size=head_size, rotary_dim=rotary_dim, is_neox=is_neox,
+                                             kv_cache=cache, slot_mapping=slots)
+    assert len(launches.grids) == 1  # q, k and the cache write in one launch
+    eq, ek = (_rope64(x, pos, cos_sin, rotary_dim, is_neox, dtype) for x in (q0, k0))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert qo.shape == q.shape and ko.shape == k.shape and qo.data_ptr() == q.data_ptr()  # in place on the views
+    assert rel(qo, eq) < tol and rel(ko, ek) < tol
+    assert torch.equal(v, v0)
+    written = torch.zeros(2, blocks, kv_heads, block_size, dtype=torch.bool)
+    for t, slot in enumerate(slots.tolist()):
+        if slot < 0:
+            continue
+        b, off = divmod(slot, block_size)
+        assert torch.equal(cache[0, b, :, off], ko[t]) and torch.equal(cache[1, b, :, off], v0[t]), t
+        written[:, b, :, off] = True
+    assert torch.isnan(cache[~written]).all()  # padding tokens (slot -1) wrote nothing, anywhere
+
+
+@pytest.mark.parametrize("with_key", [True, False])
+def test_rotary_rotates_q_and_k_in_one_launch(with_key, kernels, monkeypatch):
+    monkeypatch.setattr(kernels, "_heads_per_program", lambda n, half_pad: 2)  # 2 q chunks + 2 k chunks
+    launches = _Launches(kernels._rope_kernel)
+    monkeypatch.setattr(kernels, "_rope_kernel", launches)
+    _, q, k, _, pos, cos_sin = _rope_inputs(5, 4, 3, 16, 16, torch.float32, seed=11)
+    q2 = q.reshape(5, 64)  # 2-D query: [T, heads * head_size] (a copy: the view's rows are strided)
+    eq, ek = _rope64(q2.view(5, 4, 16), pos, cos_sin, 16, False, torch.float32), _rope64(k, pos, cos_sin, 16, False,
+                                                                                        torch.float32)
+    qo, ko = C.accel_rotary_embedding(positions=pos, query=q2, key=k.clone() if with_key else None,
+                                      cos_sin_cache=cos_sin, head_size=16, rotary_dim=16, is_neox=False)
+    assert len(launches.grids) == 1 and launches.grids[0][1] == (4 if with_key else 2)
+    assert qo.shape == (5, 64) and rel(qo.view(5, 4, 16), eq) < 1e-6
+    assert (ko is None) if not with_key else rel(ko, ek) < 1e-6
+
+
+def _act64(x, activation):
+    g, u = x.to(F64).chunk(2, dim=-1)
+    if activation == "silu":
+        a = g / (1 + torch.exp(-g))
+    elif activation == "gelu":
+        a = 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+    else:
+        a = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
+    return a * u
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("m, n, k, split_k, dot, bias", [(1, 37, 70, 1, 1, False), (3, 40, 130, 3, 1, True),
+                                                         (7, 33, 300, 4, 0, True), (16, 20, 96, 2, 1, False)])
+def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, split_k, dot, bias, kernels):
+    g = torch.Generator().manual_seed(m * 100 + k)
+    x = torch.randn(m, 2 * k + 5, generator=g)[:, 5:] * 2  # rows with a stride > 2k
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
+               num_warps=4, num_stages=2)
+    act = {"silu": 0, "gelu": 1, "gelu_tanh": 2}[activation]
+    got = kernels.linear_small_m(x, w, b, cfg, act)
+    exp = _act64(x, activation) @ w.to(F64).T + (b.to(F64) if bias else 0)
+    assert got.shape == (m, n) and rel(got, exp) < 2e-6
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
+
+
+def test_act_and_mul_linear_hook_fuses_decode_rows_and_matches_the_composite_elsewhere(kernels, monkeypatch):
+    small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,
+                                                   "large": small})
+    fused, launches = [], _Launches(kernels._act_and_mul_kernel)
+    real = kernels.linear_small_m
+    monkeypatch.setattr(kernels, "linear_small_m", lambda *a: fused.append(a[4] if len(a) > 4 else -1) or real(*a))
+    monkeypatch.setattr(kernels, "_act_and_mul_kernel", launches)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(24, 96, generator=g) / 10
+    b = torch.randn(24, generator=g)
+    prepared = C.accel_prepare_linear(weight=w)
+    for lead, activation in [((1,), "silu"), ((2, 3), "gelu_tanh"), ((17,), "gelu")]:  # 17 rows: act + F.linear
+        wide = torch.randn(*lead, 2 * 192 + 1, generator=g)
+        x = wide[..., 1::2][..., :192]  # a strided [..., 2k] view
+        got = C.accel_act_and_mul_linear(x=x, weight=w, bias=b, prepared=prepared, activation=activation)
+        exp = _act64(x, activation) @ w.to(F64).T + b.to(F64)
+        assert got.shape == (*lead, 24) and rel(got, exp) < 2e-6
+    assert fused == [0, 2]  # the two decode-sized calls took the fused kernel (silu, gelu tanh)...
+    assert len(launches.grids) == 1  # ...only the 17-row call ran the separate activation kernel
+    with pytest.raises(ValueError, match="activation"):
+        C.accel_act_and_mul_linear(x=x, weight=w, bias=b, prepared=None, activation="relu")
+
+
+def test_conformance_kit_passes_the_native_fused_ops(kernels, monkeypatch):
+    """The kit's checks of both fused ops (API 1.3) on this backend's native kernels: strided q/k/v,
+    padding slots, partial rotary, both styles; act_and_mul_linear forced onto the fused small-M kernel."""
+    from accel_models.testing import run_conformance
+
+    small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,
+                                                   "large": small})
+    fused = []
+    real = kernels.linear_small_m
+    monkeypatch.setattr(kernels, "linear_small_m", lambda *a: fused.append(len(a) > 4 and a[4] >= 0) or real(*a))
+    report = run_conformance("cuda", ops=["rope_and_write_kv_cache", "act_and_mul_linear"], allow_unavailable=True,
+                             device="cpu", quick=True, max_examples=6, dtypes=(torch.float32,))
+    assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
+    assert all(r.native and r.cases > 0 for r in report.ops)
+    assert any(fused)

@@ -42,6 +42,32 @@ CONFIG: dict[str, dict[str, int]] = {
 }
 
 
+def _pdl_default() -> bool:
+    """Programmatic dependent launch (Hopper+): each kernel may be launched while the previous one in the
+    stream finishes, and waits (griddepcontrol.wait) before touching memory. Off under the interpreter,
+    before sm90, without Triton's gdc intrinsics, or with ACCEL_CUDA_PDL=0."""
+    if INTERPRET or os.environ.get("ACCEL_CUDA_PDL", "1") == "0" or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    try:
+        return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    except RuntimeError:  # pragma: no cover
+        return False
+
+
+#: launch every kernel with programmatic dependent launch (see _pdl_default)
+PDL = _pdl_default()
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """First statement of every kernel: with PDL, wait until the previous kernel in the stream has finished
+    and flushed its writes (so every read and write below is ordered as without PDL), then let the next
+    kernel's programs launch early (they wait the same way). Saves the launch gap between kernels."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def _tl_dtype_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
@@ -96,7 +122,8 @@ def counters(device: torch.device, needed: int) -> torch.Tensor | None:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_rows, N, x_stride, res_stride, eps,
-                     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     rmask = rows < n_rows
@@ -127,7 +154,7 @@ def rms_norm(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Ten
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
             x2, residual2 if residual2 is not None else x2, weight, out, res_out, n_rows, n, x2.stride(0),
             residual2.stride(0) if residual2 is not None else 0, float(eps),
-            HAS_RES=residual2 is not None, ROWS=rows, BLOCK=block, num_warps=warps)
+            HAS_RES=residual2 is not None, ROWS=rows, BLOCK=block, num_warps=warps, PDL=PDL, launch_pdl=PDL)
     return out, (res_out if residual2 is not None else None)
 
 
@@ -149,7 +176,8 @@ def _activation(g, ACT: tl.constexpr, LIB: tl.constexpr):
 
 
 @triton.jit
-def _act_and_mul_kernel(x_ptr, out_ptr, d, x_stride, ACT: tl.constexpr, BLOCK: tl.constexpr, LIB: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, d, x_stride, ACT: tl.constexpr, BLOCK: tl.constexpr, LIB: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     # ACT: 0 silu, 1 gelu (erf), 2 gelu (tanh)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -167,7 +195,7 @@ def act_and_mul(x2: torch.Tensor, act: int) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(max(d, 1)))
     if n_rows and d:
         _act_and_mul_kernel[(n_rows, triton.cdiv(d, block))](x2, out, d, x2.stride(0), ACT=act, BLOCK=block,
-                                                            LIB=LIBDEVICE, num_warps=4)
+                                                            LIB=LIBDEVICE, num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out
 
 
@@ -199,12 +227,13 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cs_ptr, n_q,
                  c_stride_kv, c_stride_blk, c_stride_h, c_stride_tok, q_chunks,
                  IS_NEOX: tl.constexpr, HAS_K: tl.constexpr, WRITE: tl.constexpr, HEADS_Q: tl.constexpr,
                  HEADS_K: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, HEAD_PAD: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr = False):
     """Program (token t, head chunk j): chunks ``j < q_chunks`` rotate HEADS_Q query heads, the others
     HEADS_K key heads, so q and k take one launch. With WRITE, a key chunk also stores its rotated keys,
     their pass-through dims (``rotary_dim:head_size``) and the values into the paged cache
     ``[2, blocks, kv_heads, BLOCK_SIZE, head_size]`` at ``slot_mapping[t]`` (nothing for a negative slot),
     as ``write_kv_cache`` does: rope + KV write in one launch."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
     i = tl.arange(0, HALF)
@@ -281,7 +310,7 @@ def rope(positions: torch.Tensor, q3: torch.Tensor, k3: torch.Tensor | None, cos
         cst[0], cst[1], cst[2], cst[3], q_chunks,
         IS_NEOX=is_neox, HAS_K=k3 is not None, WRITE=write, HEADS_Q=heads_q, HEADS_K=heads_k, HALF=half_pad,
         REST=triton.next_power_of_2(rest) if rest > 0 and write else 0,
-        HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=kv_cache.shape[3] if write else 1, num_warps=4)
+        HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=kv_cache.shape[3] if write else 1, num_warps=4, PDL=PDL, launch_pdl=PDL)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,7 +321,8 @@ def rope(positions: torch.Tensor, q3: torch.Tensor, k3: torch.Tensor | None, cos
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, head_size, k_stride_t, k_stride_h, v_stride_t,
                      v_stride_h, c_stride_kv, c_stride_blk, c_stride_h, c_stride_tok,
-                     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -315,7 +345,7 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         _write_kv_kernel[(t, kv_heads)](
             key, value, kv_cache, slot_mapping, head_size, key.stride(0), key.stride(1), value.stride(0),
             value.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-            BLOCK_SIZE=block_size, HEAD_PAD=triton.next_power_of_2(head_size), num_warps=1)
+            BLOCK_SIZE=block_size, HEAD_PAD=triton.next_power_of_2(head_size), num_warps=1, PDL=PDL, launch_pdl=PDL)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,8 +377,9 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    LIB: tl.constexpr,
+    LIB: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    _pdl_enter(PDL)
     # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
     # tokens x group query heads sharing this KV head (GQA packed into the M dimension of the dots).
     pid = tl.program_id(0)
@@ -478,7 +509,8 @@ def _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d
 
 @triton.jit
 def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_heads, head_size, num_splits,
-                         o_stride_t, o_stride_h, SPLITS: tl.constexpr, HEAD_PAD: tl.constexpr):
+                         o_stride_t, o_stride_h, SPLITS: tl.constexpr, HEAD_PAD: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
@@ -524,11 +556,11 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
         BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap), SPLIT=split, FUSED_MERGE=cnt is not None,
         NUM_SPLITS=triton.next_power_of_2(plan.num_splits) if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
-        LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=PDL, launch_pdl=PDL)
     if split and cnt is None:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_acc, part_ml, out, num_tokens, num_heads, head_size, plan.num_splits, out.stride(0),
-            out.stride(1), SPLITS=triton.next_power_of_2(plan.num_splits), HEAD_PAD=head_pad, num_warps=4)
+            out.stride(1), SPLITS=triton.next_power_of_2(plan.num_splits), HEAD_PAD=head_pad, num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out
 
 
@@ -540,9 +572,10 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
 @triton.jit
 def _moe_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, num_experts, logits_stride, scaling,
                      TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, SOFTMAX: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr = False):
     """One token per program: scores (softmax or sigmoid, float32), top-k by score (+ correction bias) with
     ties to the lower expert id, weights of the chosen experts (renormalized, scaled)."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
     ok = offs < num_experts
@@ -585,7 +618,7 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, softmax: bool, renormalize
             router_logits, bias if bias is not None else router_logits, weights, ids, num_experts,
             router_logits.stride(0), float(scaling), TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_E=triton.next_power_of_2(num_experts), SOFTMAX=softmax, HAS_BIAS=bias is not None,
-            RENORM=renormalize, num_warps=1 if num_experts <= 256 else 4)
+            RENORM=renormalize, num_warps=1 if num_experts <= 256 else 4, PDL=PDL, launch_pdl=PDL)
     return weights, ids
 
 
@@ -593,7 +626,8 @@ def moe_topk(router_logits: torch.Tensor, top_k: int, softmax: bool, renormalize
 def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr, num_pairs, hidden, inter,
                         x_stride, w_stride_e, w_stride_n, w_stride_k, TOPK: tl.constexpr, ACT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        IEEE: tl.constexpr, LIB: tl.constexpr):
+                        IEEE: tl.constexpr, LIB: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -636,7 +670,8 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, act_ptr
 @triton.jit
 def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr, num_pairs, hidden,
                      inter, w_stride_e, w_stride_n, w_stride_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -666,8 +701,9 @@ def _moe_down_kernel(act_ptr, w_ptr, sorted_pair_ptr, block_expert_ptr, out_ptr,
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, weights_ptr, ids_ptr, out_ptr, hidden, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+def _moe_sum_kernel(y_ptr, weights_ptr, ids_ptr, out_ptr, hidden, TOPK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = sum_j w[t, j] * y[t * TOPK + j] in float32; pairs whose expert is elsewhere (id < 0) add 0."""
+    _pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -700,16 +736,16 @@ def fused_experts(hidden_states, w13, w2, topk_weights, local_ids, act, align, c
         hidden_states, w13, sorted_pair, block_expert, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
         w13.stride(0), w13.stride(1), w13.stride(2), TOPK=top_k, ACT=act, BLOCK_M=bm, BLOCK_N=cfg_up["BLOCK_N"],
         BLOCK_K=cfg_up["BLOCK_K"], IEEE=ieee, LIB=LIBDEVICE, num_warps=cfg_up["num_warps"],
-        num_stages=cfg_up["num_stages"])
+        num_stages=cfg_up["num_stages"], PDL=PDL, launch_pdl=PDL)
     _moe_down_kernel[(num_blocks, triton.cdiv(hidden, cfg_down["BLOCK_N"]))](
         act_buf, w2, sorted_pair, block_expert, y, num_pairs, hidden, inter, w2.stride(0),
         w2.stride(1), w2.stride(2), BLOCK_M=bm, BLOCK_N=cfg_down["BLOCK_N"], BLOCK_K=cfg_down["BLOCK_K"],
-        IEEE=ieee, num_warps=cfg_down["num_warps"], num_stages=cfg_down["num_stages"])
+        IEEE=ieee, num_warps=cfg_down["num_warps"], num_stages=cfg_down["num_stages"], PDL=PDL, launch_pdl=PDL)
     out = torch.empty_like(hidden_states)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     block = min(1024, triton.next_power_of_2(hidden))
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](y, weights, local_ids.reshape(-1).contiguous(), out,
-                                                               hidden, TOPK=top_k, BLOCK=block, num_warps=4)
+                                                               hidden, TOPK=top_k, BLOCK=block, num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out
 
 
@@ -751,9 +787,10 @@ def _moe_slot(ids_ptr, map_ptr, slot, num_pairs, HAS_MAP: tl.constexpr, BY_EXPER
 def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, act_ptr, num_pairs, hidden, inter, x_stride,
                           w_stride_e, w_stride_n, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_MAP: tl.constexpr,
                           BY_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program (slot, n tile): BLOCK_N gate rows and the matching BLOCK_N up rows of one routed expert
     (unit stride on k) times all its pairs' tokens; act_and_mul in registers; act [num_pairs, inter]."""
+    _pdl_enter(PDL)
     e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
     if work:
         offs_m = tl.arange(0, BLOCK_M)
@@ -791,11 +828,12 @@ def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, map_ptr, wts_ptr, y_ptr, ou
                             num_tokens, slots, hidden, inter, w_stride_e, w_stride_n, TOPK: tl.constexpr,
                             HAS_MAP: tl.constexpr, BY_EXPERT: tl.constexpr, REDUCE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+                            BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program (slot, n tile): y[pair, n tile] = act[pair] @ w2[e][n tile]^T for the pairs of one routed
     expert, rounded to the input dtype (the reference's matmul output). With REDUCE, the last of the
     ``slots`` programs of an n tile to arrive (a counter per n tile) sums every token's top_k rows of y in
     choice order, weighted, in float32, and stores out (pairs held elsewhere add exactly 0)."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(1)
     e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
@@ -863,7 +901,7 @@ def fused_experts_decode(hidden_states, w13, w2, topk_weights, topk_ids, expert_
         hidden_states, w13, topk_ids, emap, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
         w13.stride(0), w13.stride(1), TOPK=top_k, ACT=act, HAS_MAP=has_map, BY_EXPERT=plan["BY_EXPERT"],
         BLOCK_M=plan["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], IEEE=ieee,
-        num_warps=up["num_warps"], num_stages=up["num_stages"])
+        num_warps=up["num_warps"], num_stages=up["num_stages"], PDL=PDL, launch_pdl=PDL)
     n_tiles = triton.cdiv(hidden, down["BLOCK_N"])
     cnt = counters(dev, n_tiles)
     _moe_decode_down_kernel[(slots, n_tiles)](
@@ -871,14 +909,14 @@ def fused_experts_decode(hidden_states, w13, w2, topk_weights, topk_ids, expert_
         slots, hidden, inter, w2.stride(0), w2.stride(1), TOPK=top_k, HAS_MAP=has_map,
         BY_EXPERT=plan["BY_EXPERT"], REDUCE=cnt is not None, BLOCK_M=plan["BLOCK_M"], BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], BLOCK_T=triton.next_power_of_2(num_tokens), IEEE=ieee,
-        num_warps=down["num_warps"], num_stages=down["num_stages"])
+        num_warps=down["num_warps"], num_stages=down["num_stages"], PDL=PDL, launch_pdl=PDL)
     if cnt is None:  # no counter buffer (first call inside a graph capture): a second kernel sums
         ids = topk_ids.reshape(-1).to(torch.int64)
         if has_map:
             ids = expert_map.to(torch.int64)[ids]
         block = min(1024, triton.next_power_of_2(hidden))
         _moe_sum_kernel[(num_tokens, triton.cdiv(hidden, block))](
-            y, topk_weights.reshape(-1).to(torch.float32), ids, out, hidden, TOPK=top_k, BLOCK=block, num_warps=4)
+            y, topk_weights.reshape(-1).to(torch.float32), ids, out, hidden, TOPK=top_k, BLOCK=block, num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out
 
 
@@ -888,7 +926,8 @@ def fused_experts_decode(hidden_states, w13, w2, topk_weights, topk_ids, expert_
 
 
 @triton.jit
-def _int8_quant_kernel(x_ptr, q_ptr, s_ptr, k, x_stride, BLOCK: tl.constexpr, LIB: tl.constexpr):
+def _int8_quant_kernel(x_ptr, q_ptr, s_ptr, k, x_stride, BLOCK: tl.constexpr, LIB: tl.constexpr, PDL: tl.constexpr = False):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < k
@@ -908,7 +947,7 @@ def dynamic_int8_quant(x2: torch.Tensor):
     if m and k:
         block = triton.next_power_of_2(k)
         _int8_quant_kernel[(m,)](x2, q, s, k, x2.stride(0), BLOCK=block, LIB=LIBDEVICE,
-                                 num_warps=4 if block <= 4096 else 8)
+                                 num_warps=4 if block <= 4096 else 8, PDL=PDL, launch_pdl=PDL)
     elif m:
         s.zero_()
     return q, s
@@ -924,7 +963,7 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -935,6 +974,7 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
     no intermediate is written."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -993,8 +1033,9 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
 
 
 @triton.jit
-def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Fallback reduction of the split partials (when no counter buffer is available)."""
+    _pdl_enter(PDL)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -1031,10 +1072,10 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,
                                                       out.stride(0), HAS_BIAS=bias is not None, BLOCK=block,
-                                                      num_warps=4)
+                                                      num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out

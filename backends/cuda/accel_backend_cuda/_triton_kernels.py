@@ -248,9 +248,9 @@ def _rope_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, slot_ptr, cs_ptr, n_q,
     else:
         o1 = 2 * i
         o2 = 2 * i + 1
-    if j < q_chunks:
-        heads = j * HEADS_Q + tl.arange(0, HEADS_Q)
-        _rope_heads(q_ptr, t, heads, n_q, q_stride_t, q_stride_h, c, s, o1, o2, imask)
+    if j < q_chunks:  # (names differ from the key branch's: compiled Triton merges same-named values)
+        q_heads = j * HEADS_Q + tl.arange(0, HEADS_Q)
+        _rope_heads(q_ptr, t, q_heads, n_q, q_stride_t, q_stride_h, c, s, o1, o2, imask)
     elif HAS_K:
         heads = (j - q_chunks) * HEADS_K + tl.arange(0, HEADS_K)
         y1, y2, mask = _rope_heads(k_ptr, t, heads, n_k, k_stride_t, k_stride_h, c, s, o1, o2, imask)

@@ -692,8 +692,11 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 #: Weight bytes from which act_and_mul_linear takes the fused small-M kernel (None: the linear's
-#: ``min_bytes``). Below it, as for linear, the activation kernel and cuBLAS (two launches).
-ACT_LINEAR_MIN_BYTES: int | None = None
+#: ``min_bytes``). Below it, as for linear, the activation kernel and the linear (two launches).
+#: Off by default: on the H100 the fused kernel took 57.8 us at the Llama-1B down_proj (M = 1) against
+#: 15.9 us for act_and_mul + the small-M linear (bench/cuda/check_fused.py, 2026-11-23): the float32
+#: activation of a 16 x BLOCK_K gate/up tile per program costs more than the launch it saves.
+ACT_LINEAR_MIN_BYTES: int | None = 1 << 62
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # _triton_kernels._activation's ACT
 
 

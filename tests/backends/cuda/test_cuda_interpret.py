@@ -457,6 +457,7 @@ def test_act_and_mul_linear_hook_fuses_decode_rows_and_matches_the_composite_els
     small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,
                                                    "large": small})
+    monkeypatch.setattr(C, "ACT_LINEAR_MIN_BYTES", None)  # the fused path (off by default: slower on the H100)
     fused, launches = [], _Launches(kernels._act_and_mul_kernel)
     real = kernels.linear_small_m
     monkeypatch.setattr(kernels, "linear_small_m", lambda *a: fused.append(a[4] if len(a) > 4 else -1) or real(*a))
@@ -485,6 +486,7 @@ def test_conformance_kit_passes_the_native_fused_ops(kernels, monkeypatch):
     small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,
                                                    "large": small})
+    monkeypatch.setattr(C, "ACT_LINEAR_MIN_BYTES", None)  # the fused path (off by default: slower on the H100)
     fused = []
     real = kernels.linear_small_m
     monkeypatch.setattr(kernels, "linear_small_m", lambda *a: fused.append(len(a) > 4 and a[4] >= 0) or real(*a))

@@ -36,6 +36,29 @@ class SamplerOutput:
     sampled_logprob: list[float | None]  # per row: the sampled token's raw logprob, when logprobs requested
 
 
+def argmax_rows(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D tensor, the same indices (first maximum; a NaN counts as the maximum,
+    the first NaN wins), faster on the CPU for vocabulary-sized rows: torch's CPU argmax does not vectorize
+    (221 us for 16 x 32000 float32 on 2 cores, against 20 us for amax), so the row maximum is found per
+    chunk of ``chunk`` columns with amax and the argmax runs only over the chunk that holds it (54 us)."""
+    R, V = x.shape
+    main = V // chunk * chunk
+    if x.device.type != "cpu" or V < 16 * chunk or R == 0:
+        return x.argmax(dim=-1)
+    xm = x[:, :main].reshape(R, main // chunk, chunk)
+    cmax = xm.amax(dim=-1)  # [R, chunks]; NaN propagates
+    c = cmax.argmax(dim=-1)  # the first chunk whose maximum is the row's (or its first NaN's)
+    idx = c * chunk + xm[torch.arange(R, device=x.device), c].argmax(dim=-1)
+    if main < V:  # the columns after the last whole chunk
+        tail = x[:, main:]
+        ti = tail.argmax(dim=-1)
+        tv = tail.gather(1, ti[:, None])[:, 0]
+        mv = cmax.gather(1, c[:, None])[:, 0]
+        take = (tv > mv) | (tv.isnan() & ~mv.isnan())
+        idx = torch.where(take, main + ti, idx)
+    return idx
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """vLLM's penalties on ``logits`` [R, V] (float32), one row per entry of ``rows``; returns new logits.
 
@@ -123,7 +146,7 @@ class Sampler:
             for r in rows
         )
         if simple:
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = argmax_rows(logits).tolist()
         else:
             tokens = self._sample(logits, rows).tolist()
         lps: list[PositionLogprobs | None] = [None] * R
@@ -146,7 +169,7 @@ class Sampler:
         """The sampled token ids as a tensor on the logits' device, without waiting for the device (for
         rows :meth:`on_device` accepts): the same tokens :meth:`__call__` returns."""
         if all(r.params.greedy for r in rows):
-            return logits.argmax(dim=-1)
+            return argmax_rows(logits)
         return self._sample(logits, rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -160,7 +183,7 @@ class Sampler:
         if pen:
             idx = torch.tensor(pen, dtype=torch.int64, device=dev)
             logits[idx] = apply_penalties(logits[idx], [rows[i] for i in pen])
-        tokens = logits.argmax(dim=-1)  # the greedy rows' answer
+        tokens = argmax_rows(logits)  # the greedy rows' answer
         rnd = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not rnd:
             return tokens
@@ -183,5 +206,5 @@ class Sampler:
             q.exponential_(generator=self.generator)
         for j in seeded:
             q[j].exponential_(generator=rows[rnd[j]].generator)
-        tokens[idx] = probs.div_(q).argmax(dim=-1)
+        tokens[idx] = argmax_rows(probs.div_(q))
         return tokens

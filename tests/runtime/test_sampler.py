@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accel_models import SamplingParams
@@ -137,3 +137,33 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         seq_batched.append(Sampler()(batch, [others[0], r, others[1]]).token_ids[1])
     assert seq_alone == seq_batched and alone[0] == seq_alone[0]
     assert len(set(seq_alone)) > 1  # it is really sampling
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.sampled_from([4096, 4097, 8192 + 77, 32000]), data=st.data())
+def test_argmax_rows_is_torch_argmax(rows, cols, data):
+    """The chunked CPU argmax gives torch.argmax's indices: ties (first wins), NaN (first NaN wins), -inf
+    rows, maxima in the ragged tail."""
+    from accel_models.runtime.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = torch.randint(-3, 3, (rows, cols), generator=g).float()  # few distinct values: many ties
+    for r in range(rows):
+        kind = data.draw(st.sampled_from(["plain", "nan", "two_nans", "neg_inf", "tail_max", "tail_tie",
+                                          "tail_nan"]))
+        if kind == "nan":
+            x[r, data.draw(st.integers(0, cols - 1))] = float("nan")
+        elif kind == "two_nans":
+            x[r, data.draw(st.integers(0, cols // 2))] = float("nan")
+            x[r, data.draw(st.integers(cols // 2, cols - 1))] = float("nan")
+        elif kind == "neg_inf":
+            x[r] = float("-inf")
+        elif kind == "tail_max":
+            x[r, -1] = 10.0
+        elif kind == "tail_nan":
+            x[r, -1] = float("nan")
+        elif kind == "tail_tie":
+            x[r, 5] = 10.0
+            x[r, -1] = 10.0
+    assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist()
+    assert argmax_rows(x.to(torch.bfloat16)).tolist() == x.to(torch.bfloat16).argmax(dim=-1).tolist()

@@ -88,7 +88,6 @@ def accel_backend_info() -> BackendInfo:
                        priority=PRIORITY, version=_version())
 
 
-@functools.cache
 class CudaGraph:
     """A captured ``torch.cuda.CUDAGraph`` and the outputs its replays overwrite."""
 

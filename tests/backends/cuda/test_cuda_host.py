@@ -410,3 +410,24 @@ def test_linear_plan_splits_cover_k(m, n, k, sms):
     plan = C.linear_plan(m, n, k, sms, {"linear": {**C.LINEAR_CONFIG, "min_bytes": 0}})
     assert plan is not None and plan["BLOCK_M"] >= m and plan["SPLIT_K"] >= 1
     assert plan["SPLIT_K"] == 1 or k // plan["SPLIT_K"] >= plan["BLOCK_K"]  # every split has a full tile
+
+
+def test_a_captured_graph_is_not_kept_alive_by_the_backend():
+    """CudaGraph wraps one capture; the backend must not retain it (it holds the graph's memory pool):
+    after the LLM drops it, it is gone (a class-level cache once kept every graph of the process)."""
+    import gc
+    import weakref
+
+    import accel_backend_cuda as C
+
+    class Fake:  # stands in for torch.cuda.CUDAGraph and its outputs / pool (no GPU here)
+        def replay(self):
+            pass
+
+    graph, outputs, pool = Fake(), Fake(), Fake()
+    wrapped = C.CudaGraph(graph, outputs, pool)
+    assert wrapped.replay() is outputs
+    refs = [weakref.ref(o) for o in (graph, outputs, pool, wrapped)]
+    del graph, outputs, pool, wrapped
+    gc.collect()
+    assert all(r() is None for r in refs)

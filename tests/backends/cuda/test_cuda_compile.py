@@ -1,0 +1,96 @@
+"""Every Triton kernel of the CUDA backend compiles for a Hopper GPU (sm90), without a GPU.
+
+The interpreter tests (test_cuda_interpret.py) check the kernels' math but not what only the compiler
+checks: a kernel that passed every interpreter test failed to compile on the H100 (an if/else that merged
+differently shaped values). Here the interpreter tests run once more in a subprocess with a recording plugin
+(_record_launches.py) that notes every launch (argument dtypes, constexpr values, num_warps/num_stages);
+each distinct launch is then compiled by Triton for sm90 (its bundled ptxas), with programmatic dependent
+launch on as on the H100. A kernel the interpreter tests never launch fails the coverage check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="the CUDA backend's kernels need Triton")
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("compiles for a GPU target: runs outside the interpreter")
+    out_file = tmp_path_factory.mktemp("launches") / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ACCEL_RECORD_LAUNCHES": str(out_file),
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "_record_launches",
+                          str(HERE / "test_cuda_interpret.py")], capture_output=True, text=True, env=env,
+                         cwd=HERE.parents[2])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    return json.loads(out_file.read_text())
+
+
+def _variants(launches):
+    """One compile per (kernel, constexprs, argument dtypes); the first launch options seen for it."""
+    seen = {}
+    for rec in launches:
+        types = {n: d.get("ptr") and "*" + d["ptr"] or d.get("type") for n, d in rec["args"].items()}
+        key = json.dumps([rec["kernel"], rec["constexprs"], types], sort_keys=True, default=str)
+        seen.setdefault(key, (rec, types))
+    return list(seen.values())
+
+
+def _compile(rec, types):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import accel_backend_cuda._triton_kernels as k
+
+    fn = getattr(k, rec["kernel"])
+    names = fn.arg_names
+    consts = dict(rec["constexprs"])
+    if "PDL" in names:
+        consts["PDL"] = True  # as launched on sm90+
+    signature, constexprs = {}, {}
+    for i, n in enumerate(names):
+        if n in consts:
+            signature[n] = "constexpr"
+            constexprs[(i,)] = consts[n]
+        elif n in types and types[n] is not None:
+            signature[n] = types[n]
+        elif n in rec["args"]:  # None (an absent optional pointer): a constexpr None, as Triton passes it
+            signature[n] = "constexpr"
+            constexprs[(i,)] = None
+        else:  # a defaulted constexpr the launch did not pass
+            signature[n] = "constexpr"
+            constexprs[(i,)] = fn.params[i].default
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=rec["options"])
+
+
+def test_every_kernel_launch_compiles_for_sm90(launches):
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"Triton without its NVIDIA backend: {exc}")
+    import accel_backend_cuda._triton_kernels as k
+
+    kernels = {n for n in dir(k) if n.endswith("_kernel") and hasattr(getattr(k, n), "arg_names")}
+    launched = {r["kernel"] for r in launches}
+    assert kernels <= launched, f"kernels no interpreter test launches (so never compile-checked): {kernels - launched}"
+    failures = []
+    variants = _variants(launches)
+    for rec, types in variants:
+        try:
+            _compile(rec, types)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, with its launch
+            failures.append(f"{rec['kernel']} {rec['constexprs']}: {type(exc).__name__}: {str(exc)[:600]}")
+    assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)

@@ -121,7 +121,8 @@ class LLM:
             can be sampled on the device (no penalties, logprobs or active min_tokens) launches the next
             decode step of the same requests before its own tokens reach the host (vLLM's async
             scheduling). The same tokens either way. Default: on when the model is not on the CPU (where
-            host and device are the same cores, so nothing overlaps).
+            host and device are the same cores, so nothing overlaps) and its device has events
+            (``torch.Event``); True on a device without them is a ValueError.
         enable_prefix_caching: keep computed full KV-cache blocks after their request ends and give them to
             later requests whose tokens start the same way (shared system prompts, several completions of
             one prompt, multi-turn chats): their prefill skips those tokens. On by default, as in vLLM.
@@ -151,8 +152,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         async_scheduling: bool | None = None,
     ) -> None:
-        self._tp: Any = None
-        self._inflight: _Launched | None = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
+        self._tp: Any = None  # the TPModelRunner driving the ranks when tensor_parallel_size > 1
+        self._inflight: _Launched | None = None  # a launched step not processed yet (async scheduling)
         self._closed = True
         try:
             self._setup(model, backend, dtype, device, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -161,9 +162,7 @@ class LLM:
                         kv_cache_dtype=kv_cache_dtype, tensor_parallel_size=tensor_parallel_size,
                         enable_expert_parallel=enable_expert_parallel, enable_prefix_caching=enable_prefix_caching)
             self._setup_graphs(enforce_eager, graph_batch_sizes)
-            if async_scheduling is None:  # overlap pays where the host and the device run apart
-                async_scheduling = self.device.type != "cpu"
-            self.async_scheduling = bool(async_scheduling)
+            self.async_scheduling = self._resolve_async_scheduling(async_scheduling)
             self.overlapped_steps = 0  # steps launched before the previous one's tokens reached the host
         except BaseException:
             if self._tp is not None:  # no rank outlives a failed construction
@@ -304,6 +303,24 @@ class LLM:
         graphs.capture()
         if graphs.graphs:
             self.graphs = graphs
+
+    def _resolve_async_scheduling(self, requested: bool | None) -> bool:
+        """Overlap pays where the host and the device run apart (default: not on the CPU). Off the CPU it
+        needs device events (``torch.Event``): the host must know when a staging buffer's copy and a step's
+        sampled ids are done; without them every step runs synchronously (an explicit True is an error)."""
+        from accel_models.runtime.metadata import device_event
+
+        if self.device.type == "cpu":
+            return bool(requested)  # host and device are the same: nothing to wait for (tests use it)
+        if requested is False:
+            return False
+        if device_event(self.device) is None:
+            if requested:
+                raise ValueError(f"async_scheduling=True needs device events (torch.Event) on {self.device}, "
+                                 "which this torch does not offer for it; leave async_scheduling unset or False")
+            logger.info("async scheduling off: no device events (torch.Event) on %s", self.device)
+            return False
+        return True
 
     def _read_generation_config(self) -> dict[str, Any]:
         """generation_config.json (eos/bos ids falling back to config.json's) as a dict of set fields."""
@@ -468,7 +485,11 @@ class LLM:
             cur = self._launch([(it.request, it.num_new_tokens) for it in sched.items])
         if self.async_scheduling and cur.tokens is not None:
             self._inflight = self._launch_next(cur)
-        return self._complete(cur, finished_only)
+        outputs = self._complete(cur, finished_only)
+        nxt = self._inflight
+        if nxt is not None and all(p[0].status is RequestStatus.FINISHED for p in nxt.plan):
+            self._drop_inflight()  # every request of the launched step ended in this one: nothing to keep
+        return outputs
 
     def _launch(self, scheduled: list[tuple[Request, int]], after: _Launched | None = None) -> _Launched:
         """Build the inputs of one step and start it on the device: the model and, when every sampling

@@ -126,3 +126,30 @@ def test_an_error_mid_generation_leaves_nothing_in_flight(hf_llama_dir, monkeypa
         monkeypatch.setattr(llm, "_complete", real)
         again = llm.generate(PROMPTS[:3], sp)
         assert [len(o.outputs[0].token_ids) for o in again] == [30, 30, 30]
+
+
+def test_a_step_launched_for_requests_that_all_ended_is_not_left_behind(hf_llama_dir, hf_llama_model):
+    """The last request stops on a token: the step already launched after it is dropped at once (not
+    left for the next generate or step() to complete as an empty step)."""
+    toks = _hf_greedy(hf_llama_model, PROMPTS[0], 12)
+    stop = toks[6]
+    sp = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=[stop], detokenize=False)
+    with _engine(hf_llama_dir, True) as llm:
+        out = llm.generate(PROMPTS[0], sp)[0].outputs[0]
+        assert out.token_ids == toks[: toks.index(stop) + 1] and out.finish_reason == "stop"
+        assert llm.overlapped_steps > 0 and llm._inflight is None
+        assert llm.kv.num_free_blocks == llm.num_blocks
+
+
+def test_async_scheduling_needs_device_events():
+    """Off the CPU the overlap waits on device events; a device without them runs synchronously by
+    default and refuses an explicit async_scheduling=True with a clear message."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(device=torch.device("meta"))  # torch has no events for it
+    assert LLM._resolve_async_scheduling(fake, None) is False
+    assert LLM._resolve_async_scheduling(fake, False) is False
+    with pytest.raises(ValueError, match="needs device events"):
+        LLM._resolve_async_scheduling(fake, True)
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    assert LLM._resolve_async_scheduling(cpu, None) is False and LLM._resolve_async_scheduling(cpu, True) is True

@@ -702,9 +702,10 @@ _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # _triton_kernels._activati
 @hookimpl
 def accel_act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any,
                              activation: str) -> torch.Tensor:
-    """Decode-sized rows (the small-M linear's plan): one launch, the small-M split-K kernel computing
-    ``act(gate) * up`` at its x loads (rounded to x's dtype there, as act_and_mul's stored output is), so
-    no intermediate is written. Otherwise act_and_mul then linear (this backend's, as the composite)."""
+    """act_and_mul then linear (this backend's, as the composite), unless ``ACT_LINEAR_MIN_BYTES`` is set:
+    then decode-sized rows with a weight that large take one launch, the small-M split-K kernel computing
+    ``act(gate) * up`` at its x loads (rounded to x's dtype there, as act_and_mul's stored output is). Off
+    by default: measured slower on the H100 (see ACT_LINEAR_MIN_BYTES)."""
     _check_tensors(x=x, weight=weight, bias=bias)
     k, n = argcheck.check_act_and_mul_linear(x, weight, bias, activation, FLOATS, NAME)
     act = _ACT_CODES[activation]

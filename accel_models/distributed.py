@@ -516,10 +516,10 @@ class ModelWorker:
         return self.runner
 
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor | None:
+                logits_indices: torch.Tensor | None = None, *, float_logits: bool = True) -> torch.Tensor | None:
         runner = self._need_runner()
         md = _to_device(attn_metadata, runner.device)
-        logits = runner.execute(input_ids, positions, md, logits_indices)
+        logits = runner.execute(input_ids, positions, md, logits_indices, float_logits=float_logits)
         return logits.cpu() if self.rank == 0 else None
 
     def step(self, batch: Mapping[Any, Sequence[int]]) -> dict[Any, torch.Tensor] | None:
@@ -588,10 +588,11 @@ class TPModelRunner:
         return self.num_blocks
 
     def execute(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any,
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`ModelRunner.execute` over the ranks; rank 0's float32 logits, on the CPU."""
+                logits_indices: torch.Tensor | None = None, *, float_logits: bool = True) -> torch.Tensor:
+        """:meth:`ModelRunner.execute` over the ranks; rank 0's logits (float32 unless ``float_logits`` is
+        False), on the CPU."""
         return self.executor.call("execute", _own(input_ids), _own(positions), _own(attn_metadata),
-                                  _own(logits_indices))
+                                  _own(logits_indices), float_logits=float_logits)
 
     def step(self, batch: Mapping[Any, Sequence[int]]) -> dict[Any, torch.Tensor]:
         return self.executor.call("step", {k: [int(t) for t in v] for k, v in batch.items()})

@@ -79,7 +79,8 @@ class DecodeGraphs:
             inputs = self._prepare(size)
 
             def step(inputs: Any = inputs) -> torch.Tensor:
-                return self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata, None)
+                return self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata, None,
+                                           float_logits=False)
 
             try:
                 graph = self.capture_graph(fn=step, device=self.buffers.device, pool=pool)

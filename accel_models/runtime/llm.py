@@ -530,7 +530,7 @@ class LLM:
             logits = self.graphs.replay(len(items), graph_size)
         elif row:
             logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
-                                         inputs.logits_indices)
+                                         inputs.logits_indices, float_logits=False)
         else:
             self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata,
                                 inputs.logits_indices)

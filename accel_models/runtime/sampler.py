@@ -38,25 +38,50 @@ class SamplerOutput:
 
 def argmax_rows(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """``x.argmax(dim=-1)`` of a 2-D tensor, the same indices (first maximum; a NaN counts as the maximum,
-    the first NaN wins), faster on the CPU for vocabulary-sized rows: torch's CPU argmax does not vectorize
-    (221 us for 16 x 32000 float32 on 2 cores, against 20 us for amax), so the row maximum is found per
-    chunk of ``chunk`` columns with amax and the argmax runs only over the chunk that holds it (54 us)."""
+    the first NaN wins), faster for vocabulary-sized rows.
+
+    CPU: torch's argmax does not vectorize (221 us for 16 x 32000 float32 on 2 cores, against 20 us for
+    amax), so the row maximum is found per chunk of ``chunk`` columns with amax and the argmax runs only
+    over the chunk that holds it (54 us). Other devices: one long row is a poorly parallel reduction for
+    torch's argmax (27 us for 1 x 128256 float32 on an H100), so a ``max`` per chunk (values and first
+    indices, every chunk in parallel) is followed by a ``max`` over the chunk maxima: see
+    :func:`_argmax_two_level`."""
     R, V = x.shape
-    main = V // chunk * chunk
-    if x.device.type != "cpu" or V < 16 * chunk or R == 0:
+    if V < 16 * chunk or R == 0:
         return x.argmax(dim=-1)
+    if x.device.type != "cpu":
+        return _argmax_two_level(x, chunk)
+    main = V // chunk * chunk
     xm = x[:, :main].reshape(R, main // chunk, chunk)
     cmax = xm.amax(dim=-1)  # [R, chunks]; NaN propagates
     c = cmax.argmax(dim=-1)  # the first chunk whose maximum is the row's (or its first NaN's)
     idx = c * chunk + xm[torch.arange(R, device=x.device), c].argmax(dim=-1)
-    if main < V:  # the columns after the last whole chunk
-        tail = x[:, main:]
-        ti = tail.argmax(dim=-1)
-        tv = tail.gather(1, ti[:, None])[:, 0]
-        mv = cmax.gather(1, c[:, None])[:, 0]
-        take = (tv > mv) | (tv.isnan() & ~mv.isnan())
-        idx = torch.where(take, main + ti, idx)
-    return idx
+    return _with_tail(x, main, cmax.gather(1, c[:, None])[:, 0], idx)
+
+
+def _argmax_two_level(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax_rows for accelerators: ``max(dim)`` over ``[R, chunks, chunk]`` gives each chunk's maximum
+    and its first index (torch documents the first maximal index; a NaN is the maximum), then ``max(dim)``
+    over the chunk maxima picks the first chunk holding the row's maximum: 3 small kernels when ``chunk``
+    divides the row (256 divides Llama 3's 128256 and Llama 2's 32000)."""
+    R, V = x.shape
+    main = V // chunk * chunk
+    vals, first = x[:, :main].reshape(R, main // chunk, chunk).max(dim=-1)
+    mv, c = vals.max(dim=-1)
+    idx = c * chunk + first.gather(1, c[:, None])[:, 0]
+    return _with_tail(x, main, mv, idx)
+
+
+def _with_tail(x: torch.Tensor, main: int, mv: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Fold the columns after the last whole chunk into ``idx`` (the argmax of ``x[:, :main]``, whose
+    values are ``mv``): a later column wins only if strictly greater, or a NaN where ``mv`` is none."""
+    if main == x.shape[1]:
+        return idx
+    tail = x[:, main:]
+    ti = tail.argmax(dim=-1)
+    tv = tail.gather(1, ti[:, None])[:, 0]
+    take = (tv > mv) | (tv.isnan() & ~mv.isnan())
+    return torch.where(take, main + ti, idx)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -45,6 +45,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rows", default="1,16,64", help="comma list of M (tokens)")
     p.add_argument("--reps", type=int, default=None, help="graph replays per timing (default 50; 1 on cpu)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--kernel-config", default=None,
+                   help="JSON (a string) of entries that replace accel_backend_cuda._triton_kernels.CONFIG's, e.g. "
+                        "'{\"linear\": {\"act_min_bytes\": null}}' to time the fused act_and_mul_linear kernel")
     return p.parse_args()
 
 
@@ -75,6 +78,11 @@ def log(*a) -> None:
 
 
 def tables():
+    if ARGS.kernel_config:
+        import importlib
+
+        importlib.import_module("accel_backend_cuda._triton_kernels").CONFIG.update(json.loads(ARGS.kernel_config))
+        log(f"kernel config override: {ARGS.kernel_config}")
     native = accel_models.resolve_ops("cuda", allow_unavailable=ARGS.device == "cpu")
     composite = accel_models.resolve_ops("cuda", allow_unavailable=ARGS.device == "cpu",
                                          ops="rope_and_write_kv_cache=composite,act_and_mul_linear=composite")

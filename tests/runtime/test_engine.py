@@ -255,11 +255,11 @@ def test_step_inputs_live_in_persistent_buffers(llm):
     seen = []
     real = llm.runner.execute
 
-    def spy(input_ids, positions, attn_metadata, logits_indices=None):
+    def spy(input_ids, positions, attn_metadata, logits_indices=None, **kw):
         md = attn_metadata
         seen.append(tuple(t.data_ptr() for t in (input_ids, positions, md.slot_mapping, md.seq_lens,
                                                  md.query_start_loc, md.block_table, logits_indices)))
-        return real(input_ids, positions, attn_metadata, logits_indices)
+        return real(input_ids, positions, attn_metadata, logits_indices, **kw)
 
     llm.runner.execute = spy
     try:

@@ -142,9 +142,9 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 5), cols=st.sampled_from([4096, 4097, 8192 + 77, 32000]), data=st.data())
 def test_argmax_rows_is_torch_argmax(rows, cols, data):
-    """The chunked CPU argmax gives torch.argmax's indices: ties (first wins), NaN (first NaN wins), -inf
+    """The chunked argmax (both paths) gives torch.argmax's indices: ties (first wins), NaN (first NaN wins), -inf
     rows, maxima in the ragged tail."""
-    from accel_models.runtime.sampler import argmax_rows
+    from accel_models.runtime.sampler import _argmax_two_level, argmax_rows
 
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     x = torch.randint(-3, 3, (rows, cols), generator=g).float()  # few distinct values: many ties
@@ -167,3 +167,6 @@ def test_argmax_rows_is_torch_argmax(rows, cols, data):
             x[r, -1] = 10.0
     assert argmax_rows(x).tolist() == x.argmax(dim=-1).tolist()
     assert argmax_rows(x.to(torch.bfloat16)).tolist() == x.to(torch.bfloat16).argmax(dim=-1).tolist()
+    # the accelerators' two-level path, run here on the CPU (its max(dim) promises the same first index)
+    assert _argmax_two_level(x, 256).tolist() == x.argmax(dim=-1).tolist()
+    assert _argmax_two_level(x.to(torch.bfloat16), 256).tolist() == x.to(torch.bfloat16).argmax(dim=-1).tolist()

@@ -638,11 +638,16 @@ LINEAR_CONFIG: dict[str, Any] = {
     "small_m": 8,  # rows up to here: long k tiles, 2 stages; above: shorter tiles, 4 stages
     "small": {"BLOCK_N": 32, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2},
     "large": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    # act_and_mul_linear up to act_fma_m rows: no 16-row dot but a BLOCK_M = pow2(m) FMA tile, so the
+    # float32 activation at the x loads is computed for the real rows only (the dot pads to 16 rows: at
+    # M = 1 it computed 16x the activations and held a 16 x BLOCK_K float32 tile per program)
+    "act_fma_m": 4,
+    "act_fma": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
 }
 
 
 def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | None = None,
-                itemsize: int = 2) -> dict[str, int] | None:
+                itemsize: int = 2, act: bool = False) -> dict[str, int] | None:
     """Launch config of the small-M linear kernel for ``[m, k] x [n, k]^T``, or None for cuBLAS.
 
     Decode's projections read an ``n x k`` weight for a handful of rows: the time is the weight's bytes
@@ -650,16 +655,19 @@ def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | N
     ``SPLIT_K`` ranges of k, split until about ``target x SMs`` programs stream (each range at least
     ``min_k`` long); the last split of a tile to finish sums the partials (one launch). The rows go
     through a 16-row dot (tensor cores; x is tiny next to the weight), so every m up to 16 costs the same.
+    ``act`` (act_and_mul_linear): up to ``act_fma_m`` rows, an FMA tile of ``pow2(m)`` rows instead.
     """
-    cfg = (config or {}).get("linear") or LINEAR_CONFIG
+    cfg = {**LINEAR_CONFIG, **((config or {}).get("linear") or {})}
     if m < 1 or m > cfg["max_m"] or n * k * itemsize < cfg["min_bytes"]:
         return None
-    tile = cfg["small"] if m <= cfg["small_m"] else cfg["large"]
+    fma = act and m <= cfg["act_fma_m"]
+    tile = cfg["act_fma"] if fma else cfg["small"] if m <= cfg["small_m"] else cfg["large"]
     block_n, block_k = tile["BLOCK_N"], tile["BLOCK_K"]
     tiles = -(-n // block_n)
     split = max(1, min(-(-cfg["target"] * num_sms // tiles), k // max(cfg["min_k"], block_k)))
-    return {"BLOCK_M": max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "USE_DOT": 1,
-            "num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    return {"BLOCK_M": _pow2(m) if fma else max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "SPLIT_K": split, "USE_DOT": 0 if fma else 1, "num_warps": tile["num_warps"],
+            "num_stages": tile["num_stages"]}
 
 
 @hookimpl
@@ -713,10 +721,11 @@ def accel_act_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     plan = None
     if weight.stride(-1) == 1 and weight.stride(0) >= k and (x.device.type == "cuda" or _interpret()):
         kern = _kernels()
-        cfg = dict(kern.CONFIG.get("linear") or LINEAR_CONFIG)
-        if ACT_LINEAR_MIN_BYTES is not None:
-            cfg["min_bytes"] = ACT_LINEAR_MIN_BYTES
-        plan = linear_plan(m, n, k, _num_sms(x.device), {"linear": cfg}, x.element_size())
+        cfg = {**LINEAR_CONFIG, **(kern.CONFIG.get("linear") or {})}
+        min_bytes = cfg.get("act_min_bytes", ACT_LINEAR_MIN_BYTES)  # a config's entry wins (null: min_bytes)
+        if min_bytes is not None:
+            cfg["min_bytes"] = min_bytes
+        plan = linear_plan(m, n, k, _num_sms(x.device), {"linear": cfg}, x.element_size(), act=True)
     if plan is None:
         return accel_linear(x=_act(x, act), weight=weight, bias=bias, prepared=prepared)
     if bias is not None and bias.stride(0) != 1:

@@ -411,8 +411,12 @@ def _paged_attention_kernel(
             k_lo = tl.maximum(first_pos - window + 1, 0)
         tile_lo = k_lo // TILE_N
         tile_hi = tl.cdiv(k_hi, TILE_N)
+        active = num_splits
         if SPLIT:
-            per = tl.cdiv(tile_hi - tile_lo, num_splits)
+            # a graph's split count is planned for the longest context; a shorter one leaves the last
+            # splits empty (no keys: they store m = -inf, l = 0), and the merge reads only the active ones
+            per = tl.maximum(tl.cdiv(tile_hi - tile_lo, num_splits), 1)
+            active = tl.cdiv(tile_hi - tile_lo, per)
             t0 = tile_lo + split * per
             t1 = tl.minimum(t0 + per, tile_hi)
         else:
@@ -469,7 +473,7 @@ def _paged_attention_kernel(
                 arrived = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
                 if arrived == num_splits - 1:
                     _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens,
-                                num_heads, num_splits, o_stride_t, o_stride_h, NUM_SPLITS, BLOCK_M, HEAD_PAD)
+                                num_heads, active, o_stride_t, o_stride_h, NUM_SPLITS, BLOCK_M, HEAD_PAD)
                     tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
         else:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -481,7 +485,7 @@ def _paged_attention_kernel(
 def _merge_rows(part_acc_ptr, part_ml_ptr, out_ptr, q_rows, head, row_ok, offs_d, d_ok, num_tokens, num_heads,
                 num_splits, o_stride_t, o_stride_h, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
                 HEAD_PAD: tl.constexpr):
-    """Merge the ``num_splits`` partials of BLOCK_M (token, head) rows, in split order. Unrolled over
+    """Merge the first ``num_splits`` partials of BLOCK_M (token, head) rows, in split order. Unrolled over
     NUM_SPLITS (num_splits rounded up to a power of two: few compiled variants; the extra splits are masked
     and add exactly nothing), so every split's loads are in flight at once (a runtime loop waited for each
     in turn: slower than a second kernel). Loads bypass L1 (.cg): other programs of this launch wrote them."""

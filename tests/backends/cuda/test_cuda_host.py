@@ -405,9 +405,23 @@ def test_linear_plan_small_m_only_for_large_weights():
     assert C.linear_plan(1, 16384, 2048, 132, itemsize=4) is not None
 
 
-@given(m=st.integers(1, 16), n=st.integers(1, 200_000), k=st.integers(1, 20_000), sms=st.integers(1, 200))
-def test_linear_plan_splits_cover_k(m, n, k, sms):
-    plan = C.linear_plan(m, n, k, sms, {"linear": {**C.LINEAR_CONFIG, "min_bytes": 0}})
+def test_act_and_mul_linear_plan_uses_an_fma_tile_of_the_real_rows_at_tiny_m():
+    """With the activation at the x loads, a 16-row dot would activate 16 padded rows per tile: up to
+    act_fma_m rows the plan is an FMA tile of pow2(m) rows; above it, the plain linear's dot tiles."""
+    cfg = {"linear": {**C.LINEAR_CONFIG, "min_bytes": 0}}
+    for m in range(1, C.LINEAR_CONFIG["act_fma_m"] + 1):
+        plan = C.linear_plan(m, 2048, 8192, 132, cfg, act=True)
+        assert plan["USE_DOT"] == 0 and plan["BLOCK_M"] == C._pow2(m) >= m
+        assert plan["BLOCK_K"] == C.LINEAR_CONFIG["act_fma"]["BLOCK_K"]
+    m = C.LINEAR_CONFIG["act_fma_m"] + 1
+    assert C.linear_plan(m, 2048, 8192, 132, cfg, act=True) == C.linear_plan(m, 2048, 8192, 132, cfg)
+    assert C.linear_plan(1, 2048, 8192, 132, cfg)["USE_DOT"] == 1  # plain linear: the dot
+
+
+@given(m=st.integers(1, 16), n=st.integers(1, 200_000), k=st.integers(1, 20_000), sms=st.integers(1, 200),
+       act=st.booleans())
+def test_linear_plan_splits_cover_k(m, n, k, sms, act):
+    plan = C.linear_plan(m, n, k, sms, {"linear": {**C.LINEAR_CONFIG, "min_bytes": 0}}, act=act)
     assert plan is not None and plan["BLOCK_M"] >= m and plan["SPLIT_K"] >= 1
     assert plan["SPLIT_K"] == 1 or k // plan["SPLIT_K"] >= plan["BLOCK_K"]  # every split has a full tile
 

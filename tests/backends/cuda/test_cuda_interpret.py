@@ -84,12 +84,14 @@ def test_rotary_partial_and_both_styles(is_neox, rotary_dim):
     assert rel(cq, eq) < 1e-6 and rel(ck, ek) < 1e-6
 
 
-def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=None, cap=None, seed=0):
+def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=None, cap=None, seed=0,
+               plan_len=None):
     g = torch.Generator().manual_seed(seed)
     blocks = [math.ceil(s / block_size) for s in seq_lens]
     total = sum(blocks) + 2
     perm = torch.randperm(total, generator=g)
-    table = torch.zeros(len(seq_lens), max(blocks) + 1, dtype=torch.int32)
+    width = max(max(blocks) + 1, math.ceil((plan_len or 0) / block_size))  # a graph's table: the widest
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
     i = 0
     for b, n in enumerate(blocks):
         table[b, :n] = perm[i : i + n]
@@ -112,7 +114,7 @@ def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(q_lens), heads, head_size, generator=g)
     meta = dict(block_table=table, seq_lens=torch.tensor(seq_lens, dtype=torch.int32), query_start_loc=qsl,
-                max_query_len=max(q_lens), max_seq_len=max(seq_lens), scale=head_size**-0.5,
+                max_query_len=max(q_lens), max_seq_len=plan_len or max(seq_lens), scale=head_size**-0.5,
                 sliding_window=window, logits_soft_cap=cap)
     got = C.accel_paged_attention(query=q, kv_cache=ours, **meta)
     exp = R.accel_paged_attention(query=q.to(F64), kv_cache=ref, **meta)
@@ -128,8 +130,13 @@ def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=
         dict(q_lens=[5, 1], seq_lens=[9, 70], heads=7, kv_heads=1, head_size=16, block_size=32),
         dict(q_lens=[1, 1], seq_lens=[300, 270], heads=4, kv_heads=1, head_size=16, block_size=64),  # split-K
         dict(q_lens=[1], seq_lens=[150], heads=4, kv_heads=1, head_size=16, block_size=16),  # short-context split
+        # planned for a far longer context (as a captured graph is): most splits empty, the merge reads the
+        # active ones; one sequence shorter than a key tile, one with a partial last split
+        dict(q_lens=[1, 1, 1], seq_lens=[150, 7, 420], heads=4, kv_heads=1, head_size=16, block_size=16,
+             plan_len=4000),
     ],
-    ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split", "short-decode-split"],
+    ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split", "short-decode-split",
+         "graph-plan-split"],
 )
 @pytest.mark.parametrize("fused_merge", [True, False], ids=["merge-in-kernel", "merge-kernel"])
 def test_paged_attention(case, fused_merge, kernels, monkeypatch):
@@ -141,12 +148,15 @@ def test_paged_attention(case, fused_merge, kernels, monkeypatch):
     assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
 
 
-@pytest.mark.parametrize("seq_lens", [[300, 270], [150]])
-def test_decode_cases_are_split(seq_lens, kernels):
+@pytest.mark.parametrize("seq_lens, plan_len", [([300, 270], None), ([150], None), ([150, 7, 420], 4000)])
+def test_decode_cases_are_split(seq_lens, plan_len, kernels):
     plan = C.attention_plan(num_tokens=len(seq_lens), num_seqs=len(seq_lens), num_heads=4, num_kv_heads=1,
-                            head_size=16, max_query_len=1, max_seq_len=max(seq_lens),
+                            head_size=16, max_query_len=1, max_seq_len=plan_len or max(seq_lens),
                             num_sms=C._num_sms(torch.device("cpu")), config=kernels.CONFIG)
     assert plan.num_splits > 1  # so the cases above exercise the split-K paths and both merges
+    if plan_len:  # the graph-like plan: a sequence with empty splits, one with several tiles per split
+        tiles = [-(-s // plan.tile_n) for s in seq_lens]
+        assert min(tiles) < plan.num_splits < max(tiles) and max(tiles) % plan.num_splits, (tiles, plan)
 
 
 @pytest.mark.parametrize("m, n, k, bias, split_k, dot", [

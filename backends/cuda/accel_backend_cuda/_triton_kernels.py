@@ -32,13 +32,17 @@ FUSED_MERGE = True
 CONFIG: dict[str, dict[str, int]] = {
     # split_keys: the fewest keys per split-K chunk; split_below / split_target: split when the busy programs
     # are fewer than split_below x SMs, aiming at split_target x SMs programs (attention_plan)
-    # (H100, issue 11: splitting short decode contexts pays only while the programs leave most SMs idle)
-    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
-                    "split_below": 0.5, "split_target": 4},
+    # (H100, issue 11: splitting short decode contexts pays only while the programs leave most SMs idle);
+    # split_tile_n: the key tile of such latency-bound decodes (32: Llama-1B batch-1 replay 1.217 -> 1.188 ms;
+    # at batch 16 / 64, which do not split, 32-key tiles were slower: bench/cuda/results/attn-config-h100-s3)
+    "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 32,
+                    "split_below": 0.5, "split_target": 4, "split_tile_n": 32},
     "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
     "moe_small": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "moe_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     "moe_down_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    # rms_norm's warps per program (None: 4 up to 2048 elements a program, then 8, then 16)
+    "rms_norm": {"num_warps": None},
 }
 
 
@@ -56,6 +60,15 @@ def _pdl_default() -> bool:
 
 #: launch every kernel with programmatic dependent launch (see _pdl_default)
 PDL = _pdl_default()
+
+
+@triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Ask L2 to fetch ``nbytes`` (a multiple of 16; 16-byte aligned addresses) from each address of
+    ``ptrs`` (Hopper's bulk prefetch: no registers, no wait). A hint: nothing is ordered by it, so it may be
+    issued before the PDL wait for memory no earlier kernel writes (weights)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tcp.async.bulk.prefetch.L2.global [$1], $2;", "=r,l,r",
+                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -149,7 +162,7 @@ def rms_norm(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Ten
     res_out = torch.empty_like(out) if residual2 is not None else out
     block = triton.next_power_of_2(n)
     rows = max(1, min(16, 2048 // block))
-    warps = 4 if block * rows <= 2048 else (8 if block * rows <= 8192 else 16)
+    warps = CONFIG.get("rms_norm", {}).get("num_warps") or (4 if block * rows <= 2048 else (8 if block * rows <= 8192 else 16))
     if n_rows:
         _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
             x2, residual2 if residual2 is not None else x2, weight, out, res_out, n_rows, n, x2.stride(0),
@@ -967,7 +980,8 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False,
+                           PREFETCH: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -977,10 +991,19 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
-    no intermediate is written."""
-    _pdl_enter(PDL)
+    no intermediate is written.
+
+    PREFETCH (with PDL, on Hopper): before waiting for the previous kernel, the program asks L2 for its
+    whole weight range (BLOCK_N rows of k_per_split elements), so the weight streams in while the kernel
+    before it (a latency-bound norm, activation or attention) still runs; the loads below then hit L2."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PREFETCH:
+        rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # past N: row N-1 again (harmless)
+        k0 = pid_k * k_per_split
+        nbytes = (tl.minimum(k0 + k_per_split, K) - k0) * w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        _prefetch_l2(w_ptr + rows.to(tl.int64) * w_stride + k0, nbytes + tl.zeros([BLOCK_N], dtype=tl.int32))
+    _pdl_enter(PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -1051,6 +1074,14 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
     tl.store(out_ptr + m.to(tl.int64) * o_stride + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _bulk_aligned(weight: torch.Tensor, k_per: int) -> bool:
+    """Whether every program's weight range starts 16-byte aligned and spans a multiple of 16 bytes (what
+    the bulk L2 prefetch needs): the base, the row stride, the split length and k itself."""
+    item = weight.element_size()
+    return (weight.data_ptr() % 16 == 0 and weight.stride(0) * item % 16 == 0 and k_per * item % 16 == 0
+            and weight.shape[1] * item % 16 == 0)
+
+
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
@@ -1076,7 +1107,8 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL,
+        PREFETCH=bool(cfg.get("PREFETCH")) and PDL and _bulk_aligned(weight, k_per))
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,

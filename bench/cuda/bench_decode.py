@@ -7,8 +7,8 @@ torch.compile mode="reduce-overhead") and the memory-bandwidth floor.
 Models (random weights, bf16, written as real checkpoints with transformers' save_pretrained in /tmp):
 a Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256, tied)
 and a small Mixtral (hidden 2048, 16 layers, 32/8 heads, 16 experts top-2, intermediate 1024, vocab 32000).
-Prompts: 128 random tokens per sequence. A decode step's time is (T(prompt + G tokens) - T(prompt + G/4
-tokens)) / (G - G/4), so prefill is excluded (step_ms); tokens/s = batch / step time.
+Prompts: 128 random tokens per sequence. A decode step's time is the median interval between engine steps
+over the steady decode of a G-token run (step_ms; prefill excluded); tokens/s = batch / step time.
 
 Floor: bytes a step must read (every weight once, the experts a batch routes to in expectation, the tied
 embedding once as the LM head; the KV cache of the mean context) over the copy bandwidth measured here.
@@ -272,24 +272,39 @@ def llm_generate(llm, prompts: list[list[int]], n: int):
     return time.perf_counter() - t, [o.outputs[0].token_ids for o in outs]
 
 
-def step_ms(llm, plist: list[list[int]], gen: int, repeats: int = 2) -> tuple[list[float], list]:
-    """Decode step time in ms: (T(gen tokens) - T(gen // 4 tokens)) / (gen - gen // 4), ``repeats`` times.
+def step_ms(llm, plist: list[list[int]], gen: int, repeats: int = 2) -> tuple[list[float], list, list[float]]:
+    """Decode step time in ms: the median interval between consecutive engine steps of a ``gen``-token
+    greedy run of ``plist`` (the loop ``generate`` runs, timed per step), over the steady decode (the
+    prefill, the first 2 decode steps and the last 2 left out), ``repeats`` times.
 
-    Both runs prefill the same prompts, so prefill cancels; the short run is a real decode too (not a
-    1-token run, whose end differs from a decode's: a one-off cost there, such as a garbage collection,
-    once made a batch-64 step look shorter than its own graph replay). The garbage collector runs before
-    each timed run, not inside it. Returns the times and the long run's tokens."""
+    A difference of whole runs, (T(G) - T(1)) / (G - 1), once made a batch-64 step look shorter than its
+    own graph replay: a one-off host stall in the short run (tens of ms) shifts every step. The median
+    interval is immune to such outliers; the mean of the same intervals is returned too. The garbage
+    collector runs before each run. Returns (medians, the last run's tokens, means)."""
     import gc
+    import statistics
 
-    short = max(2, gen // 4)
-    times, toks = [], None
-    for _ in range(repeats):
+    from accel_models.runtime.sampling_params import SamplingParams
+
+    medians, means, toks = [], [], None
+    sp = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+    for r in range(repeats):
         gc.collect()
-        ts, _ = llm_generate(llm, plist, short)
-        gc.collect()
-        tl, toks = llm_generate(llm, plist, gen)
-        times.append((tl - ts) / (gen - short) * 1e3)
-    return times, toks
+        sync()
+        ids = [f"s{r}-{i}" for i in range(len(plist))]
+        for rid, p in zip(ids, plist):
+            llm.add_request(rid, p, sp)
+        stamps, outs = [], {}
+        while llm.has_unfinished_requests():
+            for o in llm._step(finished_only=True):
+                outs[o.request_id] = o
+            stamps.append(time.perf_counter())
+        sync()
+        steady = [b - a for a, b in zip(stamps[3:-3], stamps[4:-2])]
+        medians.append(statistics.median(steady) * 1e3)
+        means.append(statistics.fmean(steady) * 1e3)
+        toks = [outs[i].outputs[0].token_ids for i in ids]
+    return medians, toks, means
 
 
 def replay_time(llm, batch: int) -> float | None:
@@ -341,7 +356,8 @@ def bench_model(name: str, args, bw: float) -> None:
             graphs = llm.graphs
             r0, e0, p0 = graphs.replays, graphs.eager_decode_steps, llm.scheduler.num_preemptions
             o0 = getattr(llm, "overlapped_steps", 0)
-            runs, toks_graph = step_ms(llm, plist, args.gen)
+            runs, toks_graph, means = step_ms(llm, plist, args.gen)
+            row["ours_graph_mean_ms_runs"] = means
             # over the 4 timed runs: replays, eager decode steps, preemptions; overlapped (async) steps
             row["graph_steps"] = [graphs.replays - r0, graphs.eager_decode_steps - e0, llm.scheduler.num_preemptions - p0]
             row["overlapped_steps"] = getattr(llm, "overlapped_steps", 0) - o0
@@ -351,12 +367,12 @@ def bench_model(name: str, args, bw: float) -> None:
             # the same graphs without async scheduling (each step waits for its tokens before the next)
             was = llm.async_scheduling
             llm.async_scheduling = False
-            runs_sync, toks_sync = step_ms(llm, plist, args.gen, repeats=1)
+            runs_sync, toks_sync, _ = step_ms(llm, plist, args.gen, repeats=1)
             llm.async_scheduling = was
             row["ours_graph_sync_ms"] = min(runs_sync)
             row["async_sync_identical"] = toks_sync == toks_graph
             llm.graphs = None  # graphs off: the same engine, eager steps
-            runs_eager, toks_eager = step_ms(llm, plist, args.gen, repeats=1)
+            runs_eager, toks_eager, _ = step_ms(llm, plist, args.gen, repeats=1)
             llm.graphs = graphs
             row["ours_eager_ms"] = min(runs_eager)
             same = toks_graph == toks_eager
@@ -364,7 +380,7 @@ def bench_model(name: str, args, bw: float) -> None:
             RES["identity"].append({"model": name, "batch": b, "identical": same, "seqs_identical": nseq,
                                     "seqs": b, "tokens_per_seq": args.gen})
             row["graph_eager_identical"] = same
-            log(f"[{name}] b={b} ours graph {row['ours_graph_ms_runs']} ms (replay {row['graph_replay_ms']:.3f}; "
+            log(f"[{name}] b={b} ours graph {row['ours_graph_ms_runs']} ms (means {row['ours_graph_mean_ms_runs']}; replay {row['graph_replay_ms']:.3f}; "
                 f"replays/eager/preemptions {row['graph_steps']}), sync {row['ours_graph_sync_ms']:.3f} ms "
                 f"(same tokens {row['async_sync_identical']}, overlapped {row['overlapped_steps']}), "
                 f"eager {row['ours_eager_ms']:.3f} ms, identical tokens {same} ({nseq}/{b} seqs)")

@@ -354,6 +354,9 @@ class AttentionPlan:
     num_splits: int  # grid axis 2: KV ranges computed apart and merged (split-K; 1 = none)
     num_warps: int
     num_stages: int
+    #: every sequence has at most one query token (max_query_len == 1): one program per sequence, found
+    #: by its index instead of a search over query_start_loc
+    decode: bool = False
 
 
 def _pow2(n: int) -> int:
@@ -396,7 +399,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         tile_n //= 2
     while smem() > SMEM_BUDGET and num_stages > 1:
         num_stages -= 1
-    num_q_programs = num_tokens // block_q + num_seqs
+    decode = max_query_len <= 1 and block_q == 1
+    num_q_programs = num_seqs if decode else num_tokens // block_q + num_seqs
     splits = 1
     # Split-K over the keys when the programs would leave SMs idle: long contexts in chunks of 256+ keys
     # below 2x SMs programs; and (decode) short contexts in chunks of one key tile while the programs
@@ -412,7 +416,7 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
     return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,
                          num_q_programs=num_q_programs, num_splits=splits, num_warps=cfg["num_warps"],
-                         num_stages=num_stages)
+                         num_stages=num_stages, decode=decode)
 
 
 @hookimpl
@@ -646,8 +650,6 @@ LINEAR_CONFIG: dict[str, Any] = {
     # M = 1 it computed 16x the activations and held a 16 x BLOCK_K float32 tile per program)
     "act_fma_m": 4,
     "act_fma": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    # each program asks L2 for its weight range before the PDL wait (see _linear_small_m_kernel)
-    "prefetch": False,
 }
 
 
@@ -672,7 +674,7 @@ def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | N
     split = max(1, min(-(-cfg["target"] * num_sms // tiles), k // max(cfg["min_k"], block_k)))
     return {"BLOCK_M": _pow2(m) if fma else max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
             "SPLIT_K": split, "USE_DOT": 0 if fma else 1, "num_warps": tile["num_warps"],
-            "num_stages": tile["num_stages"], "PREFETCH": int(bool(cfg.get("prefetch")))}
+            "num_stages": tile["num_stages"]}
 
 
 @hookimpl

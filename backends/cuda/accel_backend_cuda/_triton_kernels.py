@@ -63,15 +63,6 @@ PDL = _pdl_default()
 
 
 @triton.jit
-def _prefetch_l2(ptrs, nbytes):
-    """Ask L2 to fetch ``nbytes`` (a multiple of 16; 16-byte aligned addresses) from each address of
-    ``ptrs`` (Hopper's bulk prefetch: no registers, no wait). A hint: nothing is ordered by it, so it may be
-    issued before the PDL wait for memory no earlier kernel writes (weights)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tcp.async.bulk.prefetch.L2.global [$1], $2;", "=r,l,r",
-                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _pdl_enter(PDL: tl.constexpr):
     """First statement of every kernel: with PDL, wait until the previous kernel in the stream has finished
     and flushed its writes (so every read and write below is ordered as without PDL), then let the next
@@ -390,7 +381,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    LIB: tl.constexpr, PDL: tl.constexpr = False,
+    LIB: tl.constexpr, PDL: tl.constexpr = False, DECODE: tl.constexpr = False,
 ):
     _pdl_enter(PDL)
     # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
@@ -398,10 +389,18 @@ def _paged_attention_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    b = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
-    q_start = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q_start
-    qb = pid - (q_start // BLOCK_Q + b)
+    if DECODE:
+        # every sequence has at most one query token (max_query_len == 1, BLOCK_Q == 1): program b is
+        # sequence b, no search (its log2(seqs) dependent loads were a serial prologue of every program)
+        b = pid
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        qb = 0
+    else:
+        b = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+        q_start = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_start
+        qb = pid - (q_start // BLOCK_Q + b)
     if qb * BLOCK_Q < q_len:
         seq_len = tl.load(seq_lens_ptr + b)
         ctx = seq_len - q_len  # position of the sequence's first query token
@@ -573,7 +572,8 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
         BLOCK_Q=plan.block_q, TILE_N=plan.tile_n, USE_WINDOW=bool(sliding_window),
         USE_CAP=bool(logits_soft_cap), SPLIT=split, FUSED_MERGE=cnt is not None,
         NUM_SPLITS=triton.next_power_of_2(plan.num_splits) if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
-        LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=PDL, launch_pdl=PDL)
+        LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=PDL, launch_pdl=PDL,
+        DECODE=plan.decode)
     if split and cnt is None:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_acc, part_ml, out, num_tokens, num_heads, head_size, plan.num_splits, out.stride(0),
@@ -980,8 +980,7 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False,
-                           PREFETCH: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -991,19 +990,10 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
-    no intermediate is written.
-
-    PREFETCH (with PDL, on Hopper): before waiting for the previous kernel, the program asks L2 for its
-    whole weight range (BLOCK_N rows of k_per_split elements), so the weight streams in while the kernel
-    before it (a latency-bound norm, activation or attention) still runs; the loads below then hit L2."""
+    no intermediate is written."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if PREFETCH:
-        rows = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # past N: row N-1 again (harmless)
-        k0 = pid_k * k_per_split
-        nbytes = (tl.minimum(k0 + k_per_split, K) - k0) * w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        _prefetch_l2(w_ptr + rows.to(tl.int64) * w_stride + k0, nbytes + tl.zeros([BLOCK_N], dtype=tl.int32))
-    _pdl_enter(PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -1074,14 +1064,6 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
     tl.store(out_ptr + m.to(tl.int64) * o_stride + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _bulk_aligned(weight: torch.Tensor, k_per: int) -> bool:
-    """Whether every program's weight range starts 16-byte aligned and spans a multiple of 16 bytes (what
-    the bulk L2 prefetch needs): the base, the row stride, the split length and k itself."""
-    item = weight.element_size()
-    return (weight.data_ptr() % 16 == 0 and weight.stride(0) * item % 16 == 0 and k_per * item % 16 == 0
-            and weight.shape[1] * item % 16 == 0)
-
-
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
@@ -1107,8 +1089,7 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL,
-        PREFETCH=bool(cfg.get("PREFETCH")) and PDL and _bulk_aligned(weight, k_per))
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,

@@ -58,8 +58,6 @@ def _compile(rec, types):
     consts = dict(rec["constexprs"])
     if "PDL" in names:
         consts["PDL"] = True  # as launched on sm90+
-    if "PREFETCH" in names:
-        consts["PREFETCH"] = True  # likewise (the interpreter cannot run its inline PTX)
     signature, constexprs = {}, {}
     for i, n in enumerate(names):
         if n in consts:

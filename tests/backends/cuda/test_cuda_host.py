@@ -262,7 +262,8 @@ def _find_seq(qsl: list[int], target: int, block_q: int) -> int:
     return lo - 1
 
 
-@given(q_lens=st.lists(st.integers(1, 70), min_size=1, max_size=8), group=st.sampled_from([1, 2, 3, 4, 7, 8, 16]),
+@given(q_lens=st.one_of(st.lists(st.integers(1, 70), min_size=1, max_size=8),
+                        st.lists(st.just(1), min_size=1, max_size=70)), group=st.sampled_from([1, 2, 3, 4, 7, 8, 16]),
        kv_heads=st.integers(1, 4), extra_ctx=st.integers(0, 5000), head_size=st.sampled_from([32, 64, 80, 128, 256]))
 def test_plan_grid_covers_every_query_row_once(q_lens, group, kv_heads, extra_ctx, head_size):
     num_tokens = sum(q_lens)
@@ -275,9 +276,13 @@ def test_plan_grid_covers_every_query_row_once(q_lens, group, kv_heads, extra_ct
     for n in q_lens:
         qsl.append(qsl[-1] + n)
     seen = [0] * num_tokens
+    assert plan.decode == (max(q_lens) == 1)
     for pid in range(plan.num_q_programs):  # what each program of grid axis 0 computes
-        b = _find_seq(qsl, pid, plan.block_q)
-        qb = pid - (qsl[b] // plan.block_q + b)
+        if plan.decode:  # one query token per sequence: program b is sequence b
+            b, qb = pid, 0
+        else:
+            b = _find_seq(qsl, pid, plan.block_q)
+            qb = pid - (qsl[b] // plan.block_q + b)
         if qb * plan.block_q >= q_lens[b]:
             continue  # an idle program
         assert qb >= 0

@@ -79,6 +79,10 @@ def main() -> int:
     timings = []
     for rows in (1, 16, 64):
         x = torch.randn(rows, 128256, generator=g, device=dev).to(torch.bfloat16)
+        for chunk in (256, 768, 1002, 2004, 4008):  # divisors of 128256
+            assert argmax_rows(x, chunk).tolist() == x.argmax(dim=-1).tolist()
+            print(f"  [{rows:>2}, 128256] bf16: argmax_rows chunk {chunk:>4} {graph_us(lambda: argmax_rows(x, chunk)):6.2f} us",
+                  flush=True)
         t_new = graph_us(lambda: argmax_rows(x))
         t_old = graph_us(lambda: x.float().argmax(dim=-1))
         t_arg = graph_us(lambda: x.argmax(dim=-1))

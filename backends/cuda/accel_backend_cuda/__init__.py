@@ -375,8 +375,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     """
     if config is None:
         config = {
-            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 32,
-                            "split_below": 0.5, "split_target": 4, "split_tile_n": 32},
+            "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
+                            "split_below": 0.5, "split_target": 4},
             "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
         }
     group = num_heads // num_kv_heads
@@ -385,11 +385,7 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     cfg = config["attn_decode" if decode_like else "attn_prefill"]
     block_m = max(cfg["BLOCK_M"], _pow2(group), 16)
     block_q = max(1, min(block_m // group, _pow2(max(max_query_len, 1))))
-    busy = max(1, -(-num_tokens // block_q)) * num_kv_heads  # programs that do work (about)
-    # a decode of so few programs that most SMs idle is latency-bound: shorter key tiles (split_tile_n),
-    # split over more programs, each with less of the serial loop
-    latency_bound = busy < cfg.get("split_below", 0.0) * num_sms
-    tile_n = cfg.get("split_tile_n", cfg["TILE_N"]) if latency_bound else cfg["TILE_N"]
+    tile_n = cfg["TILE_N"]
     num_stages = cfg["num_stages"]
 
     def smem() -> int:  # the query tile plus num_stages pipelined K and V tiles
@@ -401,6 +397,7 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         num_stages -= 1
     decode = max_query_len <= 1 and block_q == 1
     num_q_programs = num_seqs if decode else num_tokens // block_q + num_seqs
+    busy = max(1, -(-num_tokens // block_q)) * num_kv_heads  # programs that do work (about)
     splits = 1
     # Split-K over the keys when the programs would leave SMs idle: long contexts in chunks of 256+ keys
     # below 2x SMs programs; and (decode) short contexts in chunks of one key tile while the programs

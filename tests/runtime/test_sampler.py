@@ -144,7 +144,7 @@ def test_seeded_rows_do_not_depend_on_the_batch():
 def test_argmax_rows_is_torch_argmax(rows, cols, data):
     """The chunked argmax (both paths) gives torch.argmax's indices: ties (first wins), NaN (first NaN wins), -inf
     rows, maxima in the ragged tail."""
-    from accel_models.runtime.sampler import _argmax_two_level, argmax_rows
+    from accel_models.runtime.sampler import _argmax_two_level, _device_chunk, argmax_rows
 
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     x = torch.randint(-3, 3, (rows, cols), generator=g).float()  # few distinct values: many ties
@@ -170,3 +170,13 @@ def test_argmax_rows_is_torch_argmax(rows, cols, data):
     # the accelerators' two-level path, run here on the CPU (its max(dim) promises the same first index)
     assert _argmax_two_level(x, 256).tolist() == x.argmax(dim=-1).tolist()
     assert _argmax_two_level(x.to(torch.bfloat16), 256).tolist() == x.to(torch.bfloat16).argmax(dim=-1).tolist()
+    chunk = _device_chunk(rows, cols)  # the chunk a GPU would take for this shape
+    assert _argmax_two_level(x, chunk).tolist() == x.argmax(dim=-1).tolist()
+
+
+def test_device_chunk_prefers_divisors_and_about_4096_partial_maxima():
+    from accel_models.runtime.sampler import _device_chunk
+
+    assert [_device_chunk(r, 128256) for r in (1, 16, 64)] == [256, 501, 2004]  # all divide 128256
+    assert _device_chunk(1, 32000) == 256 and _device_chunk(64, 32000) == 500
+    assert _device_chunk(3, 4099) == 256  # 4099 is prime: no divisor, the ragged tail path

@@ -705,8 +705,9 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 #: Weight bytes from which act_and_mul_linear takes the fused small-M kernel (None: the linear's
 #: ``min_bytes``). Below it, as for linear, the activation kernel and the linear (two launches).
 #: Off by default: on the H100 the fused kernel took 57.8 us at the Llama-1B down_proj (M = 1) against
-#: 15.9 us for act_and_mul + the small-M linear (bench/cuda/check_fused.py, 2026-11-23): the float32
-#: activation of a 16 x BLOCK_K gate/up tile per program costs more than the launch it saves.
+#: 15.9 us for act_and_mul + the small-M linear (bench/cuda/check_fused.py, session 3: a 16-row dot tile
+#: activated 16 padded rows); with the FMA tile of the real rows (act_fma_m) 19.4 us against 16.1 (session
+#: 4): with PDL the separate activation launch costs ~1 us, less than the fused kernel loses.
 ACT_LINEAR_MIN_BYTES: int | None = 1 << 62
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # _triton_kernels._activation's ACT
 

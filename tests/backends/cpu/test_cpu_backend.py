@@ -71,6 +71,62 @@ def test_packed_linear_matches_a_float64_product(ops, pack_all, m, n, k, bias, s
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Records, per linear call, whether the native GEMV computed it."""
+    calls = []
+    real = cpu._gemv
+
+    def spy(x, weight, bias):
+        out = real(x, weight, bias)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu, "_gemv", spy)
+    return calls
+
+
+@given(m=st.sampled_from([1, 2]), n=st.sampled_from([1, 5, 96, 1000]),
+       k=st.sampled_from([1, 15, 16, 31, 32, 33, 64, 100, 512]), bias=st.booleans(), packed=st.booleans(),
+       layout=st.sampled_from(["plain", "strided_x", "wide_weight", "3d"]), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_decode_rows_take_the_native_gemv_and_match_a_float64_product(ops, gemv_calls, monkeypatch, m, n, k, bias,
+                                                                       packed, layout, seed):
+    """One or two float32 rows: csrc/gemv.c (each weight row read once for every row of x; 32-wide main loop,
+    a scalar tail for k not a multiple of 32), packed or not, strided x rows, a weight row stride > k."""
+    monkeypatch.setattr(cpu, "_MIN_PACKED_NUMEL", 1 if packed else 1 << 62)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k, generator=g)[:, ::2] if layout == "strided_x" else torch.randn(m, k, generator=g)
+    if layout == "3d":
+        x = x.view(m, 1, k)
+    w = torch.randn(n, k + 3, generator=g)[:, :k] if layout == "wide_weight" else torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    prepared = ops.prepare_linear(weight=w)
+    gemv_calls.clear()
+    out = ops.linear(x=x, weight=w, bias=b, prepared=prepared)
+    assert gemv_calls == [True] and out.shape == (*x.shape[:-1], n)
+    expect = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gemv_propagates_nan_and_inf_and_leaves_other_shapes_to_onednn(ops, gemv_calls, pack_all, monkeypatch):
+    w = torch.randn(40, 70)
+    prepared = ops.prepare_linear(weight=w)
+    x = torch.randn(2, 70)
+    x[0, 69] = float("nan")  # in the scalar tail
+    x[1, 3] = float("inf")  # in the vector loop
+    out = ops.linear(x=x, weight=w, bias=None, prepared=prepared)
+    assert out[0].isnan().all() and not out[1].isfinite().any() and gemv_calls == [True]
+    gemv_calls.clear()
+    ops.linear(x=torch.randn(3, 70), weight=w, bias=None, prepared=prepared)  # 3 rows: oneDNN
+    monkeypatch.setenv("ACCEL_CPU_GEMV", "0")
+    ops.linear(x=torch.randn(1, 70), weight=w, bias=None, prepared=prepared)
+    assert gemv_calls == [False, False]
+    monkeypatch.delenv("ACCEL_CPU_GEMV")
+    out = ops.linear(x=torch.randn(1, 70, dtype=torch.float64), weight=w.double(), bias=None, prepared=None)
+    assert gemv_calls == [False, False] and out.dtype == torch.float64  # float64: F.linear, never the GEMV
+
+
 def test_a_changed_weight_never_meets_its_stale_packed_copy(ops, pack_all):
     w = torch.randn(64, 32)
     x = torch.randn(4, 32)

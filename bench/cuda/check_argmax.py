@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,32 +21,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import graph_us  # noqa: E402
 
 from accel_models.runtime.sampler import argmax_rows  # noqa: E402
 
-CALLS, REPS = 16, 50
-
-
-def graph_us(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS):
-            fn()
-    times = []
-    for _ in range(REPS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / CALLS)
-    return statistics.median(times)
+CALLS = 16
 
 
 def main() -> int:
@@ -81,11 +61,11 @@ def main() -> int:
         x = torch.randn(rows, 128256, generator=g, device=dev).to(torch.bfloat16)
         for chunk in (256, 768, 1002, 2004, 4008):  # divisors of 128256
             assert argmax_rows(x, chunk).tolist() == x.argmax(dim=-1).tolist()
-            print(f"  [{rows:>2}, 128256] bf16: argmax_rows chunk {chunk:>4} {graph_us(lambda: argmax_rows(x, chunk)):6.2f} us",
+            print(f"  [{rows:>2}, 128256] bf16: argmax_rows chunk {chunk:>4} {graph_us(lambda: [argmax_rows(x, chunk) for _ in range(CALLS)], CALLS):6.2f} us",
                   flush=True)
-        t_new = graph_us(lambda: argmax_rows(x))
-        t_old = graph_us(lambda: x.float().argmax(dim=-1))
-        t_arg = graph_us(lambda: x.argmax(dim=-1))
+        t_new = graph_us(lambda: [argmax_rows(x) for _ in range(CALLS)], CALLS)
+        t_old = graph_us(lambda: [x.float().argmax(dim=-1) for _ in range(CALLS)], CALLS)
+        t_arg = graph_us(lambda: [x.argmax(dim=-1) for _ in range(CALLS)], CALLS)
         timings.append({"rows": rows, "argmax_rows_bf16_us": t_new, "upcast_then_argmax_us": t_old,
                         "torch_argmax_bf16_us": t_arg})
         print(f"  [{rows:>2}, 128256] bf16: argmax_rows {t_new:6.2f} us   upcast + torch.argmax {t_old:6.2f} us   "

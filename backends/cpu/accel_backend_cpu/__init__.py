@@ -9,7 +9,7 @@ on this project's 2-core CI machine, docs/BENCHMARKS.md).
 What this backend implements:
 
 * ``prepare_linear``: float32 weights of at least 2**18 elements are packed once into the native panel
-  GEMM's layout (``csrc/gemm.c``: 48 output columns, k-major; :class:`PanelLinear`); bfloat16 / float16
+  GEMM's layout (``csrc/gemm.c``: 16 output columns, k-major; :class:`PanelLinear`); bfloat16 / float16
   ones (where oneDNN has native kernels for them on this CPU), and float32 ones with
   ``ACCEL_CPU_LINEAR=onednn`` or without the native kernels, with oneDNN's
   ``torch.ops.mkldnn._reorder_linear_weight`` (:class:`PackedLinear`). None (plain ``F.linear``) for
@@ -118,7 +118,7 @@ class PackedLinear:
 
 @dataclass(frozen=True)
 class PanelLinear(PackedLinear):
-    """A float32 weight packed into the native GEMM's panels (csrc/gemm.c: 48 output columns, k-major), plus
+    """A float32 weight packed into the native GEMM's panels (csrc/gemm.c: 16 output columns, k-major), plus
     what identifies the weight it was packed from. One and two rows read the weight itself (csrc/gemv.c)."""
 
 
@@ -202,9 +202,11 @@ def _gemm_panels(x: torch.Tensor, prepared: PanelLinear, bias: torch.Tensor | No
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     lib = native.kernels()
-    lib.accel_gemm_panels_f32(x2.data_ptr(), x2.stride(0), prepared.packed.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
-                              torch.get_num_threads())
+    rc = lib.accel_gemm_panels_f32(x2.data_ptr(), x2.stride(0), prepared.packed.data_ptr(),
+                                   None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k,
+                                   torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"the cpu backend's panel GEMM could not allocate its {m} x {k} float32 copy of x")
     return out.view(*x.shape[:-1], n)
 
 

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import accel_backend_cpu as cpu
+from accel_backend_cpu import native
 import accel_models
 from accel_models.testing import run_conformance
 from accel_models.testing.models import check_model
@@ -132,14 +133,16 @@ def test_the_gemv_propagates_nan_and_inf_and_leaves_other_shapes_to_the_gemm(ops
     assert gemv_calls == [False, False] and out.dtype == torch.float64  # float64: F.linear, never the GEMV
 
 
-@given(m=st.sampled_from([3, 7, 8, 9, 16, 17, 64, 130]), n=st.sampled_from([1, 47, 48, 49, 100, 1000]),
+@given(m=st.sampled_from([3, 5, 7, 8, 9, 12, 15, 16, 17, 24, 33, 130]),
+       n=st.sampled_from([1, 15, 16, 17, 33, 47, 48, 49, 100, 1000]),
        k=st.sampled_from([1, 17, 64, 512]), bias=st.booleans(), layout=st.sampled_from(["plain", "strided_x", "3d"]),
        seed=st.integers(0, 2**16))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_three_rows_and_more_take_the_panel_gemm_and_match_a_float64_product(ops, pack_all, monkeypatch, m, n, k,
                                                                              bias, layout, seed):
-    """csrc/gemm.c: row tiles of up to 8 (and the 1-7 row remainders), panels of 48 columns (and the last,
-    partial one), bias added per column, strided rows of x."""
+    """csrc/gemm.c: 3-8 rows on groups of three 16-column panels (and the last group of 1-2, its last panel
+    partial), 9+ rows in k-major tiles of 16 (and the 1-15 row remainders), bias added per column, strided
+    rows of x."""
     calls = []
     real = cpu._gemm_panels
     monkeypatch.setattr(cpu, "_gemm_panels", lambda *a: calls.append(1) or real(*a))
@@ -157,12 +160,35 @@ def test_three_rows_and_more_take_the_panel_gemm_and_match_a_float64_product(ops
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [16, 49, 100])
+def test_every_row_count_of_the_panel_gemm_matches_a_float64_product_and_writes_only_its_output(pack_all, n):
+    """Each row count 3..40 takes its own compiled tile (3-8: the 8-row tiles; 9+: 16-row tiles and every
+    1-15 row remainder); n=49 ends in a group of one panel with one column, n=100 in a group of one partial
+    panel, n=16 is one full panel. The kernel writes into a wider, taller NaN-filled buffer: everything
+    outside [m, n] must stay NaN."""
+    lib = native.kernels()
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, 19, generator=g)
+    b = torch.randn(n, generator=g)
+    prepared = cpu.accel_prepare_linear(weight=w)
+    assert isinstance(prepared, cpu.PanelLinear)
+    for m in range(3, 41):
+        x = torch.randn(m, 19, generator=g)
+        buf = torch.full((m + 2, n + 5), float("nan"))
+        rc = lib.accel_gemm_panels_f32(x.data_ptr(), 19, prepared.packed.data_ptr(), b.data_ptr(), buf.data_ptr(),
+                                       n + 5, m, n, 19, 2)
+        expect = x.double() @ w.double().t() + b.double()
+        assert rc == 0
+        torch.testing.assert_close(buf[:m, :n].double(), expect, rtol=1e-5, atol=1e-5, msg=f"{m} rows")
+        assert buf[:, n:].isnan().all() and buf[m:].isnan().all(), f"{m} rows: a write outside the output"
+
+
 def test_the_panel_gemm_propagates_nan_and_inf_per_row_and_column(ops, pack_all):
     w = torch.randn(100, 64)
-    w[60, 5] = float("inf")  # column 60 (the second panel) meets an inf weight
+    w[60, 5] = float("inf")  # column 60 (the fourth panel, in the second group of 3) meets an inf weight
     prepared = ops.prepare_linear(weight=w)
     x = torch.randn(11, 64)
-    x[9, 10] = float("nan")  # row 9 (the second row tile) meets a NaN input
+    x[9, 10] = float("nan")  # row 9 (of the 16-row tile; rows 11-15 zero-padded) meets a NaN input
     out = ops.linear(x=x, weight=w, bias=None, prepared=prepared)
     expect = x.double() @ w.double().t()
     assert out[9].isnan().all()

@@ -18,8 +18,9 @@ What this backend implements:
   Set ``ACCEL_CPU_PACK=0`` to turn packing off.
 * ``linear``: float32 inputs of 1-2 rows read the weight itself with the native GEMV (``csrc/gemv.c``), 3+
   rows the panel GEMM; oneDNN's ``_linear_pointwise`` on a oneDNN-packed weight. In a decode step the
-  weights are out of cache, and there oneDNN streamed them at ~20 GB/s at one row: the native kernels are
-  1.1-1.3x faster end to end at batches 1-4 and level at 16 (docs/BENCHMARKS.md, CPU session 4). The
+  weights are out of cache, and there oneDNN streamed them at ~20 GB/s at one row; at 9+ rows the GEMM
+  reads each weight once for 16 rows at the FMA rate: per step of linears 1.2-1.4x faster than oneDNN at
+  4-24 rows (docs/BENCHMARKS.md, CPU sessions 4 and 5). The
   prepared object remembers the weight it was made from (address, shape, dtype, version counter); a weight
   that no longer matches, or ``prepared=None``, takes ``F.linear`` (or the GEMV; never a stale copy).
 

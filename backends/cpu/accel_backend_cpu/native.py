@@ -110,6 +110,8 @@ def kernels() -> ctypes.CDLL | None:
         "accel_panels_numel": (i64, [i64, i64]),
         "accel_pack_panels_f32": (None, [ptr, i64, i64, i64, ptr, i32]),
         "accel_gemm_panels_f32": (ctypes.c_int, [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i32]),
+        "accel_panel_width": (i64, []),
+        "accel_gemm_isa": (ctypes.c_char_p, []),
     }
     for name, (restype, argtypes) in signatures.items():
         f = getattr(dll, name)

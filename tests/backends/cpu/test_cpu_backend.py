@@ -7,6 +7,8 @@ kit's tiny models, and the reference backend's greedy tokens end to end.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -181,6 +183,76 @@ def test_every_row_count_of_the_panel_gemm_matches_a_float64_product_and_writes_
         assert rc == 0
         torch.testing.assert_close(buf[:m, :n].double(), expect, rtol=1e-5, atol=1e-5, msg=f"{m} rows")
         assert buf[:, n:].isnan().all() and buf[m:].isnan().all(), f"{m} rows: a write outside the output"
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def test_the_kernels_are_built_for_this_cpus_vector_width():
+    """gemm.c / gemv.c pick their tiles from the compiler's target macros (-march=native): 16-column panels
+    with AVX-512, 6-column panels (16x6 / 8x12 tiles on 8-wide ymm registers) otherwise."""
+    lib = native.kernels()
+    if lib is None:
+        pytest.skip("no native kernels here")
+    width, isa = int(lib.accel_panel_width()), lib.accel_gemm_isa().decode()
+    if _cpu_has_avx512f():
+        assert (width, isa.split(":")[0]) == (16, "avx512")
+    elif os.uname().machine == "x86_64":
+        assert (width, isa.split(":")[0]) == (6, "avx2")
+    assert int(lib.accel_panels_numel(width + 1, 3)) == 2 * width * 3  # zero-padded to whole panels
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 7, 11, 12, 13, 18, 19, 31, 47, 48, 49])
+@pytest.mark.parametrize("k", [7, 512])
+def test_every_tile_remainder_of_either_isa_matches_a_float64_product(pack_all, n, k):
+    """Column counts around both builds' panels (AVX-512: 16 columns in groups of 3; AVX2: 6 columns in pairs,
+    16-row tiles each on one panel) and row counts around both row tiles, with and without a 1-8 row
+    remainder; at k = 512 the AVX2 build runs its x tiles in blocks of 5 (rows 80, 100, 130 span 2 blocks).
+    Every call goes into a NaN-filled buffer wider and taller than the output: whatever lies outside it
+    must stay NaN."""
+    lib = native.kernels()
+    g = torch.Generator().manual_seed(1000 * n + k)
+    w = torch.randn(n, k, generator=g) * k**-0.5
+    b = torch.randn(n, generator=g)
+    prepared = cpu.accel_prepare_linear(weight=w)
+    assert isinstance(prepared, cpu.PanelLinear)
+    for m in (1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 41, 80, 100, 130):
+        x = torch.randn(m, k, generator=g)
+        for bias in (b, None):
+            buf = torch.full((m + 3, n + 7), float("nan"))
+            rc = lib.accel_gemm_panels_f32(x.data_ptr(), k, prepared.packed.data_ptr(),
+                                           None if bias is None else bias.data_ptr(), buf.data_ptr(), n + 7, m, n, k,
+                                           2)
+            expect = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            assert rc == 0
+            torch.testing.assert_close(buf[:m, :n].double(), expect, rtol=1e-5, atol=1e-5, msg=f"{m} rows")
+            assert buf[:, n:].isnan().all() and buf[m:].isnan().all(), f"{m} rows: a write outside the output"
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_the_gemv_at_each_row_count_and_k_tail_matches_a_float64_product(m):
+    """csrc/gemv.c directly (the backend sends it 1-2 rows; it takes up to 4): on AVX2, 1-2 rows run a
+    32-wide k loop on four 8-wide accumulators, 3-4 rows a 16-wide one on two; every k tail. Strided x and
+    output rows, into a NaN-filled buffer."""
+    lib = native.kernels()
+    g = torch.Generator().manual_seed(m)
+    for k in (1, 7, 8, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 100):
+        n = 37
+        x = torch.randn(m, k + 5, generator=g)
+        w = torch.randn(n, k + 2, generator=g)[:, :k]
+        b = torch.randn(n, generator=g)
+        buf = torch.full((m + 1, n + 4), float("nan"))
+        rc = lib.accel_gemv_f32(x.data_ptr(), k + 5, w.data_ptr(), k + 2, b.data_ptr(), buf.data_ptr(), n + 4, m, n,
+                                k, 2)
+        expect = x[:, :k].double() @ w.double().t() + b.double()
+        assert rc == 0
+        torch.testing.assert_close(buf[:m, :n].double(), expect, rtol=1e-5, atol=1e-5, msg=f"k={k}")
+        assert buf[:, n:].isnan().all() and buf[m:].isnan().all()
 
 
 def test_the_panel_gemm_propagates_nan_and_inf_per_row_and_column(ops, pack_all):

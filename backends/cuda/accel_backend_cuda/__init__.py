@@ -781,3 +781,59 @@ def accel_int8_scaled_mm(
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# persistent decode of a dense decoder layer (issue 11 prototype: not bound to a hook yet)
+# ----------------------------------------------------------------------------------------------------
+
+
+def decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
+                              num_heads: int, num_kv_heads: int, rotary_dim: int, kv_cache: torch.Tensor) -> str | None:
+    """Why :func:`decoder_layer_decode` cannot run this layer (None: it can). It takes one token of a dense
+    Llama-style layer: no biases, full-width rotary, SiLU, contiguous weights of the hidden state's dtype,
+    a power-of-two head size of 32..256, and at most 16 query heads per KV head."""
+    if hidden_states.dim() != 2 or hidden_states.shape[0] != 1:
+        return f"one token per call (hidden_states is {tuple(hidden_states.shape)})"
+    if rotary_dim != head_size:
+        return f"partial rotary (rotary_dim {rotary_dim} != head_size {head_size})"
+    if head_size not in (32, 64, 128, 256):
+        return f"head_size {head_size} is not a power of two in 32..256"
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > 16:
+        return f"{num_heads} query heads over {num_kv_heads} KV heads"
+    for name, w in weights.items():
+        if w.dtype != hidden_states.dtype or not w.is_contiguous():
+            return f"weight {name} is {w.dtype}, contiguous={w.is_contiguous()}"
+    if kv_cache.dtype != hidden_states.dtype:
+        return f"KV cache dtype {kv_cache.dtype} != {hidden_states.dtype}"
+    return None
+
+
+def decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
+    cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int, is_neox: bool, scale: float,
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+    max_seq_len: int, persistent: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense pre-norm decoder layer (Llama: ``fused_add_rms_norm``, qkv ``linear``,
+    ``rope_and_write_kv_cache``, ``paged_attention``, o ``linear``, ``fused_add_rms_norm``, gate_up
+    ``linear``, ``silu_and_mul``, down ``linear``) for one decode token in one persistent launch
+    (``_triton_kernels._decoder_layer_kernel``). Returns ``(hidden_out, residual_out)`` as the layer's
+    ``forward`` does; the new key and value are stored at ``slot_mapping[0]``. ``max_seq_len`` plans the
+    attention splits (a graph captured for max_model_len stays valid for shorter contexts)."""
+    _check_cache(kv_cache)
+    weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
+               "gate_up": gate_up_weight, "down": down_weight}
+    _check_tensors(hidden_states=hidden_states, residual=residual, positions=positions, slot_mapping=slot_mapping,
+                   block_table=block_table, seq_lens=seq_lens, cos_sin_cache=cos_sin_cache, **weights)
+    why = decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads,
+                                    cos_sin_cache.shape[1], kv_cache)
+    if why:
+        raise ValueError(f"decoder_layer_decode does not support this layer: {why}")
+    return _kernels().decoder_layer_decode(
+        hidden_states, residual, positions, slot_mapping, block_table, seq_lens, input_norm_weight, qkv_weight,
+        o_weight, post_norm_weight, gate_up_weight, down_weight,
+        cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, eps, scale,
+        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device), persistent)

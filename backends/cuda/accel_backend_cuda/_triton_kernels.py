@@ -1095,3 +1095,479 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                                                       out.stride(0), HAS_BIAS=bias is not None, BLOCK=block,
                                                       num_warps=4, PDL=PDL, launch_pdl=PDL)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Persistent decode of one dense pre-norm decoder layer (Llama family), one launch, one token
+# ----------------------------------------------------------------------------------------------------
+
+#: phases of _decoder_layer_kernel: 0 add + norm + qkv, 1 rotary + KV write + attention, 2 o_proj,
+#: 3 add + norm + gate_up + silu * up, 4 down_proj
+DECODER_PHASES = 5
+#: polls of the grid barrier's generation word before a program gives up and flags an error (bar[2]);
+#: far beyond any real wait (a phase takes microseconds), it turns a deadlock into wrong numbers + a flag
+SPIN_LIMIT = 1 << 20
+_BARRIERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def barrier_state(device: torch.device, nprog: int) -> torch.Tensor | None:
+    """Grid-barrier words of launches of ``nprog`` programs on ``device``, int64 ``[4]``, allocated once and
+    outside any graph capture (None inside one before they exist). As int32 (``.view(torch.int32)``) words
+    0-2 are the generation barrier's ``[arrived, generation, error]``; int64 word 2 is the counting
+    barrier's arrival count (it only grows, by ``nprog`` per barrier: one buffer per grid size) and word 3
+    its error flag. A program that waited :data:`SPIN_LIMIT` polls sets its error word."""
+    key = (device, nprog)
+    buf = _BARRIERS.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(4, dtype=torch.int64, device=device)
+        _BARRIERS[key] = buf
+    return buf
+
+
+@triton.jit
+def _grid_sync(bar_ptr, nprog, SPIN_LIMIT: tl.constexpr):
+    """Grid-wide barrier of a persistent launch (every program resident: the grid is at most one program
+    per SM). Sense by generation: read the generation, arrive; the last to arrive zeroes the count and
+    bumps the generation (release); the others poll it (volatile loads), then acquire. Stores of every
+    thread before the call are visible to every program after it (the CTA barrier orders them before
+    the acq_rel arrival, as in the split-K merge)."""
+    tl.debug_barrier()
+    gen = tl.atomic_add(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+    arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == nprog - 1:
+        tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        cur = tl.load(bar_ptr + 1, volatile=True)
+        spins = 0
+        while (cur == gen) & (spins < SPIN_LIMIT):
+            cur = tl.load(bar_ptr + 1, volatile=True)
+            spins += 1
+        if spins >= SPIN_LIMIT:
+            tl.atomic_xchg(bar_ptr + 2, 1, sem="relaxed", scope="gpu")
+        tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grid_sync_count(cnt_ptr, nprog, SPIN_LIMIT: tl.constexpr):
+    """Counting grid barrier: one acq_rel arrival on an int64 count that only grows (so no reset and no
+    generation word: a program's round ends at the next multiple of ``nprog`` above its own arrival), then
+    volatile polls of the count. One atomic per program instead of the generation barrier's three."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    target = (arrived // nprog + 1) * nprog
+    cur = tl.load(cnt_ptr, volatile=True)
+    spins = 0
+    while (cur < target) & (spins < SPIN_LIMIT):
+        cur = tl.load(cnt_ptr, volatile=True)
+        spins += 1
+    if spins >= SPIN_LIMIT:
+        tl.atomic_xchg(cnt_ptr + 1, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _phase_sync(bar_ptr, nprog, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr, SYNC_TWICE: tl.constexpr):
+    """The barrier between two phases: BARRIER 0 the generation barrier on the int32 words, 1 the counting
+    barrier on int64 word 2. SYNC_TWICE (benchmark only) waits twice, to time one barrier."""
+    if BARRIER == 0:
+        _grid_sync(bar_ptr.to(tl.pointer_type(tl.int32), bitcast=True), nprog, SPIN_LIMIT)
+        if SYNC_TWICE:
+            _grid_sync(bar_ptr.to(tl.pointer_type(tl.int32), bitcast=True), nprog, SPIN_LIMIT)
+    else:
+        _grid_sync_count(bar_ptr + 2, nprog, SPIN_LIMIT)
+        if SYNC_TWICE:
+            _grid_sync_count(bar_ptr + 2, nprog, SPIN_LIMIT)
+
+
+@triton.jit
+def _weight_rows(w_ptr, unit, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
+    """Rows ``unit * TN ..`` of a contiguous ``[N, K]`` weight, whole (``[TN, K_PAD]``, zeros outside);
+    streamed once, so evicted first from L2."""
+    rows = unit * TN + tl.arange(0, TN)
+    k = tl.arange(0, K_PAD)
+    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
+                   other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _residual_row(hid_ptr, res_ptr, k, k_ok, HAS_RES: tl.constexpr):
+    """``hidden + residual`` rounded to the dtype (fused_add_rms_norm's residual output), as float32."""
+    x = tl.load(hid_ptr + k, mask=k_ok, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + k, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(hid_ptr.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rms_normed(r, w_ptr, k, k_ok, H, eps, dt: tl.constexpr):
+    """rms_norm of the float32 row ``r`` with the rounding of _rms_norm_kernel (float32 of the result)."""
+    rstd = tl.rsqrt(tl.sum(r * r, axis=0) / H + eps)
+    w = tl.load(w_ptr + k, mask=k_ok, other=0.0).to(dt).to(tl.float32)
+    return ((r * rstd).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _gemv_rows(w_cur, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
+    """``out[n] = x . w[n]`` for this program's row tiles ``pid, pid + nprog, ..`` of ``[N, K]``; ``w_cur``
+    holds the first tile already (loaded before the wait that precedes this phase). The next tile is in
+    flight while one is reduced."""
+    for u in range(pid, tl.cdiv(N, TN), nprog):
+        w_next = _weight_rows(w_ptr, u + nprog, N, K, TN, K_PAD)
+        acc = tl.sum(w_cur.to(tl.float32) * x[None, :], axis=1)
+        rows = u * TN + tl.arange(0, TN)
+        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
+        w_cur = w_next
+
+
+@triton.jit
+def _dot_rows(x_ptr, w_ptr, out_ptr, pid, nprog, M, N, K, x_stride, GATE_OFF, BLOCK_M: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
+              LIB: tl.constexpr):
+    """``out[m, n] = x[m] . w[n]`` over this program's n tiles ``pid, pid + nprog, ..`` as ONE flattened loop
+    over (tile, k chunk), so Triton's software pipeliner keeps STAGES weight chunks in flight in shared
+    memory across tile boundaries (the persistent-matmul pattern); the rows go through a BLOCK_M-row dot.
+    GATED: ``w`` rows ``n`` and ``n + GATE_OFF`` are gate and up, and the output is ``silu(gate) * up``
+    (each rounded to the dtype first, as silu_and_mul reads them)."""
+    dt = out_ptr.dtype.element_ty
+    n_tiles = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    mine = tl.cdiv(tl.maximum(n_tiles - pid, 0), nprog)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    acc = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+    for it in tl.range(0, mine * k_tiles, num_stages=STAGES):
+        t = pid + (it // k_tiles) * nprog
+        ki = it % k_tiles
+        offs_n = t * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        offs_k = ki * BK + tl.arange(0, BK)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
+        wp = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+        w = tl.load(wp, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        if GATED:
+            wu = tl.load(wp + GATE_OFF * K, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                         eviction_policy="evict_first")
+            if IEEE:
+                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(x, tl.trans(wu), acc_u)
+        if ki == k_tiles - 1:
+            y = acc
+            if GATED:
+                y = _activation(acc.to(dt).to(tl.float32), 0, LIB) * acc_u.to(dt).to(tl.float32)
+                acc_u = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+            acc = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
+
+
+@triton.jit
+def _rope_pair(x1, x2, c, s, dt: tl.constexpr):
+    """Rotated halves (dtype), each product rounded to the dtype as _rope_heads does."""
+    y1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
+    y2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
+    return y1, y2
+
+
+@triton.jit
+def _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
+                       part_ml_ptr, cnt_ptr, item, num_splits, scale, cs_stride,
+                       kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+                       NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr):
+    """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
+    qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
+    keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
+    the last split of g to arrive (or a direct store with one split)."""
+    dt = qkv_ptr.dtype.element_ty
+    GROUP: tl.constexpr = NQ // NKV
+    HALF: tl.constexpr = D // 2
+    g = item // num_splits
+    sp = item % num_splits
+    r = tl.arange(0, GROUP_PAD)
+    r_ok = r < GROUP
+    head = g * GROUP + r
+    i = tl.arange(0, HALF)
+    if IS_NEOX:
+        o1 = i
+        o2 = i + HALF
+    else:
+        o1 = 2 * i
+        o2 = 2 * i + 1
+    d = tl.arange(0, D)
+    pos = tl.load(pos_ptr)
+    c = tl.load(cs_ptr + pos * cs_stride + i).to(dt).to(tl.float32)
+    s = tl.load(cs_ptr + pos * cs_stride + HALF + i).to(dt).to(tl.float32)
+    qrow = qkv_ptr + head[:, None] * D
+    q1 = tl.load(qrow + o1[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+    q2 = tl.load(qrow + o2[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+    y1, y2 = _rope_pair(q1, q2, c[None, :], s[None, :], dt)
+    kn = qkv_ptr + NQ * D + g * D
+    k1 = tl.load(kn + o1, cache_modifier=".cg").to(tl.float32)
+    k2 = tl.load(kn + o2, cache_modifier=".cg").to(tl.float32)
+    ky1, ky2 = _rope_pair(k1, k2, c, s, dt)
+    vn = tl.load(qkv_ptr + (NQ + NKV) * D + g * D + d, cache_modifier=".cg")
+    seq_len = tl.load(seq_ptr)
+    kv_base = kv_ptr + g.to(tl.int64) * kv_stride_h
+    if sp == 0:
+        slot = tl.load(slot_ptr).to(tl.int64)
+        if slot >= 0:
+            cdt = kv_ptr.dtype.element_ty
+            dst = kv_base + (slot // BLOCK_SIZE) * kv_stride_blk + (slot % BLOCK_SIZE) * kv_stride_tok
+            tl.store(dst + o1, ky1.to(cdt))
+            tl.store(dst + o2, ky2.to(cdt))
+            tl.store(dst + kv_stride_kv + d, vn.to(cdt))
+    n_old = seq_len - 1  # cached keys; the new one is in registers
+    ntiles = tl.cdiv(n_old, TILE_N)
+    per = tl.maximum(tl.cdiv(ntiles, num_splits), 1)
+    active = tl.maximum(tl.cdiv(ntiles, per), 1)
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
+    for t in range(sp * per, tl.minimum(sp * per + per, ntiles)):
+        offs_n = t * TILE_N + tl.arange(0, TILE_N)
+        n_ok = offs_n < n_old
+        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+        kt1 = tl.load(kv_base + kv_off[None, :] + o1[:, None], mask=n_ok[None, :], other=0.0).to(dt)
+        kt2 = tl.load(kv_base + kv_off[None, :] + o2[:, None], mask=n_ok[None, :], other=0.0).to(dt)
+        if IEEE:
+            sc = tl.dot(y1, kt1, input_precision="ieee") + tl.dot(y2, kt2, input_precision="ieee")
+        else:
+            sc = tl.dot(y1, kt1) + tl.dot(y2, kt2)
+        sc = tl.where(n_ok[None, :], sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(sc - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(dt)
+        if IEEE:
+            pv = tl.dot(p.to(dt), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dt), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    if sp == active - 1:  # the new token (always visible to itself)
+        s_new = (tl.sum(y1.to(tl.float32) * ky1.to(tl.float32)[None, :], 1)
+                 + tl.sum(y2.to(tl.float32) * ky2.to(tl.float32)[None, :], 1)) * scale
+        m_new = tl.maximum(m_i, s_new)
+        alpha = tl.exp(m_i - m_new)
+        p_new = tl.exp(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+        m_i = m_new
+    if num_splits == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(att_ptr + head[:, None] * D + d[None, :], out.to(att_ptr.dtype.element_ty), mask=r_ok[:, None])
+    else:
+        idx = sp * NQ + head
+        tl.store(part_acc_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
+        tl.store(part_ml_ptr + 2 * idx, m_i, mask=r_ok)
+        tl.store(part_ml_ptr + 2 * idx + 1, l_i, mask=r_ok)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        arrived = tl.atomic_add(cnt_ptr + g, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            zero = tl.zeros([GROUP_PAD], dtype=tl.int64)
+            _merge_rows(part_acc_ptr, part_ml_ptr, att_ptr, zero, head, r_ok, d, d < D, 1, NQ, active, 0, D,
+                        NUM_SPLITS, GROUP_PAD, D)
+            tl.atomic_xchg(cnt_ptr + g, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+
+
+@triton.jit
+def _decoder_layer_kernel(
+    hid_ptr, res_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr,
+    w_in_ptr, w_qkv_ptr, w_o_ptr, w_post_ptr, w_gu_ptr, w_d_ptr, cs_ptr, kv_ptr,
+    qkv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, o_ptr, act_ptr, hid_out_ptr, res_out_ptr, cnt_ptr, bar_ptr,
+    xs_ptr, eps, scale, nprog, num_splits, cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+    H: tl.constexpr, H_PAD: tl.constexpr, I: tl.constexpr, I_PAD: tl.constexpr, NQ: tl.constexpr,
+    NKV: tl.constexpr, D: tl.constexpr, NQD_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, TN: tl.constexpr, TN_O: tl.constexpr, TN_GU: tl.constexpr,
+    TN_DOWN: tl.constexpr,
+    HAS_RES: tl.constexpr, IS_NEOX: tl.constexpr, IEEE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = False, BN: tl.constexpr = 32,
+    BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
+
+    With FIRST < LAST the grid is persistent (at most one program per SM, all resident) and the phases are
+    separated by :func:`_grid_sync`; each phase's first weight tile is loaded *before* the wait that
+    precedes it (weights never depend on the step), so the weight stream does not stop at phase
+    boundaries, and phase 0's before the PDL wait, so it overlaps the previous layer's tail. Launched one
+    phase at a time (FIRST == LAST, the kernel boundary as the barrier) it computes the same thing: that
+    is how the interpreter runs it.
+
+    Math and rounding as the layered ops (fused_add_rms_norm, linear, rope_and_write_kv_cache,
+    paged_attention, silu_and_mul, linear): ``r = hid + res``; ``qkv = norm(r) @ Wqkv^T``; rotary of q and
+    the new k; k, v stored at the slot; ``att = attention(q, cache + new k, v)``; ``o = att @ Wo^T``;
+    ``r2 = r + o`` (-> res_out); ``act = silu(g) * u`` of ``norm(r2) @ Wgu^T``; ``hid_out = act @ Wd^T``.
+    Every intermediate is rounded to the model dtype where the layered path stores it.
+
+    DOT: the projections run as :func:`_dot_rows` (tensor-core dots, weight chunks pipelined through shared
+    memory, STAGES deep) instead of register tiles prefetched across the barriers; the normalized rows go
+    through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
+    """
+    dt = hid_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    kh = tl.arange(0, H_PAD)
+    kh_ok = kh < H
+    NQD: tl.constexpr = NQ * D
+    QKV_N: tl.constexpr = (NQ + 2 * NKV) * D
+    xs_row = xs_ptr + pid.to(tl.int64) * H_PAD
+    if FIRST == 0:
+        if DOT:
+            _pdl_enter(PDL)
+            r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
+            tl.store(xs_row + kh, _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
+            tl.debug_barrier()
+            _dot_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, 1, QKV_N, H, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+        else:
+            w = _weight_rows(w_qkv_ptr, pid, QKV_N, H, TN, H_PAD)  # before the PDL wait: weights are constant
+            _pdl_enter(PDL)
+            r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
+            x = _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt)
+            _gemv_rows(w, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD)
+    else:
+        _pdl_enter(PDL)
+    if FIRST <= 1 and LAST >= 1:
+        if FIRST < 1:
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+        for item in range(pid, NKV * num_splits, nprog):
+            _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
+                               part_ml_ptr, cnt_ptr, item, num_splits, scale, cs_stride, kv_stride_kv,
+                               kv_stride_blk, kv_stride_h, kv_stride_tok, NQ, NKV, D, GROUP_PAD, TILE_N,
+                               BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE)
+    if FIRST <= 2 and LAST >= 2:
+        if DOT:
+            if FIRST < 2:
+                _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            _dot_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, 1, H, NQD, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+        else:
+            kq = tl.arange(0, NQD_PAD)
+            w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD)
+            if FIRST < 2:
+                _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            x = tl.load(att_ptr + kq, mask=kq < NQD, other=0.0, cache_modifier=".cg").to(tl.float32)
+            _gemv_rows(w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD)
+    if FIRST <= 3 and LAST >= 3 and DOT:
+        if FIRST < 3:
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+        r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
+        o = tl.load(o_ptr + kh, mask=kh_ok, other=0.0, cache_modifier=".cg")
+        r2 = (r + o.to(tl.float32)).to(dt).to(tl.float32)
+        if pid == 0:
+            tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
+        tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
+        tl.debug_barrier()
+        _dot_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, 1, I, H, 0, I, 16, BN, BK, STAGES, True, IEEE, LIB)
+    if FIRST <= 3 and LAST >= 3 and not DOT:
+        wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD)
+        wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
+        if FIRST < 3:
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+        r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
+        o = tl.load(o_ptr + kh, mask=kh_ok, other=0.0, cache_modifier=".cg")
+        r2 = (r + o.to(tl.float32)).to(dt).to(tl.float32)
+        if pid == 0:
+            tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
+        x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
+        for u in range(pid, tl.cdiv(I, TN_GU), nprog):
+            wg_next = _weight_rows(w_gu_ptr, u + nprog, I, H, TN_GU, H_PAD)
+            wu_next = _weight_rows(w_gu_ptr + I * H, u + nprog, I, H, TN_GU, H_PAD)
+            gate = tl.sum(wg.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
+            up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
+            a = _activation(gate, 0, LIB) * up
+            rows = u * TN_GU + tl.arange(0, TN_GU)
+            tl.store(act_ptr + rows, a.to(dt), mask=rows < I)
+            wg = wg_next
+            wu = wu_next
+    if LAST >= 4 and DOT:
+        if FIRST < 4:
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+        _dot_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, 1, H, I, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+    if LAST >= 4 and not DOT:
+        ki = tl.arange(0, I_PAD)
+        w = _weight_rows(w_d_ptr, pid, H, I, TN_DOWN, I_PAD)
+        if FIRST < 4:
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+        x = tl.load(act_ptr + ki, mask=ki < I, other=0.0, cache_modifier=".cg").to(tl.float32)
+        _gemv_rows(w, w_d_ptr, x, hid_out_ptr, pid, nprog, H, I, TN_DOWN, I_PAD)
+
+
+#: the compiled kernel of the latest launch of some launchers (benchmarks read its registers and IR)
+LAST_COMPILED: dict[str, object] = {}
+#: launch parameters of the persistent decoder layer (bench/cuda/bench_persistent.py sweeps them)
+CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
+                           "programs": None,  # programs: None = one per SM
+                           "DOT": False, "BN": 32, "BK": 256, "STAGES": 4, "BARRIER": 1,
+                           # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier
+                           "last_phase": None, "sync_twice": False}
+
+
+def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table, seq_lens, w_in, w_qkv, w_o,
+                         w_post, w_gu, w_down, cos_sin_cache, kv_cache, eps, scale, num_heads, num_kv_heads,
+                         is_neox, max_seq_len, num_sms, persistent=None):
+    """One token (``hidden`` ``[1, H]``) through a dense Llama decoder layer; returns ``(hidden_out,
+    residual_out)``, each ``[1, H]``. Arguments as checked by accel_backend_cuda.decoder_layer_supported:
+    contiguous weights, ``[2, blocks, kv_heads, block_size, head_size]`` cache, full-width rotary.
+    ``persistent`` None: one launch on a GPU, one launch per phase in the interpreter."""
+    cfg = CONFIG["decoder_layer"]
+    h = hidden.shape[-1]
+    inter = w_down.shape[1]
+    head_size = kv_cache.shape[4]
+    block_size = kv_cache.shape[3]
+    dev = hidden.device
+    dt = hidden.dtype
+    persistent = (not INTERPRET) if persistent is None else persistent
+    nprog = cfg["programs"] or num_sms
+    bar = barrier_state(dev, nprog) if persistent else None
+    if persistent and bar is None:
+        raise RuntimeError("the persistent decoder layer's barrier words must exist before graph capture "
+                           "(run the layer once eagerly first)")
+    tile_n = cfg["TILE_N"]
+    splits = max(1, min(cfg["max_splits"], max(1, nprog // num_kv_heads), triton.cdiv(max(max_seq_len - 1, 1), tile_n)))
+    cnt = counters(dev, num_kv_heads) if splits > 1 else None
+    if splits > 1 and cnt is None:
+        splits = 1
+    qkv = torch.empty(((num_heads + 2 * num_kv_heads) * head_size,), dtype=dt, device=dev)
+    att = torch.empty((num_heads * head_size,), dtype=dt, device=dev)
+    part_acc = torch.empty((splits, num_heads, head_size), dtype=torch.float32, device=dev)
+    part_ml = torch.empty((splits, num_heads, 2), dtype=torch.float32, device=dev)
+    o = torch.empty((h,), dtype=dt, device=dev)
+    act = torch.empty((inter,), dtype=dt, device=dev)
+    hid_out = torch.empty((1, h), dtype=dt, device=dev)
+    res_out = torch.empty((1, h), dtype=dt, device=dev)
+    group = num_heads // num_kv_heads
+    st = kv_cache.stride()
+    xs = torch.empty((nprog, triton.next_power_of_2(h)), dtype=dt, device=dev) if cfg["DOT"] else o
+    last = DECODER_PHASES - 1 if cfg.get("last_phase") is None else cfg["last_phase"]  # < 4: benchmark only
+    phases = [(0, last)] if persistent else [(p, p) for p in range(last + 1)]
+    for first, last in phases:
+        LAST_COMPILED["decoder_layer"] = _decoder_layer_kernel[(nprog,)](
+            hidden, residual if residual is not None else hidden, positions, slot_mapping, block_table, seq_lens,
+            w_in, w_qkv, w_o, w_post, w_gu, w_down, cos_sin_cache, kv_cache,
+            qkv, att, part_acc, part_ml, o, act, hid_out, res_out, cnt if cnt is not None else seq_lens,
+            bar if bar is not None else seq_lens, xs,
+            float(eps), float(scale), nprog, splits, cos_sin_cache.stride(0), st[0], st[1], st[2], st[3],
+            H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
+            NKV=num_kv_heads, D=head_size, NQD_PAD=triton.next_power_of_2(num_heads * head_size), GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n,
+            BLOCK_SIZE=block_size, NUM_SPLITS=triton.next_power_of_2(splits), TN=cfg["TN"], TN_O=cfg["TN_O"],
+            TN_GU=cfg["TN_GU"],
+            TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox),
+            IEEE=_tl_dtype_ieee(dt), FIRST=first, LAST=last, SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE,
+            DOT=bool(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=cfg["BARRIER"],
+            SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
+    return hid_out, res_out

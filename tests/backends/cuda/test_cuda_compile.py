@@ -94,3 +94,36 @@ def test_every_kernel_launch_compiles_for_sm90(launches):
         except Exception as exc:  # noqa: BLE001 - every failure is reported, with its launch
             failures.append(f"{rec['kernel']} {rec['constexprs']}: {type(exc).__name__}: {str(exc)[:600]}")
     assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("dot, barrier", [(False, 1), (True, 0)])
+def test_persistent_decoder_layer_compiles_for_sm90(dot, barrier):
+    """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
+    so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile
+    polls) is compiled here at the Llama-1B shape with the launch options the GPU uses."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"Triton without its NVIDIA backend: {exc}")
+    import accel_backend_cuda._triton_kernels as k
+
+    cfg = k.CONFIG["decoder_layer"]
+    consts = dict(H=2048, H_PAD=2048, I=8192, I_PAD=8192, NQ=32, NKV=8, D=64, NQD_PAD=2048, GROUP_PAD=16,
+                  TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16, TN=cfg["TN"], TN_O=cfg["TN_O"],
+                  TN_GU=cfg["TN_GU"], TN_DOWN=cfg["TN_DOWN"], HAS_RES=True, IS_NEOX=True, IEEE=False, FIRST=0,
+                  LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot, BN=cfg["BN"], BK=cfg["BK"],
+                  STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False)
+    ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
+            "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
+    args = {}
+    for n in k._decoder_layer_kernel.arg_names:
+        if n in consts or n == "PDL":
+            continue
+        if n.endswith("_ptr"):
+            args[n] = {"ptr": ptrs.get(n, "bf16")}
+        else:
+            args[n] = {"type": "fp32" if n in ("eps", "scale") else "i32"}
+    rec = {"kernel": "_decoder_layer_kernel", "constexprs": consts, "args": args,
+           "options": {"num_warps": cfg["num_warps"]}}
+    types = {n: ("*" + d["ptr"]) if "ptr" in d else d["type"] for n, d in args.items()}
+    _compile(rec, types)

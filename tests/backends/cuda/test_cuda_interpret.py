@@ -505,3 +505,106 @@ def test_conformance_kit_passes_the_native_fused_ops(kernels, monkeypatch):
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
     assert all(r.native and r.cases > 0 for r in report.ops)
     assert any(fused)
+
+
+# ----------------------------------------------------------------------------------------------------
+# persistent decoder layer (one phase per launch in the interpreter)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _decoder_layer_case(seed, n_old, has_res, is_neox, block_size=16, hidden=64, inter=96, heads=4, kv_heads=2,
+                        head_size=32):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    w = {"input_norm": 1 + 0.1 * r(hidden), "qkv": r((heads + 2 * kv_heads) * head_size, hidden, scale=hidden**-0.5),
+         "o": r(hidden, heads * head_size, scale=(heads * head_size) ** -0.5), "post_norm": 1 + 0.1 * r(hidden),
+         "gate_up": r(2 * inter, hidden, scale=hidden**-0.5), "down": r(hidden, inter, scale=inter**-0.5)}
+    seq_len = n_old + 1
+    num_blocks = 2 * (seq_len // block_size + 2)
+    perm = torch.randperm(num_blocks, generator=g)
+    table = perm[: -(-seq_len // block_size)].to(torch.int32)
+    cache = torch.full((2, num_blocks, kv_heads, block_size, head_size), float("nan"))
+    past_k, past_v = r(n_old, kv_heads, head_size), r(n_old, kv_heads, head_size)
+    for p in range(n_old):
+        cache[0, table[p // block_size], :, p % block_size] = past_k[p]
+        cache[1, table[p // block_size], :, p % block_size] = past_v[p]
+    slot = int(table[n_old // block_size]) * block_size + n_old % block_size
+    pos = torch.tensor([n_old + 3])  # positions need not equal the cache index
+    cs = r(n_old + 8, head_size)
+    hid = r(1, hidden)
+    res = r(1, hidden) if has_res else None
+    return w, cache, table, slot, pos, cs, hid, res, past_k, past_v
+
+
+def _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size, is_neox, eps, scale):
+    """The layer in float64 from the reference backend's ops (an independent implementation)."""
+    w = {k: v.to(F64) for k, v in w.items()}
+    hid = hid.to(F64)
+    if res is None:
+        resid, x = hid, R.accel_rms_norm(x=hid, weight=w["input_norm"], eps=eps)
+    else:
+        x, resid = R.accel_fused_add_rms_norm(x=hid, residual=res.to(F64), weight=w["input_norm"], eps=eps)
+    qkv = x @ w["qkv"].T
+    q, k, v = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+    q, k = R.accel_rotary_embedding(positions=pos, query=q.clone(), key=k.clone(), cos_sin_cache=cs.to(F64),
+                                    head_size=head_size, rotary_dim=head_size, is_neox=is_neox)
+    keys = torch.cat([past_k.to(F64), k.view(1, kv_heads, head_size)])  # [S, kvh, D]
+    vals = torch.cat([past_v.to(F64), v.view(1, kv_heads, head_size)])
+    group = heads // kv_heads
+    qh = q.view(heads, head_size)
+    kk = keys.repeat_interleave(group, dim=1)  # [S, heads, D]
+    vv = vals.repeat_interleave(group, dim=1)
+    p = torch.softmax(torch.einsum("hd,shd->hs", qh, kk) * scale, dim=-1)
+    att = torch.einsum("hs,shd->hd", p, vv).reshape(1, -1)
+    o = att @ w["o"].T
+    x2, resid2 = R.accel_fused_add_rms_norm(x=o, residual=resid, weight=w["post_norm"], eps=eps)
+    gu = x2 @ w["gate_up"].T
+    out = R.accel_silu_and_mul(x=gu) @ w["down"].T
+    return out, resid2, k.view(kv_heads, head_size), v.view(kv_heads, head_size)
+
+
+@pytest.mark.parametrize("seed, n_old, has_res, is_neox, tile_n, max_splits", [
+    (0, 36, True, True, 32, 16),  # two splits over the cached keys, merged by the last to arrive
+    (1, 0, False, True, 32, 16),  # first token: no cached key; layer 0 (no residual)
+    (2, 50, True, False, 16, 1),  # GPT-J rotary, one split (direct store)
+    (3, 100, True, True, 16, 16),  # more tiles than splits
+])
+@pytest.mark.parametrize("dot", [True, False], ids=["dot", "registers"])
+def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, is_neox, tile_n, max_splits, dot):
+    heads, kv_heads, head_size, block_size, eps = 4, 2, 32, 16, 1e-5
+    scale = head_size**-0.5
+    w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(seed, n_old, has_res, is_neox)
+    saved = dict(kernels.CONFIG["decoder_layer"])
+    # dot: BK 32 < hidden 64, so the flattened (tile, k chunk) loop crosses tiles mid-way
+    kernels.CONFIG["decoder_layer"].update(TILE_N=tile_n, max_splits=max_splits, DOT=dot, BK=32, BN=16)
+    try:
+        out, res_out = C.decoder_layer_decode(
+            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,
+            heads, kv_heads, head_size, is_neox, scale, cache, torch.tensor([slot]), table[None, :],
+            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
+    finally:
+        kernels.CONFIG["decoder_layer"].clear()
+        kernels.CONFIG["decoder_layer"].update(saved)
+    e_out, e_res, e_k, e_v = _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size,
+                                                is_neox, eps, scale)
+    assert out.shape == (1, 64) and res_out.shape == (1, 64)
+    assert rel(out, e_out) < 1e-5 and rel(res_out, e_res) < 1e-6
+    blk, off = divmod(slot, block_size)
+    assert rel(cache[0, table[n_old // block_size], :, off], e_k) < 1e-6
+    assert rel(cache[1, blk, :, off], e_v) < 1e-6
+    # the cached keys before the slot are untouched
+    for p in range(n_old):
+        assert torch.equal(cache[0, table[p // block_size], :, p % block_size], past_k[p])
+
+
+def test_decoder_layer_decode_refuses_what_it_does_not_compute():
+    w, cache, table, slot, pos, cs, hid, res, *_ = _decoder_layer_case(0, 4, True, True)
+    args = dict(residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"], o_weight=w["o"],
+                post_norm_weight=w["post_norm"], gate_up_weight=w["gate_up"], down_weight=w["down"], eps=1e-5,
+                num_heads=4, num_kv_heads=2, head_size=32, is_neox=True, scale=0.1, kv_cache=cache,
+                slot_mapping=torch.tensor([slot]), block_table=table[None, :],
+                seq_lens=torch.tensor([5], dtype=torch.int32), max_seq_len=64)
+    with pytest.raises(ValueError, match="one token per call"):
+        C.decoder_layer_decode(hidden_states=torch.cat([hid, hid]), cos_sin_cache=cs, **args)
+    with pytest.raises(ValueError, match="partial rotary"):
+        C.decoder_layer_decode(hidden_states=hid, cos_sin_cache=cs[:, :16], **args)

@@ -1273,6 +1273,43 @@ def _dot_rows(x_ptr, w_ptr, out_ptr, pid, nprog, M, N, K, x_stride, GATE_OFF, BL
 
 
 @triton.jit
+def _stream_rows(x_ptr, w_ptr, out_ptr, pid, nprog, N, K, GATE_OFF, TN: tl.constexpr, BK: tl.constexpr,
+                 STAGES: tl.constexpr, GATED: tl.constexpr, LIB: tl.constexpr):
+    """One-row ``out[n] = x . w[n]`` over this program's row tiles ``pid, pid + nprog, ..`` of TN rows, as
+    one flattened loop over (tile, k chunk) with float32 FMA accumulators ``[TN, BK]`` (no dot, so no
+    padded rows): Triton's pipeliner may stage the ``[TN, BK]`` weight chunks in shared memory, STAGES
+    deep, which registers alone cannot hold. GATED as in :func:`_dot_rows`."""
+    dt = out_ptr.dtype.element_ty
+    n_tiles = tl.cdiv(N, TN)
+    k_tiles = tl.cdiv(K, BK)
+    mine = tl.cdiv(tl.maximum(n_tiles - pid, 0), nprog)
+    acc = tl.zeros([TN, BK], dtype=tl.float32)
+    acc_u = tl.zeros([TN, BK], dtype=tl.float32)
+    for it in tl.range(0, mine * k_tiles, num_stages=STAGES):
+        t = pid + (it // k_tiles) * nprog
+        ki = it % k_tiles
+        rows = t * TN + tl.arange(0, TN)
+        r_ok = rows < N
+        offs_k = ki * BK + tl.arange(0, BK)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        wp = w_ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+        w = tl.load(wp, mask=r_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * x[None, :]
+        if GATED:
+            wu = tl.load(wp + GATE_OFF * K, mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+                         eviction_policy="evict_first")
+            acc_u += wu.to(tl.float32) * x[None, :]
+        if ki == k_tiles - 1:
+            y = tl.sum(acc, axis=1)
+            if GATED:
+                y = _activation(y.to(dt).to(tl.float32), 0, LIB) * tl.sum(acc_u, axis=1).to(dt).to(tl.float32)
+                acc_u = tl.zeros([TN, BK], dtype=tl.float32)
+            tl.store(out_ptr + rows, y.to(dt), mask=r_ok)
+            acc = tl.zeros([TN, BK], dtype=tl.float32)
+
+
+@triton.jit
 def _rope_pair(x1, x2, c, s, dt: tl.constexpr):
     """Rotated halves (dtype), each product rounded to the dtype as _rope_heads does."""
     y1 = ((x1 * c).to(dt).to(tl.float32) - (x2 * s).to(dt).to(tl.float32)).to(dt)
@@ -1397,7 +1434,7 @@ def _decoder_layer_kernel(
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, TN: tl.constexpr, TN_O: tl.constexpr, TN_GU: tl.constexpr,
     TN_DOWN: tl.constexpr,
     HAS_RES: tl.constexpr, IS_NEOX: tl.constexpr, IEEE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = False, BN: tl.constexpr = 32,
+    SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0, BN: tl.constexpr = 32,
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
@@ -1416,9 +1453,10 @@ def _decoder_layer_kernel(
     ``r2 = r + o`` (-> res_out); ``act = silu(g) * u`` of ``norm(r2) @ Wgu^T``; ``hid_out = act @ Wd^T``.
     Every intermediate is rounded to the model dtype where the layered path stores it.
 
-    DOT: the projections run as :func:`_dot_rows` (tensor-core dots, weight chunks pipelined through shared
-    memory, STAGES deep) instead of register tiles prefetched across the barriers; the normalized rows go
-    through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
+    DOT 1: the projections run as :func:`_dot_rows` (tensor-core dots, weight chunks pipelined through
+    shared memory, STAGES deep) instead of register tiles prefetched across the barriers (DOT 0); DOT 2 as
+    :func:`_stream_rows` (FMA over pipelined chunks of the register path's row tiles). With DOT the
+    normalized rows go through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
     """
     dt = hid_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -1433,7 +1471,11 @@ def _decoder_layer_kernel(
             r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
             tl.store(xs_row + kh, _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
             tl.debug_barrier()
-            _dot_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, 1, QKV_N, H, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+            if DOT == 2:
+                _stream_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, QKV_N, H, 0, TN, BK, STAGES, False, LIB)
+            else:
+                _dot_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, 1, QKV_N, H, 0, 0, 16, BN, BK, STAGES, False, IEEE,
+                          LIB)
         else:
             w = _weight_rows(w_qkv_ptr, pid, QKV_N, H, TN, H_PAD)  # before the PDL wait: weights are constant
             _pdl_enter(PDL)
@@ -1454,7 +1496,10 @@ def _decoder_layer_kernel(
         if DOT:
             if FIRST < 2:
                 _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-            _dot_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, 1, H, NQD, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+            if DOT == 2:
+                _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
+            else:
+                _dot_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, 1, H, NQD, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
         else:
             kq = tl.arange(0, NQD_PAD)
             w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD)
@@ -1472,7 +1517,10 @@ def _decoder_layer_kernel(
             tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
         tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
         tl.debug_barrier()
-        _dot_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, 1, I, H, 0, I, 16, BN, BK, STAGES, True, IEEE, LIB)
+        if DOT == 2:
+            _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
+        else:
+            _dot_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, 1, I, H, 0, I, 16, BN, BK, STAGES, True, IEEE, LIB)
     if FIRST <= 3 and LAST >= 3 and not DOT:
         wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD)
         wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
@@ -1497,7 +1545,11 @@ def _decoder_layer_kernel(
     if LAST >= 4 and DOT:
         if FIRST < 4:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        _dot_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, 1, H, I, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+        if DOT == 2:
+            _stream_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, H, I, 0, TN_DOWN, BK, STAGES, False, LIB)
+        else:
+            _dot_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, 1, H, I, 0, 0, 16, BN, BK, STAGES, False, IEEE,
+                      LIB)
     if LAST >= 4 and not DOT:
         ki = tl.arange(0, I_PAD)
         w = _weight_rows(w_d_ptr, pid, H, I, TN_DOWN, I_PAD)
@@ -1568,6 +1620,6 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
             TN_GU=cfg["TN_GU"],
             TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox),
             IEEE=_tl_dtype_ieee(dt), FIRST=first, LAST=last, SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE,
-            DOT=bool(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=cfg["BARRIER"],
+            DOT=int(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=cfg["BARRIER"],
             SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
     return hid_out, res_out

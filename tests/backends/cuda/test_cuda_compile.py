@@ -96,7 +96,7 @@ def test_every_kernel_launch_compiles_for_sm90(launches):
     assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("dot, barrier", [(False, 1), (True, 0)])
+@pytest.mark.parametrize("dot, barrier", [(0, 1), (1, 0), (2, 1)])
 def test_persistent_decoder_layer_compiles_for_sm90(dot, barrier):
     """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
     so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile

@@ -1,9 +1,14 @@
 /* Float32 linear layers for the accel-models CPU backend from 3 rows up: out[m, n] = sum_k x[m, k] w[n, k]
- * (+ bias[n]) on a weight packed once into panels of NR = 16 output columns, k-major:
- * panels[p][k][j] = w[p * NR + j][k] (zero past N). A panel row is one 16-wide vector.
+ * (+ bias[n]) on a weight packed once into panels of NR output columns, k-major:
+ * panels[p][k][j] = w[p * NR + j][k] (zero past N). The vector width and so NR and the tiles are chosen at
+ * compile time from the target's macros (-march=native): with __AVX512F__ (32 zmm registers of 16 floats)
+ * NR = 16 and the tiles described here; without it (AVX2 + FMA: 16 ymm registers of 8 floats, or any
+ * other target) NR = 6 and the tiles of the second half of this file, described there. Python never
+ * assumes NR: it sizes and packs panels through accel_panels_numel / accel_pack_panels_f32 of the same
+ * build (accel_panel_width and accel_gemm_isa report the choice).
  *
- * Two register tiles, both FMA-bound when their data is in cache (~110 GFLOP/s per core on the Zen 4 CI
- * machine, its measured FMA peak ~117):
+ * AVX-512: a panel row is one 16-wide vector. Two register tiles, both FMA-bound when their data is in
+ * cache (~110 GFLOP/s per core on the Zen 4 CI machine, its measured FMA peak ~117):
  *  - up to 8 rows (a decode step of a few sequences): 8 rows x 3 adjacent panels, 24 accumulators; per k it
  *    loads 3 weight vectors and broadcasts 8 values of x straight from x's rows.
  *  - 9 to 16 rows: 16 rows x 1 panel, 16 accumulators; x is first copied k-major in tiles of 16 rows
@@ -16,8 +21,8 @@
  * at the FMA rate the core otherwise keeps too few misses in flight (11 GB/s per core against 28 measured
  * for a plain read).
  *
- * Threads take contiguous ranges of panels (of groups of 3 panels below 9 rows): each streams its part of
- * the weight once per call.
+ * Threads take contiguous ranges of panels (of groups of 3 panels below 9 rows; of 2 in the AVX2 build):
+ * each streams its part of the weight once per call.
  *
  * Built by accel_backend_cpu/native.py with the machine's C compiler (-O3 -march=native -ffp-contract=fast
  * -fopenmp) and called through ctypes; plain C, no Python or torch headers. Each product is summed over k

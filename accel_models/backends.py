@@ -68,6 +68,9 @@ PORTABLE_OPS: tuple[str, ...] = LINEAR_GROUP
 COMPOSITE_OPS: dict[str, tuple[str, ...]] = {
     "rope_and_write_kv_cache": ("rotary_embedding", *KV_CACHE_GROUP),
     "act_and_mul_linear": ("silu_and_mul", "gelu_and_mul", *LINEAR_GROUP),
+    # API 1.4: a whole decoder layer at decode; its composite declines (None: the layer runs op by op)
+    "decoder_layer_decode": ("rms_norm", "fused_add_rms_norm", "rotary_embedding", *KV_CACHE_GROUP, *LINEAR_GROUP,
+                             "silu_and_mul"),
 }
 #: The provider name of an op bound as a composite (reserved: no backend may take it).
 COMPOSITE = "composite"

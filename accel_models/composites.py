@@ -63,8 +63,26 @@ def act_and_mul_linear(functions: Mapping[str, Callable[..., Any]]) -> Callable[
     return act_and_mul_linear
 
 
+def decoder_layer_decode(functions: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """Declines (None): the layer calls the table's ops one by one, which *is* the composite of a
+    whole-layer op (written out in the layer's ``forward``); nothing of ``functions`` is needed."""
+
+    def decoder_layer_decode(
+        *, hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+        post_norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
+        cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int, rotary_dim: int,
+        is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+    ) -> None:
+        return None
+
+    return decoder_layer_decode
+
+
 #: fused op -> factory of its composite
 FACTORIES: dict[str, Callable[[Mapping[str, Callable[..., Any]]], Callable[..., Any]]] = {
     "rope_and_write_kv_cache": rope_and_write_kv_cache,
     "act_and_mul_linear": act_and_mul_linear,
+    "decoder_layer_decode": decoder_layer_decode,
 }

@@ -56,8 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROJECT_NAME = "accel_models"
 #: Minor version of the hookspec API (1.1: capture_graph; 1.2: prepare_linear and linear; 1.3: the fused
-#: ops rope_and_write_kv_cache and act_and_mul_linear). Backends declare only the major version.
-HOOKSPEC_API_MINOR_VERSION = 3
+#: ops rope_and_write_kv_cache and act_and_mul_linear; 1.4: decoder_layer_decode). Backends declare only the major version.
+HOOKSPEC_API_MINOR_VERSION = 4
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
@@ -609,4 +609,51 @@ def accel_act_and_mul_linear(
     activation ops and ``linear``. A native implementation is bound only where the same backend provides
     ``silu_and_mul``, ``gelu_and_mul`` and the linear group (``prepared`` is that backend's); otherwise the
     composite is. Conformance compares it with the float64 composite of the reference.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
+    cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int, rotary_dim: int,
+    is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, max_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A whole dense pre-norm decoder layer (Llama's) for a decode step, in as few launches as the backend
+    can, or None: "not here, run the layer op by op".
+
+    Exactly, where it returns a result (every intermediate in the hidden states' dtype, as the ops return
+    them)::
+
+        if residual is None: residual, x = hidden_states, rms_norm(hidden_states, input_norm_weight, eps)
+        else:                x, residual = fused_add_rms_norm(hidden_states, residual, input_norm_weight, eps)
+        q, k, v = linear(x, qkv_weight).split([num_heads, num_kv_heads, num_kv_heads] x head_size)
+        q, k = rope_and_write_kv_cache(positions, q, k, v, cos_sin_cache, head_size, rotary_dim, is_neox,
+                                       kv_cache, slot_mapping)
+        a = paged_attention(q, kv_cache, block_table, seq_lens, query_start_loc=[0, 1, .., T],
+                            max_query_len=1, max_seq_len, scale, no window, no soft cap)
+        x, residual = fused_add_rms_norm(linear(a, o_weight), residual, post_norm_weight, eps)
+        return act_and_mul_linear(linear(x, gate_up_weight), down_weight, activation="silu"), residual
+
+    Args:
+        hidden_states: ``[T, hidden]`` float, one new token per sequence (T sequences); ``residual``
+            None (the first layer) or ``[T, hidden]``; ``positions`` ``[T]`` int64.
+        input_norm_weight, post_norm_weight: ``[hidden]``. qkv_weight: ``[(num_heads + 2 num_kv_heads)
+            head_size, hidden]``; o_weight ``[hidden, num_heads head_size]``; gate_up_weight ``[2 I,
+            hidden]`` (gate rows, then up rows); down_weight ``[hidden, I]``; no biases.
+        kv_cache, slot_mapping ``[T]``, block_table ``[T, max_blocks]``, seq_lens ``[T]``: as for
+            ``paged_attention`` and ``write_kv_cache`` (this backend's layout); ``max_seq_len`` bounds
+            ``seq_lens`` (a graph is captured with the longest one).
+
+    Returns:
+        ``(hidden_out, residual_out)``, each ``[T, hidden]``, with the new keys and values written at
+        ``slot_mapping``; or None, having written nothing, for inputs the backend does not fuse (then the
+        caller runs the layer op by op). Inputs are not modified.
+
+    Added in API 1.4. Optional: without a native one the composite returns None; a native one is bound
+    only where the same backend provides every op it replaces (the norms, rotary, the KV-cache group, the
+    linear group, silu_and_mul). Conformance compares a non-None result with the float64 layer built from
+    the reference's ops.
     """

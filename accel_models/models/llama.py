@@ -34,7 +34,7 @@ from accel_models.models.utils import (
     make_layers,
     maybe_prefix,
 )
-from accel_models.context import get_build_context
+from accel_models.context import get_build_context, get_forward_context
 
 
 class LlamaMLP(nn.Module):
@@ -122,6 +122,47 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                                                 prefix=f"{prefix}.post_attention_layernorm")
 
+        ctx = get_build_context()
+        # hook API 1.4: the whole layer in one op at decode steps, where the backend fuses it natively (its
+        # composite declines) and this layer is the plain dense one the op computes
+        fused = "decoder_layer_decode" not in ctx.ops.composites and self._is_plain_dense(ctx)
+        self._decoder_layer_decode = ctx.ops.decoder_layer_decode if fused else None
+
+    def _is_plain_dense(self, ctx: Any) -> bool:
+        """The layer ``decoder_layer_decode`` computes: Llama's attention (no q/k norm, no bias, full
+        rotary, no window or soft cap, the zoo's own paged attention) and SwiGLU MLP without bias, one rank."""
+        attn, mlp = self.self_attn, getattr(self, "mlp", None)
+        return (ctx.tp_group.world_size == 1 and type(self).forward is LlamaDecoderLayer.forward
+                and type(self).feed_forward is LlamaDecoderLayer.feed_forward and isinstance(mlp, LlamaMLP)
+                and type(mlp).forward is LlamaMLP.forward and mlp.act_fn.activation == "silu"
+                and isinstance(attn, LlamaAttention) and type(attn).forward is LlamaAttention.forward
+                and type(attn)._qk_norm is LlamaAttention._qk_norm
+                and all(getattr(m, "bias", None) is None
+                        for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                and attn.attn.impl is None and attn.attn.sliding_window is None
+                and attn.attn.logits_soft_cap is None and attn.rotary_emb.rotary_dim == attn.head_dim)
+
+    def _decode_whole_layer(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                            residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``decoder_layer_decode`` on a one-token-per-sequence step, or None (not such a step, or the
+        backend declined these inputs): then ``forward`` runs the layer op by op."""
+        md = get_forward_context().attn_metadata
+        if md is None or md.max_query_len != 1:
+            return None
+        attn = self.self_attn
+        rope = attn.rotary_emb
+        n = md.num_actual_tokens
+        return self._decoder_layer_decode(
+            hidden_states=hidden_states, residual=residual, positions=positions,
+            input_norm_weight=self.input_layernorm.weight, qkv_weight=attn.qkv_proj.weight,
+            o_weight=attn.o_proj.weight, post_norm_weight=self.post_attention_layernorm.weight,
+            gate_up_weight=self.mlp.gate_up_proj.weight, down_weight=self.mlp.down_proj.weight,
+            eps=self.input_layernorm.variance_epsilon, cos_sin_cache=rope.cos_sin_cache, num_heads=attn.num_heads,
+            num_kv_heads=attn.num_kv_heads, head_size=attn.head_dim, rotary_dim=rope.rotary_dim,
+            is_neox=rope.is_neox, scale=attn.scaling, kv_cache=get_forward_context().kv_caches[attn.attn.prefix],
+            slot_mapping=md.slot_mapping[:n], block_table=md.block_table, seq_lens=md.seq_lens,
+            max_seq_len=md.max_seq_len)
+
     def _make_mlp(self, config: Any) -> None:
         """Build this layer's feed-forward module (MoE families override)."""
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
@@ -132,6 +173,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._decoder_layer_decode is not None:
+            out = self._decode_whole_layer(positions, hidden_states, residual)
+            if out is not None:
+                return out
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)

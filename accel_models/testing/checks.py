@@ -423,6 +423,82 @@ def check_act_and_mul_linear(case: dict, ops: OpTable, ref: OpTable, dtype: torc
     return _worst(("out", out, expect), op="act_and_mul_linear", dtype=dtype)
 
 
+def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """The whole decoder layer at a decode step (API 1.4) against the float64 layer built from the
+    reference's ops, as the hookspec defines it. Every sequence has a cached context (written with the
+    backend's ``write_kv_cache``); a None result (the backend declines these inputs) passes, having
+    written nothing; otherwise the outputs are compared, and the cache is read back through the backend's
+    ``paged_attention`` (the new keys and values must be at their slots)."""
+    g = _gen(case["seed"])
+    t, hid, inter = case["tokens"], case["hidden"], case["intermediate"]
+    h, hk, d, bs, ctx = case["num_heads"], case["num_kv_heads"], case["head_size"], case["block_size"], case["context"]
+    layout = ops.kv_cache_layout(num_kv_heads=hk, head_size=d, dtype=dtype)
+    if bs not in layout.block_sizes:
+        return CheckResult(float("inf"), f"block size {bs} drawn from the layout's block_sizes {layout.block_sizes} was refused")
+    w = {"input_norm_weight": 1 + 0.1 * _rand(g, hid), "qkv_weight": _rand(g, (h + 2 * hk) * d, hid, scale=hid**-0.5),
+         "o_weight": _rand(g, hid, h * d, scale=(h * d) ** -0.5), "post_norm_weight": 1 + 0.1 * _rand(g, hid),
+         "gate_up_weight": _rand(g, 2 * inter, hid, scale=hid**-0.5), "down_weight": _rand(g, hid, inter, scale=inter**-0.5)}
+    pairs = {k: _pair(v, dtype, device) for k, v in w.items()}
+    x, x64 = _pair(_rand(g, t, hid), dtype, device)
+    res, res64 = _pair(_rand(g, t, hid), dtype, device) if not case["first_layer"] else (None, None)
+    per_seq = -(-(ctx + 1) // bs)
+    num_blocks = t * per_seq + 1
+    table = torch.randperm(num_blocks, generator=g)[: t * per_seq].view(t, per_seq).to(torch.int32)
+    seq_lens = torch.full((t,), ctx + 1, dtype=torch.int32)
+    slots = (table[:, ctx // bs].to(torch.int64) * bs + ctx % bs)
+    pos = torch.randint(ctx, ctx + 64, (t,), generator=g, dtype=torch.int64)
+    cache = ops.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d, dtype=dtype,
+                                  device=torch.device(device))
+    ref_cache = ref.allocate_kv_cache(num_blocks=num_blocks, block_size=bs, num_kv_heads=hk, head_size=d,
+                                      dtype=torch.float64, device=torch.device("cpu"))
+    if ctx:
+        old = torch.cat([table[b, p // bs].to(torch.int64)[None] * bs + p % bs for b in range(t) for p in range(ctx)])
+        ok, ok64 = _pair(_rand(g, old.numel(), hk, d), dtype, device)
+        ov, ov64 = _pair(_rand(g, old.numel(), hk, d), dtype, device)
+        ops.write_kv_cache(key=ok, value=ov, kv_cache=cache, slot_mapping=old.to(device))
+        ref.write_kv_cache(key=ok64, value=ov64, kv_cache=ref_cache, slot_mapping=old)
+    cos_sin = rope_cache(ctx + 64, d).to(torch.float32)
+    cs_ref = cos_sin.to(dtype).to(torch.float64)  # the ops cast cos/sin to the dtype before the products
+    common = dict(eps=1e-5, num_heads=h, num_kv_heads=hk, head_size=d, rotary_dim=d, is_neox=case["is_neox"],
+                  scale=d**-0.5, max_seq_len=ctx + 1)
+    x_before = x.clone()
+    out = ops.decoder_layer_decode(
+        hidden_states=x, residual=res, positions=pos.to(device), cos_sin_cache=cos_sin.to(device), kv_cache=cache,
+        slot_mapping=slots.to(device), block_table=table.to(device), seq_lens=seq_lens.to(device),
+        **{k: v[0] for k, v in pairs.items()}, **common)
+    bad = _unchanged("hidden_states", x_before, x)
+    if bad:
+        return bad
+    if out is None:
+        return CheckResult(0.0, "declined (None): the layer runs op by op")
+    # the float64 layer from the reference's ops, exactly as the hookspec writes it
+    w64 = {k: v[1] for k, v in pairs.items()}
+    if res64 is None:
+        r64, y = x64, ref.rms_norm(x=x64, weight=w64["input_norm_weight"], eps=1e-5)
+    else:
+        y, r64 = ref.fused_add_rms_norm(x=x64, residual=res64, weight=w64["input_norm_weight"], eps=1e-5)
+    q, k, v = ref.linear(x=y, weight=w64["qkv_weight"], bias=None, prepared=None).split([h * d, hk * d, hk * d], -1)
+    q, k = ref.rope_and_write_kv_cache(positions=pos, query=q.reshape(t, h, d), key=k.reshape(t, hk, d),
+                                       value=v.reshape(t, hk, d), cos_sin_cache=cs_ref, head_size=d, rotary_dim=d,
+                                       is_neox=case["is_neox"], kv_cache=ref_cache, slot_mapping=slots)
+    qsl = torch.arange(t + 1, dtype=torch.int32)
+    attn = dict(max_query_len=1, max_seq_len=ctx + 1, scale=d**-0.5, sliding_window=None, logits_soft_cap=None)
+    a = ref.paged_attention(query=q, kv_cache=ref_cache, block_table=table, seq_lens=seq_lens, query_start_loc=qsl, **attn)
+    y, r64 = ref.fused_add_rms_norm(x=ref.linear(x=a.reshape(t, -1), weight=w64["o_weight"], bias=None, prepared=None),
+                                    residual=r64, weight=w64["post_norm_weight"], eps=1e-5)
+    gu = ref.linear(x=y, weight=w64["gate_up_weight"], bias=None, prepared=None)
+    expect = ref.act_and_mul_linear(x=gu, weight=w64["down_weight"], bias=None, prepared=None, activation="silu")
+    layer = _worst(("hidden_out", out[0], expect), ("residual_out", out[1], r64), op="decoder_layer_decode", dtype=dtype)
+    # the new keys and values: read the whole cache back through the backend's attention
+    aq, aq64 = _pair(_rand(g, t, h, d), dtype, device)
+    got = ops.paged_attention(query=aq, kv_cache=cache, block_table=table.to(device), seq_lens=seq_lens.to(device),
+                              query_start_loc=qsl.to(device), **attn)
+    want = ref.paged_attention(query=aq64, kv_cache=ref_cache, block_table=table, seq_lens=seq_lens,
+                               query_start_loc=qsl, **attn)
+    read = _worst(("cache (read through paged_attention)", got, want), op="rope_and_write_kv_cache", dtype=dtype)
+    return layer if layer.ratio >= read.ratio else read
+
+
 #: ops checked through another op's check (the KV-cache group is exercised only through paged_attention,
 #: prepare_linear only through linear)
 CHECKED_VIA = {"kv_cache_layout": "paged_attention", "allocate_kv_cache": "paged_attention",
@@ -442,4 +518,5 @@ CHECKS = {
     "linear": check_linear,
     "rope_and_write_kv_cache": check_rope_and_write_kv_cache,
     "act_and_mul_linear": check_act_and_mul_linear,
+    "decoder_layer_decode": check_decoder_layer_decode,
 }

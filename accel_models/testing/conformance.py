@@ -52,6 +52,9 @@ def strategy_for(op: str, ops: OpTable, quick: bool, dtype: torch.dtype = torch.
         return S.rope_kv_cases(block_sizes=tuple(layout.block_sizes), quick=quick)
     if op == "act_and_mul_linear":
         return S.act_linear_cases(quick=quick)
+    if op == "decoder_layer_decode":
+        layout = ops.kv_cache_layout(num_kv_heads=1, head_size=64, dtype=dtype)
+        return S.decoder_layer_cases(block_sizes=tuple(layout.block_sizes), quick=quick)
     return S.quant_cases(quick=quick)
 
 
@@ -167,7 +170,7 @@ def run_conformance(
             continue
         used, unsupported = [], []
         for dtype in dtypes:
-            if op in ("paged_attention", "rope_and_write_kv_cache"):
+            if op in ("paged_attention", "rope_and_write_kv_cache", "decoder_layer_decode"):
                 try:  # a backend may declare a cache dtype unsupported (ValueError, as the hookspec says)
                     table.kv_cache_layout(num_kv_heads=1, head_size=64, dtype=dtype)
                 except ValueError:

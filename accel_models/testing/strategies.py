@@ -163,6 +163,26 @@ def rope_kv_cases(draw, block_sizes: tuple[int, ...] = (16,), quick: bool = Fals
 
 
 @st.composite
+def decoder_layer_cases(draw, block_sizes: tuple[int, ...] = (16,), quick: bool = False):
+    """decoder_layer_decode (API 1.4): a small dense layer, a cached context, one or two decode tokens."""
+    head_size = draw(st.sampled_from([32, 64]))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    return {
+        "tokens": draw(st.sampled_from([1, 1, 2])),  # one sequence (what kernels fuse) or two
+        "hidden": draw(st.sampled_from([64, 96])),
+        "intermediate": draw(st.sampled_from([96, 128])),
+        "num_heads": kv_heads * draw(st.sampled_from([1, 2, 4])),
+        "num_kv_heads": kv_heads,
+        "head_size": head_size,
+        "is_neox": draw(st.booleans()),
+        "first_layer": draw(st.booleans()),  # residual None
+        "context": draw(st.integers(0, 40 if quick else 150)),  # cached tokens before the new one
+        "block_size": draw(st.sampled_from(list(block_sizes))),
+        "seed": draw(_seed()),
+    }
+
+
+@st.composite
 def act_linear_cases(draw, quick: bool = False):
     """act_and_mul_linear (API 1.3): linear cases over a gated input ``[..., 2 k]``."""
     return {

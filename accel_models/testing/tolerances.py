@@ -40,7 +40,8 @@ OP_FACTORS: dict[str, float] = {
     # fused ops (API 1.3): the returned query/key use rotary_embedding's factor; the cache, read back
     # through the backend's paged_attention, paged_attention's
     "rope_and_write_kv_cache": 4.0,
-    "act_and_mul_linear": 4.0,  # as linear (the activation may be rounded to x's dtype before the product)
+    "act_and_mul_linear": 4.0,
+    "decoder_layer_decode": 8.0,  # a chain of nine ops, each rounding to the dtype  # as linear (the activation may be rounded to x's dtype before the product)
 }
 
 

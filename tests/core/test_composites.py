@@ -138,7 +138,8 @@ def test_native_fused_ops_are_bound_where_the_backend_provides_every_op_they_fus
     mod = backend("fast", B.PRIMITIVE_OPS, calls, rope_and_write_kv_cache=_native_rope, act_and_mul_linear=_native_act)
     ops = accel_models.resolve_ops("fast", strict=True)
     assert ops.providers["rope_and_write_kv_cache"] == ops.providers["act_and_mul_linear"] == "fast"
-    assert ops.rope_and_write_kv_cache is mod.accel_rope_and_write_kv_cache and ops.composites == []
+    assert ops.rope_and_write_kv_cache is mod.accel_rope_and_write_kv_cache
+    assert ops.composites == ["decoder_layer_decode"]  # not implemented by "fast": its composite declines
     ops.rope_and_write_kv_cache(**_rope_case())
     assert calls == [("fast", "rope_and_write_kv_cache")]
 
@@ -278,3 +279,77 @@ def test_act_and_mul_linear_composite_matches_naive(activation, bias):
     np.testing.assert_allclose(out.numpy(), expect, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="activation"):
         ops.act_and_mul_linear(x=x, weight=w, bias=b, prepared=None, activation="gelu_new")
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoder_layer_decode (API 1.4): the whole layer at decode steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def _whole_layer(*, hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight, post_norm_weight,
+                 gate_up_weight, down_weight, eps, cos_sin_cache, num_heads, num_kv_heads, head_size, rotary_dim,
+                 is_neox, scale, kv_cache, slot_mapping, block_table, seq_lens, max_seq_len):
+    """A native decoder_layer_decode for a throwaway backend: the hookspec's definition through the
+    reference's ops, declining (None) steps of more than one sequence, as a kernel with limits would."""
+    R = accel_backend_reference
+    t = hidden_states.shape[0]
+    if t != 1:
+        return None
+    if residual is None:
+        residual, x = hidden_states, R.accel_rms_norm(x=hidden_states, weight=input_norm_weight, eps=eps)
+    else:
+        x, residual = R.accel_fused_add_rms_norm(x=hidden_states, residual=residual, weight=input_norm_weight, eps=eps)
+    q, k, v = (x @ qkv_weight.T).split([num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size], -1)
+    q, k = R.accel_rotary_embedding(positions=positions, query=q.contiguous(), key=k.contiguous(),
+                                    cos_sin_cache=cos_sin_cache, head_size=head_size, rotary_dim=rotary_dim,
+                                    is_neox=is_neox)
+    R.accel_write_kv_cache(key=k.view(t, num_kv_heads, head_size), value=v.reshape(t, num_kv_heads, head_size),
+                           kv_cache=kv_cache, slot_mapping=slot_mapping)
+    a = R.accel_paged_attention(query=q.view(t, num_heads, head_size), kv_cache=kv_cache, block_table=block_table,
+                                seq_lens=seq_lens, query_start_loc=torch.arange(t + 1, dtype=torch.int32),
+                                max_query_len=1, max_seq_len=max_seq_len, scale=scale, sliding_window=None,
+                                logits_soft_cap=None)
+    x, residual = R.accel_fused_add_rms_norm(x=a.reshape(t, -1) @ o_weight.T, residual=residual,
+                                             weight=post_norm_weight, eps=eps)
+    return R.accel_silu_and_mul(x=x @ gate_up_weight.T) @ down_weight.T, residual
+
+
+def test_decoder_layer_decode_composite_declines():
+    ops = accel_models.resolve_ops("reference")
+    assert ops.providers["decoder_layer_decode"] == B.COMPOSITE
+    assert ops.decoder_layer_decode(**{p: None for p in B._SPEC_PARAMS["decoder_layer_decode"]}) is None
+
+
+@pytest.mark.parametrize("name, fused", [("llama", True), ("qwen3", False)])
+def test_a_native_decoder_layer_decode_runs_the_plain_dense_layers_at_decode_steps(registry, name, fused):
+    """Llama's layers call the backend's whole-layer op at one-token steps (and run op by op where it
+    declines: two sequences); Qwen3's q/k-norm layers never call it. Logits equal the reference backend's
+    op-by-op model on the same weights through prefill, decodes and a declined two-sequence step."""
+    from accel_models.config import load_config
+    from accel_models.runner import ModelRunner
+    from accel_models.testing.models import TINY_CONFIGS, _build, _load, _randomize
+
+    calls: list = []
+    backend("fast", B.PRIMITIVE_OPS, calls, decoder_layer_decode=_whole_layer)
+    ops, ref = accel_models.resolve_ops("fast"), accel_models.resolve_ops("reference")
+    assert ops.providers["decoder_layer_decode"] == "fast"
+    config = load_config(dict(TINY_CONFIGS[name]))
+    model = _build(config, ops, torch.float64, "cpu")
+    state = _randomize(model, 3)
+    _load(model, state)
+    expect_model = _build(config, ref, torch.float64, "cpu")
+    _load(expect_model, state)
+    runners = [ModelRunner(m, block_size=16, num_blocks=8, max_model_len=64) for m in (model, expect_model)]
+    steps = [{"a": [5, 9, 2, 7, 1]}, {"a": [3]}, {"a": [8], "b": [4, 4]}, {"b": [6]}, {"a": [1], "b": [2]}, {"a": [0]}]
+    whole = 0
+    for step in steps:
+        before = calls.count(("fast", "decoder_layer_decode"))
+        got, want = (r.step(step) for r in runners)
+        for seq in step:
+            torch.testing.assert_close(got[seq], want[seq], rtol=1e-10, atol=1e-10)
+        n = calls.count(("fast", "decoder_layer_decode")) - before
+        one_token = sum(len(v) for v in step.values()) == len(step)  # max_query_len == 1
+        assert n == (config.num_hidden_layers if fused and one_token else 0), (step, n)
+        whole += n
+    assert (whole > 0) == fused

@@ -784,7 +784,7 @@ def accel_int8_scaled_mm(
 
 
 # ----------------------------------------------------------------------------------------------------
-# persistent decode of a dense decoder layer (issue 11 prototype: not bound to a hook yet)
+# persistent decode of a dense decoder layer (hook API 1.4: decoder_layer_decode)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -837,3 +837,30 @@ def decoder_layer_decode(
         o_weight, post_norm_weight, gate_up_weight, down_weight,
         cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, eps, scale,
         num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device), persistent)
+
+
+@hookimpl
+def accel_decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, eps: float,
+    cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int, rotary_dim: int,
+    is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, max_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One decode token through the persistent layer kernel (:func:`decoder_layer_decode`); None (the
+    layer runs op by op) for more tokens, partial rotary, odd head sizes or dtypes, or
+    ``ACCEL_CUDA_PERSISTENT=0``."""
+    if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
+        return None
+    weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
+               "gate_up": gate_up_weight, "down": down_weight}
+    if rotary_dim != cos_sin_cache.shape[-1] or decoder_layer_unsupported(
+            hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache) is not None:
+        return None
+    if hidden_states.device.type != "cuda" and not _interpret():
+        return None
+    return decoder_layer_decode(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
+                                post_norm_weight, gate_up_weight, down_weight, eps, cos_sin_cache, num_heads,
+                                num_kv_heads, head_size, is_neox, scale, kv_cache, slot_mapping, block_table,
+                                seq_lens, max_seq_len)

@@ -1569,6 +1569,31 @@ CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_
                            "last_phase": None, "sync_twice": False}
 
 
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _check_resident(args, kwargs, nprog: int, num_sms: int) -> None:
+    """A persistent launch's programs must all be resident at once (grid barriers wait for every one):
+    compile without launching, then compare ``nprog`` with what the SMs hold (registers, shared memory,
+    threads). Cached per launch configuration. RuntimeError when they would not fit."""
+    key = (nprog, num_sms, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+    per_sm = _RESIDENT.get(key)
+    if per_sm is None:
+        ck = _decoder_layer_kernel.warmup(*args, grid=(nprog,), **kwargs)
+        ck._init_handles()
+        threads = kwargs["num_warps"] * 32
+        props = torch.cuda.get_device_properties(args[0].device)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        per_sm = min(regs // max(ck.n_regs * threads, 1), smem // max(ck.metadata.shared + 1024, 1024),
+                     props.max_threads_per_multi_processor // threads)
+        _RESIDENT[key] = per_sm
+    if nprog > per_sm * num_sms:
+        raise RuntimeError(f"the persistent decoder layer needs its {nprog} programs resident at once; this "
+                           f"launch configuration fits {per_sm} per SM x {num_sms} SMs: lower "
+                           "CONFIG['decoder_layer']['programs'] (None: one per SM)")
+
+
 def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table, seq_lens, w_in, w_qkv, w_o,
                          w_post, w_gu, w_down, cos_sin_cache, kv_cache, eps, scale, num_heads, num_kv_heads,
                          is_neox, max_seq_len, num_sms, persistent=None):
@@ -1607,19 +1632,22 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
     xs = torch.empty((nprog, triton.next_power_of_2(h)), dtype=dt, device=dev) if cfg["DOT"] else o
     last = DECODER_PHASES - 1 if cfg.get("last_phase") is None else cfg["last_phase"]  # < 4: benchmark only
     phases = [(0, last)] if persistent else [(p, p) for p in range(last + 1)]
-    for first, last in phases:
-        LAST_COMPILED["decoder_layer"] = _decoder_layer_kernel[(nprog,)](
-            hidden, residual if residual is not None else hidden, positions, slot_mapping, block_table, seq_lens,
+    args = (hidden, residual if residual is not None else hidden, positions, slot_mapping, block_table, seq_lens,
             w_in, w_qkv, w_o, w_post, w_gu, w_down, cos_sin_cache, kv_cache,
             qkv, att, part_acc, part_ml, o, act, hid_out, res_out, cnt if cnt is not None else seq_lens,
             bar if bar is not None else seq_lens, xs,
-            float(eps), float(scale), nprog, splits, cos_sin_cache.stride(0), st[0], st[1], st[2], st[3],
-            H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
-            NKV=num_kv_heads, D=head_size, NQD_PAD=triton.next_power_of_2(num_heads * head_size), GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n,
-            BLOCK_SIZE=block_size, NUM_SPLITS=triton.next_power_of_2(splits), TN=cfg["TN"], TN_O=cfg["TN_O"],
-            TN_GU=cfg["TN_GU"],
-            TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox),
-            IEEE=_tl_dtype_ieee(dt), FIRST=first, LAST=last, SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE,
-            DOT=int(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=cfg["BARRIER"],
-            SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
+            float(eps), float(scale), nprog, splits, cos_sin_cache.stride(0), st[0], st[1], st[2], st[3])
+    consts = dict(
+        H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
+        NKV=num_kv_heads, D=head_size, NQD_PAD=triton.next_power_of_2(num_heads * head_size),
+        GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, BLOCK_SIZE=block_size,
+        NUM_SPLITS=triton.next_power_of_2(splits), TN=cfg["TN"], TN_O=cfg["TN_O"], TN_GU=cfg["TN_GU"],
+        TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
+        SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"],
+        BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
+        launch_pdl=PDL)
+    for first, last in phases:
+        if persistent and first != last:
+            _check_resident(args, {**consts, "FIRST": first, "LAST": last}, nprog, num_sms)
+        LAST_COMPILED["decoder_layer"] = _decoder_layer_kernel[(nprog,)](*args, FIRST=first, LAST=last, **consts)
     return hid_out, res_out

@@ -608,3 +608,18 @@ def test_decoder_layer_decode_refuses_what_it_does_not_compute():
         C.decoder_layer_decode(hidden_states=torch.cat([hid, hid]), cos_sin_cache=cs, **args)
     with pytest.raises(ValueError, match="partial rotary"):
         C.decoder_layer_decode(hidden_states=hid, cos_sin_cache=cs[:, :16], **args)
+
+
+def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeypatch):
+    """The hook (API 1.4) through the conformance kit: one-token cases run the kernel (a phase per launch),
+    two-token cases are declined (None) and the kit sees nothing written."""
+    from accel_models.testing import run_conformance
+
+    ran = []
+    real = kernels.decoder_layer_decode
+    monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a, **k: ran.append(1) or real(*a, **k))
+    report = run_conformance("cuda", ops=["decoder_layer_decode"], allow_unavailable=True, device="cpu", quick=True,
+                             max_examples=6, dtypes=(torch.float32,))
+    assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
+    (rep,) = [r for r in report.ops if r.op == "decoder_layer_decode"]
+    assert rep.native and rep.cases > 0 and ran

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -92,6 +93,9 @@ def main() -> None:
     ap.add_argument("--configs", default="[]")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    # the "layered" side must stay op by op: the model's layers would otherwise take the persistent kernel
+    # through the decoder_layer_decode hook at one-token steps (this script calls the kernel directly)
+    os.environ["ACCEL_CUDA_PERSISTENT"] = "0"
 
     import accel_backend_cuda as C
     import accel_backend_cuda._triton_kernels as K
@@ -282,7 +286,7 @@ def main() -> None:
     for s in sweep:
         log(f"| persistent {s['config']} | {min(s['replay_ms']):.3f} | {min(s['replay_ms']) / floor_ms:.2f} |")
     if RES["errors"]:
-        log("ERRORS:", *RES["errors"], sep="\n")
+        log("ERRORS:\n" + "\n".join(e[:2000] for e in RES["errors"]))
 
 
 if __name__ == "__main__":

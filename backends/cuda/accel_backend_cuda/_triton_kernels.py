@@ -1225,60 +1225,13 @@ def _gemv_rows(w_cur, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_P
 
 
 @triton.jit
-def _dot_rows(x_ptr, w_ptr, out_ptr, pid, nprog, M, N, K, x_stride, GATE_OFF, BLOCK_M: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
-              LIB: tl.constexpr):
-    """``out[m, n] = x[m] . w[n]`` over this program's n tiles ``pid, pid + nprog, ..`` as ONE flattened loop
-    over (tile, k chunk), so Triton's software pipeliner keeps STAGES weight chunks in flight in shared
-    memory across tile boundaries (the persistent-matmul pattern); the rows go through a BLOCK_M-row dot.
-    GATED: ``w`` rows ``n`` and ``n + GATE_OFF`` are gate and up, and the output is ``silu(gate) * up``
-    (each rounded to the dtype first, as silu_and_mul reads them)."""
-    dt = out_ptr.dtype.element_ty
-    n_tiles = tl.cdiv(N, BN)
-    k_tiles = tl.cdiv(K, BK)
-    mine = tl.cdiv(tl.maximum(n_tiles - pid, 0), nprog)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    acc = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
-    for it in tl.range(0, mine * k_tiles, num_stages=STAGES):
-        t = pid + (it // k_tiles) * nprog
-        ki = it % k_tiles
-        offs_n = t * BN + tl.arange(0, BN)
-        n_ok = offs_n < N
-        offs_k = ki * BK + tl.arange(0, BK)
-        k_ok = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * x_stride + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0, cache_modifier=".cg")
-        wp = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        w = tl.load(wp, mask=n_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        if IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-        if GATED:
-            wu = tl.load(wp + GATE_OFF * K, mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                         eviction_policy="evict_first")
-            if IEEE:
-                acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision="ieee")
-            else:
-                acc_u = tl.dot(x, tl.trans(wu), acc_u)
-        if ki == k_tiles - 1:
-            y = acc
-            if GATED:
-                y = _activation(acc.to(dt).to(tl.float32), 0, LIB) * acc_u.to(dt).to(tl.float32)
-                acc_u = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
-            tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(dt), mask=m_ok[:, None] & n_ok[None, :])
-            acc = tl.zeros([BLOCK_M, BN], dtype=tl.float32)
-
-
-@triton.jit
 def _stream_rows(x_ptr, w_ptr, out_ptr, pid, nprog, N, K, GATE_OFF, TN: tl.constexpr, BK: tl.constexpr,
                  STAGES: tl.constexpr, GATED: tl.constexpr, LIB: tl.constexpr):
     """One-row ``out[n] = x . w[n]`` over this program's row tiles ``pid, pid + nprog, ..`` of TN rows, as
     one flattened loop over (tile, k chunk) with float32 FMA accumulators ``[TN, BK]`` (no dot, so no
     padded rows): Triton's pipeliner may stage the ``[TN, BK]`` weight chunks in shared memory, STAGES
-    deep, which registers alone cannot hold. GATED as in :func:`_dot_rows`."""
+    deep, which registers alone cannot hold. GATED: ``w`` rows ``n`` and ``n + GATE_OFF`` are gate and up, and the
+    output is ``silu(gate) * up`` (each rounded to the dtype first, as silu_and_mul reads them)."""
     dt = out_ptr.dtype.element_ty
     n_tiles = tl.cdiv(N, TN)
     k_tiles = tl.cdiv(K, BK)
@@ -1434,7 +1387,7 @@ def _decoder_layer_kernel(
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, TN: tl.constexpr, TN_O: tl.constexpr, TN_GU: tl.constexpr,
     TN_DOWN: tl.constexpr,
     HAS_RES: tl.constexpr, IS_NEOX: tl.constexpr, IEEE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0, BN: tl.constexpr = 32,
+    SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0,
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
     PDL: tl.constexpr = False,
 ):
@@ -1453,10 +1406,11 @@ def _decoder_layer_kernel(
     ``r2 = r + o`` (-> res_out); ``act = silu(g) * u`` of ``norm(r2) @ Wgu^T``; ``hid_out = act @ Wd^T``.
     Every intermediate is rounded to the model dtype where the layered path stores it.
 
-    DOT 1: the projections run as :func:`_dot_rows` (tensor-core dots, weight chunks pipelined through
-    shared memory, STAGES deep) instead of register tiles prefetched across the barriers (DOT 0); DOT 2 as
-    :func:`_stream_rows` (FMA over pipelined chunks of the register path's row tiles). With DOT the
-    normalized rows go through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
+    DOT (a name kept from the measured tensor-core variant, removed: slower at every H200 config, see
+    docs/cuda-notes.md "Session 6"): the projections run as :func:`_stream_rows` (FMA over weight chunks
+    Triton pipelines through shared memory, STAGES deep; 126 registers a thread against 247) instead of
+    register tiles prefetched across the barriers (DOT 0, the default: 0.920 vs 0.930 ms); the normalized
+    rows then go through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
     """
     dt = hid_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -1471,11 +1425,7 @@ def _decoder_layer_kernel(
             r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
             tl.store(xs_row + kh, _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
             tl.debug_barrier()
-            if DOT == 2:
-                _stream_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, QKV_N, H, 0, TN, BK, STAGES, False, LIB)
-            else:
-                _dot_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, 1, QKV_N, H, 0, 0, 16, BN, BK, STAGES, False, IEEE,
-                          LIB)
+            _stream_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, QKV_N, H, 0, TN, BK, STAGES, False, LIB)
         else:
             w = _weight_rows(w_qkv_ptr, pid, QKV_N, H, TN, H_PAD)  # before the PDL wait: weights are constant
             _pdl_enter(PDL)
@@ -1496,10 +1446,7 @@ def _decoder_layer_kernel(
         if DOT:
             if FIRST < 2:
                 _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-            if DOT == 2:
-                _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
-            else:
-                _dot_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, 1, H, NQD, 0, 0, 16, BN, BK, STAGES, False, IEEE, LIB)
+            _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
         else:
             kq = tl.arange(0, NQD_PAD)
             w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD)
@@ -1517,10 +1464,7 @@ def _decoder_layer_kernel(
             tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
         tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
         tl.debug_barrier()
-        if DOT == 2:
-            _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
-        else:
-            _dot_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, 1, I, H, 0, I, 16, BN, BK, STAGES, True, IEEE, LIB)
+        _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
     if FIRST <= 3 and LAST >= 3 and not DOT:
         wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD)
         wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
@@ -1545,11 +1489,7 @@ def _decoder_layer_kernel(
     if LAST >= 4 and DOT:
         if FIRST < 4:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        if DOT == 2:
-            _stream_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, H, I, 0, TN_DOWN, BK, STAGES, False, LIB)
-        else:
-            _dot_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, 1, H, I, 0, 0, 16, BN, BK, STAGES, False, IEEE,
-                      LIB)
+        _stream_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, H, I, 0, TN_DOWN, BK, STAGES, False, LIB)
     if LAST >= 4 and not DOT:
         ki = tl.arange(0, I_PAD)
         w = _weight_rows(w_d_ptr, pid, H, I, TN_DOWN, I_PAD)
@@ -1564,7 +1504,7 @@ LAST_COMPILED: dict[str, object] = {}
 #: launch parameters of the persistent decoder layer (bench/cuda/bench_persistent.py sweeps them)
 CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
                            "programs": None,  # programs: None = one per SM
-                           "DOT": False, "BN": 32, "BK": 256, "STAGES": 4, "BARRIER": 1,
+                           "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1,
                            # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier
                            "last_phase": None, "sync_twice": False}
 
@@ -1643,7 +1583,7 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
         GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, BLOCK_SIZE=block_size,
         NUM_SPLITS=triton.next_power_of_2(splits), TN=cfg["TN"], TN_O=cfg["TN_O"], TN_GU=cfg["TN_GU"],
         TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
-        SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BN=cfg["BN"], BK=cfg["BK"], STAGES=cfg["STAGES"],
+        SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
         launch_pdl=PDL)
     for first, last in phases:

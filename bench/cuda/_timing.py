@@ -19,11 +19,19 @@ def graph_us(fn, calls: int, reps: int = 50) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return replay_us(g, calls, reps)
+
+
+def replay_us(graph, calls: int = 1, reps: int = 50, warmup: int = 0) -> float:
+    """Microseconds per call of an already captured graph (``calls`` calls per replay): ``warmup`` untimed
+    replays, then the median of ``reps`` replays timed with CUDA events."""
+    for _ in range(warmup):
+        graph.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        graph.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / calls)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
+from _timing import replay_us  # noqa: E402
 
 RES: dict = {"errors": []}
 
@@ -71,18 +71,8 @@ def compiled_info() -> dict:
 
 
 def median_replay(graph, n: int = 200) -> float:
-    for _ in range(10):
-        graph.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    """Milliseconds per replay: 10 untimed, then the median of ``n`` (bench/cuda/_timing.py)."""
+    return replay_us(graph, reps=n, warmup=10) / 1e3
 
 
 def main() -> None:

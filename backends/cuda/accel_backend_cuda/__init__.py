@@ -790,23 +790,59 @@ def accel_int8_scaled_mm(
 
 def decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
                               num_heads: int, num_kv_heads: int, rotary_dim: int, kv_cache: torch.Tensor) -> str | None:
-    """Why :func:`decoder_layer_decode` cannot run this layer (None: it can). It takes one token of a dense
-    Llama-style layer: no biases, full-width rotary, SiLU, contiguous weights of the hidden state's dtype,
-    a power-of-two head size of 32..256, and at most 16 query heads per KV head."""
+    """Why :func:`decoder_layer_decode` does not run this layer (None: it does). It takes one token of a
+    dense Llama-style layer: no biases, full-width rotary, SiLU, contiguous weights of the hidden state's
+    dtype, a power-of-two head size of 32..256, at most 16 query heads per KV head, and widths up to
+    ``_triton_kernels.MAX_PERSISTENT_WIDTH`` (wider ones would spill the kernel's registers)."""
     if hidden_states.dim() != 2 or hidden_states.shape[0] != 1:
         return f"one token per call (hidden_states is {tuple(hidden_states.shape)})"
     if rotary_dim != head_size:
         return f"partial rotary (rotary_dim {rotary_dim} != head_size {head_size})"
     if head_size not in (32, 64, 128, 256):
         return f"head_size {head_size} is not a power of two in 32..256"
-    if num_heads % num_kv_heads or num_heads // num_kv_heads > 16:
+    if num_kv_heads <= 0 or num_heads % num_kv_heads or num_heads // num_kv_heads > 16:
         return f"{num_heads} query heads over {num_kv_heads} KV heads"
     for name, w in weights.items():
         if w.dtype != hidden_states.dtype or not w.is_contiguous():
             return f"weight {name} is {w.dtype}, contiguous={w.is_contiguous()}"
     if kv_cache.dtype != hidden_states.dtype:
         return f"KV cache dtype {kv_cache.dtype} != {hidden_states.dtype}"
+    limit = _kernels().MAX_PERSISTENT_WIDTH
+    widths = {"hidden": hidden_states.shape[-1], "attention": num_heads * head_size,
+              "intermediate": weights["down"].shape[-1] if weights["down"].dim() == 2 else 0}
+    for what, width in widths.items():
+        if width > limit[what]:
+            return f"{what} width {width} exceeds {limit[what]} (the kernel's register tiles would spill)"
     return None
+
+
+def _check_decoder_layer_shapes(hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                                weights: dict[str, torch.Tensor], num_heads: int, num_kv_heads: int,
+                                head_size: int, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+                                seq_lens: torch.Tensor) -> None:
+    """ValueError naming the argument whose shape does not fit the layer ``hidden_states`` ``[T, hidden]``
+    (the kernel reads every weight by the hidden size and head counts, so a wrong shape would read past it)."""
+    if hidden_states.dim() != 2:
+        raise ValueError(f"hidden_states must be [num_tokens, hidden], got {tuple(hidden_states.shape)}")
+    t, h = hidden_states.shape
+    inter = weights["down"].shape[-1] if weights["down"].dim() == 2 else -1
+    want = {"input_norm_weight": (h,), "post_norm_weight": (h,),
+            "qkv_weight": ((num_heads + 2 * num_kv_heads) * head_size, h), "o_weight": (h, num_heads * head_size),
+            "gate_up_weight": (2 * inter, h), "down_weight": (h, inter)}
+    names = {"input_norm_weight": "input_norm", "post_norm_weight": "post_norm", "qkv_weight": "qkv",
+             "o_weight": "o", "gate_up_weight": "gate_up", "down_weight": "down"}
+    for arg, shape in want.items():
+        got = tuple(weights[names[arg]].shape)
+        if got != shape or inter <= 0:
+            raise ValueError(f"{arg} has shape {got}; this layer (hidden {h}, {num_heads} heads, {num_kv_heads} KV "
+                             f"heads of {head_size}, intermediate {inter}) needs {shape}")
+    if residual is not None and tuple(residual.shape) != (t, h):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected hidden_states' {(t, h)}")
+    for name, x in (("positions", positions), ("slot_mapping", slot_mapping), ("seq_lens", seq_lens)):
+        if tuple(x.shape) != (t,):
+            raise ValueError(f"{name} must be [{t}] (one per token), got {tuple(x.shape)}")
+    if block_table.dim() != 2 or block_table.shape[0] != t:
+        raise ValueError(f"block_table must be [{t}, max_blocks], got {tuple(block_table.shape)}")
 
 
 def decoder_layer_decode(
@@ -828,6 +864,8 @@ def decoder_layer_decode(
                "gate_up": gate_up_weight, "down": down_weight}
     _check_tensors(hidden_states=hidden_states, residual=residual, positions=positions, slot_mapping=slot_mapping,
                    block_table=block_table, seq_lens=seq_lens, cos_sin_cache=cos_sin_cache, **weights)
+    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                slot_mapping, block_table, seq_lens)
     why = decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads,
                                     cos_sin_cache.shape[1], kv_cache)
     if why:
@@ -855,6 +893,8 @@ def accel_decoder_layer_decode(
         return None
     weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
                "gate_up": gate_up_weight, "down": down_weight}
+    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                slot_mapping, block_table, seq_lens)
     if rotary_dim != cos_sin_cache.shape[-1] or decoder_layer_unsupported(
             hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache) is not None:
         return None

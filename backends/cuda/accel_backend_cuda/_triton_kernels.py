@@ -1204,6 +1204,20 @@ def _residual_row(hid_ptr, res_ptr, k, k_ok, HAS_RES: tl.constexpr):
 
 
 @triton.jit
+def _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, k, k_ok, HAS_RES: tl.constexpr):
+    """``r2 = (hid + res) + o`` (each sum rounded to the dtype, as the two fused_add_rms_norm calls store
+    it), recomputed by every program from the inputs and o_proj's output; program 0 stores it as the
+    layer's residual output. Float32 of the rounded values."""
+    dt = hid_ptr.dtype.element_ty
+    r = _residual_row(hid_ptr, res_ptr, k, k_ok, HAS_RES)
+    o = tl.load(o_ptr + k, mask=k_ok, other=0.0, cache_modifier=".cg")
+    r2 = (r + o.to(tl.float32)).to(dt).to(tl.float32)
+    if pid == 0:
+        tl.store(res_out_ptr + k, r2.to(dt), mask=k_ok)
+    return r2
+
+
+@triton.jit
 def _rms_normed(r, w_ptr, k, k_ok, H, eps, dt: tl.constexpr):
     """rms_norm of the float32 row ``r`` with the rounding of _rms_norm_kernel (float32 of the result)."""
     rstd = tl.rsqrt(tl.sum(r * r, axis=0) / H + eps)
@@ -1457,11 +1471,7 @@ def _decoder_layer_kernel(
     if FIRST <= 3 and LAST >= 3 and DOT:
         if FIRST < 3:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
-        o = tl.load(o_ptr + kh, mask=kh_ok, other=0.0, cache_modifier=".cg")
-        r2 = (r + o.to(tl.float32)).to(dt).to(tl.float32)
-        if pid == 0:
-            tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
+        r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
         tl.debug_barrier()
         _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
@@ -1470,11 +1480,7 @@ def _decoder_layer_kernel(
         wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
         if FIRST < 3:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
-        o = tl.load(o_ptr + kh, mask=kh_ok, other=0.0, cache_modifier=".cg")
-        r2 = (r + o.to(tl.float32)).to(dt).to(tl.float32)
-        if pid == 0:
-            tl.store(res_out_ptr + kh, r2.to(dt), mask=kh_ok)
+        r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
         for u in range(pid, tl.cdiv(I, TN_GU), nprog):
             wg_next = _weight_rows(w_gu_ptr, u + nprog, I, H, TN_GU, H_PAD)
@@ -1509,6 +1515,23 @@ CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_
                            "last_phase": None, "sync_twice": False}
 
 
+#: Register-tile budgets, in weight elements per tile, of the configuration measured on the H200 at the
+#: Llama-1B shape (qkv 8 x 2048, o_proj 16 x 2048, gate and up 8 x 2048 each, down 4 x 8192): 203 registers
+#: a thread, no local memory. Wider layers get fewer rows per tile so the tiles stay this size (at the
+#: Llama-8B shape: 210 registers, no local memory; tests/backends/cuda/test_cuda_compile.py checks both).
+TILE_ELEMS = {"TN": 16384, "TN_O": 32768, "TN_GU": 16384, "TN_DOWN": 32768}
+#: The widest vectors a program keeps in registers that compiled without local memory (Llama-8B shape):
+#: the hidden state, the attention output (heads x head_size) and the activation. Wider layers are declined.
+MAX_PERSISTENT_WIDTH = {"hidden": 4096, "attention": 4096, "intermediate": 16384}
+
+
+def decoder_layer_tiles(h_pad: int, nqd_pad: int, i_pad: int, cfg: dict) -> dict[str, int]:
+    """Rows per register tile of each projection (powers of two): the configured rows, fewer where the
+    padded width would make a tile larger than :data:`TILE_ELEMS`."""
+    widths = {"TN": h_pad, "TN_O": nqd_pad, "TN_GU": h_pad, "TN_DOWN": i_pad}
+    return {k: max(1, min(cfg[k], TILE_ELEMS[k] // w)) for k, w in widths.items()}
+
+
 _RESIDENT: dict[tuple, int] = {}
 
 
@@ -1538,7 +1561,7 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
                          w_post, w_gu, w_down, cos_sin_cache, kv_cache, eps, scale, num_heads, num_kv_heads,
                          is_neox, max_seq_len, num_sms, persistent=None):
     """One token (``hidden`` ``[1, H]``) through a dense Llama decoder layer; returns ``(hidden_out,
-    residual_out)``, each ``[1, H]``. Arguments as checked by accel_backend_cuda.decoder_layer_supported:
+    residual_out)``, each ``[1, H]``. Arguments as checked by accel_backend_cuda.decoder_layer_decode:
     contiguous weights, ``[2, blocks, kv_heads, block_size, head_size]`` cache, full-width rotary.
     ``persistent`` None: one launch on a GPU, one launch per phase in the interpreter."""
     cfg = CONFIG["decoder_layer"]
@@ -1581,8 +1604,9 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
         H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
         NKV=num_kv_heads, D=head_size, NQD_PAD=triton.next_power_of_2(num_heads * head_size),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, BLOCK_SIZE=block_size,
-        NUM_SPLITS=triton.next_power_of_2(splits), TN=cfg["TN"], TN_O=cfg["TN_O"], TN_GU=cfg["TN_GU"],
-        TN_DOWN=cfg["TN_DOWN"], HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
+        NUM_SPLITS=triton.next_power_of_2(splits),
+        **decoder_layer_tiles(triton.next_power_of_2(h), triton.next_power_of_2(num_heads * head_size),
+                              triton.next_power_of_2(inter), cfg), HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
         launch_pdl=PDL)

@@ -96,34 +96,65 @@ def test_every_kernel_launch_compiles_for_sm90(launches):
     assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)
 
 
+SHAPES = {"llama-1b": dict(H=2048, I=8192, NQ=32, NKV=8, D=64), "llama-8b": dict(H=4096, I=14336, NQ=32, NKV=8, D=128)}
+
+
+def _local_memory_bytes(compiled) -> int | None:
+    """Stack + local bytes a thread of the compiled kernel uses (register spills), from Triton's bundled
+    cuobjdump; None when it is not there."""
+    import re
+    import shutil
+    import tempfile
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists() and not shutil.which("cuobjdump"):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool) if tool.exists() else "cuobjdump", "--dump-resource-usage", f.name],
+                             capture_output=True, text=True).stdout
+    m = re.search(r"STACK:(\d+).*LOCAL:(\d+)", out)
+    return int(m.group(1)) + int(m.group(2)) if m else None
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("dot, barrier", [(0, 1), (2, 0)])
-def test_persistent_decoder_layer_compiles_for_sm90(dot, barrier):
+def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
     """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
     so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile
-    polls) is compiled here at the Llama-1B shape with the launch options the GPU uses."""
+    polls) is compiled here with the tiles and launch options the GPU uses, at the measured Llama-1B shape
+    and the widest accepted one (Llama-8B). The default path must keep its tiles in registers: local
+    memory (spills) made the wider shape's first tiles slow, so the host shrinks tiles with the width."""
     try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
     except ImportError as exc:  # pragma: no cover
         pytest.skip(f"Triton without its NVIDIA backend: {exc}")
     import accel_backend_cuda._triton_kernels as k
 
     cfg = k.CONFIG["decoder_layer"]
-    consts = dict(H=2048, H_PAD=2048, I=8192, I_PAD=8192, NQ=32, NKV=8, D=64, NQD_PAD=2048, GROUP_PAD=16,
-                  TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16, TN=cfg["TN"], TN_O=cfg["TN_O"],
-                  TN_GU=cfg["TN_GU"], TN_DOWN=cfg["TN_DOWN"], HAS_RES=True, IS_NEOX=True, IEEE=False, FIRST=0,
-                  LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot, BK=cfg["BK"],
-                  STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False)
+    dims = SHAPES[shape]
+    pads = {n: triton.next_power_of_2(v) for n, v in (("H", dims["H"]), ("I", dims["I"]), ("NQD", dims["NQ"] * dims["D"]))}
+    consts = dict(H=dims["H"], H_PAD=pads["H"], I=dims["I"], I_PAD=pads["I"], NQ=dims["NQ"], NKV=dims["NKV"], D=dims["D"],
+                  NQD_PAD=pads["NQD"], GROUP_PAD=16, TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16,
+                  **k.decoder_layer_tiles(pads["H"], pads["NQD"], pads["I"], cfg), HAS_RES=True, IS_NEOX=True,
+                  IEEE=False, FIRST=0, LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot,
+                  BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False, PDL=True)
     ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32"}
-    args = {}
-    for n in k._decoder_layer_kernel.arg_names:
-        if n in consts or n == "PDL":
-            continue
-        if n.endswith("_ptr"):
-            args[n] = {"ptr": ptrs.get(n, "bf16")}
+    fn = k._decoder_layer_kernel
+    signature, constexprs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in consts:
+            signature[n] = "constexpr"
+            constexprs[(i,)] = consts[n]
+        elif n.endswith("_ptr"):
+            signature[n] = "*" + ptrs.get(n, "bf16")
         else:
-            args[n] = {"type": "fp32" if n in ("eps", "scale") else "i32"}
-    rec = {"kernel": "_decoder_layer_kernel", "constexprs": consts, "args": args,
-           "options": {"num_warps": cfg["num_warps"]}}
-    types = {n: ("*" + d["ptr"]) if "ptr" in d else d["type"] for n, d in args.items()}
-    _compile(rec, types)
+            signature[n] = "fp32" if n in ("eps", "scale") else "i32"
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+    if dot == cfg["DOT"]:
+        spilled = _local_memory_bytes(compiled)
+        assert spilled in (None, 0), f"{shape}: {spilled} bytes of local memory a thread (register spills)"

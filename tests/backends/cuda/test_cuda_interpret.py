@@ -604,10 +604,60 @@ def test_decoder_layer_decode_refuses_what_it_does_not_compute():
                 num_heads=4, num_kv_heads=2, head_size=32, is_neox=True, scale=0.1, kv_cache=cache,
                 slot_mapping=torch.tensor([slot]), block_table=table[None, :],
                 seq_lens=torch.tensor([5], dtype=torch.int32), max_seq_len=64)
+    two = dict(args, residual=torch.cat([res, res]), positions=pos.repeat(2), slot_mapping=torch.tensor([slot, slot + 1]),
+               block_table=table[None, :].repeat(2, 1), seq_lens=torch.tensor([5, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match="one token per call"):
-        C.decoder_layer_decode(hidden_states=torch.cat([hid, hid]), cos_sin_cache=cs, **args)
+        C.decoder_layer_decode(hidden_states=torch.cat([hid, hid]), cos_sin_cache=cs, **two)
     with pytest.raises(ValueError, match="partial rotary"):
         C.decoder_layer_decode(hidden_states=hid, cos_sin_cache=cs[:, :16], **args)
+    # shapes that do not fit the layer: an error naming the argument, from the function and from the hook
+    # (the kernel reads every weight by the hidden size and head counts)
+    hook = dict(args, rotary_dim=32)
+    hook.pop("max_seq_len")
+    before = cache.nan_to_num(7.0)
+    for bad, arg in ((dict(qkv_weight=w["qkv"][:-1]), "qkv_weight"), (dict(down_weight=w["down"][:, :-1]), "gate_up_weight"),
+                     (dict(residual=res[:, :-1]), "residual"), (dict(slot_mapping=torch.tensor([slot, slot])), "slot_mapping"),
+                     (dict(block_table=table), "block_table")):
+        with pytest.raises(ValueError, match=arg):
+            C.decoder_layer_decode(hidden_states=hid, cos_sin_cache=cs, **{**args, **bad})
+        with pytest.raises(ValueError, match=arg):
+            C.accel_decoder_layer_decode(hidden_states=hid, cos_sin_cache=cs, max_seq_len=64, **{**hook, **bad})
+    assert torch.equal(cache.nan_to_num(7.0), before), "nothing may be written on bad input"
+
+
+def test_decoder_layer_decode_hook_declines_what_it_does_not_fuse(kernels, monkeypatch):
+    """None (the layer runs op by op) for two tokens, partial rotary, widths past MAX_PERSISTENT_WIDTH and
+    ACCEL_CUDA_PERSISTENT=0; nothing written to the cache."""
+    w, cache, table, slot, pos, cs, hid, res, *_ = _decoder_layer_case(0, 4, True, True)
+    args = dict(residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"], o_weight=w["o"],
+                post_norm_weight=w["post_norm"], gate_up_weight=w["gate_up"], down_weight=w["down"], eps=1e-5,
+                num_heads=4, num_kv_heads=2, head_size=32, rotary_dim=32, is_neox=True, scale=0.1, kv_cache=cache,
+                slot_mapping=torch.tensor([slot]), block_table=table[None, :], seq_lens=torch.tensor([5], dtype=torch.int32),
+                max_seq_len=64, hidden_states=hid, cos_sin_cache=cs)
+    before = cache.nan_to_num(7.0)
+    two = dict(args, hidden_states=torch.cat([hid, hid]), residual=torch.cat([res, res]), positions=pos.repeat(2),
+               slot_mapping=torch.tensor([slot, slot + 1]), block_table=table[None, :].repeat(2, 1),
+               seq_lens=torch.tensor([5, 5], dtype=torch.int32))
+    assert C.accel_decoder_layer_decode(**two) is None
+    assert C.accel_decoder_layer_decode(**dict(args, rotary_dim=16, cos_sin_cache=cs[:, :16])) is None
+    monkeypatch.setitem(kernels.MAX_PERSISTENT_WIDTH, "intermediate", 64)  # this case's 96 is then too wide
+    assert C.accel_decoder_layer_decode(**args) is None
+    monkeypatch.undo()
+    monkeypatch.setenv("ACCEL_CUDA_PERSISTENT", "0")
+    assert C.accel_decoder_layer_decode(**args) is None
+    assert torch.equal(cache.nan_to_num(7.0), before)
+    monkeypatch.delenv("ACCEL_CUDA_PERSISTENT")
+    out, res_out = C.accel_decoder_layer_decode(**args)  # and the same call runs when nothing declines
+    assert out.shape == hid.shape and not torch.equal(cache.nan_to_num(7.0), before)
+
+
+def test_decoder_layer_tiles_shrink_with_the_width(kernels):
+    cfg = kernels.CONFIG["decoder_layer"]
+    assert kernels.decoder_layer_tiles(2048, 2048, 8192, cfg) == {k: cfg[k] for k in ("TN", "TN_O", "TN_GU", "TN_DOWN")}
+    wide = kernels.decoder_layer_tiles(4096, 4096, 16384, cfg)
+    assert all(wide[k] * w <= kernels.TILE_ELEMS[k] for k, w in (("TN", 4096), ("TN_O", 4096), ("TN_GU", 4096),
+                                                                   ("TN_DOWN", 16384)))
+    assert wide["TN"] < cfg["TN"] and wide["TN_DOWN"] < cfg["TN_DOWN"]
 
 
 def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeypatch):

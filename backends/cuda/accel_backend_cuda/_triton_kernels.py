@@ -1194,22 +1194,6 @@ def _weight_rows(w_ptr, unit, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _l2_prefetch_rows(w_ptr, unit, N, K, TN: tl.constexpr, K_PAD: tl.constexpr, ON: tl.constexpr):
-    """Ask L2 for rows ``unit * TN ..`` of a contiguous ``[N, K]`` weight (``prefetch.global.L2``, one per
-    128-byte line; fire and forget: no registers held, nothing waits for it). Rows past N are not asked
-    for. ON False (the interpreter, or a prefetch depth of 0): nothing."""
-    if ON:
-        PER_LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
-        LINES: tl.constexpr = (K_PAD + PER_LINE - 1) // PER_LINE
-        rows = unit * TN + tl.arange(0, TN)
-        j = tl.arange(0, LINES)
-        ok = (rows < N)[:, None] & (j * PER_LINE < K)[None, :]
-        off = tl.where(ok, rows[:, None].to(tl.int64) * K + j[None, :] * PER_LINE, 0)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [w_ptr + off],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _residual_row(hid_ptr, res_ptr, k, k_ok, HAS_RES: tl.constexpr):
     """``hidden + residual`` rounded to the dtype (fused_add_rms_norm's residual output), as float32."""
     x = tl.load(hid_ptr + k, mask=k_ok, other=0.0)
@@ -1242,14 +1226,11 @@ def _rms_normed(r, w_ptr, k, k_ok, H, eps, dt: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(w_cur, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr,
-               PF: tl.constexpr = 0):
+def _gemv_rows(w_cur, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
     """``out[n] = x . w[n]`` for this program's row tiles ``pid, pid + nprog, ..`` of ``[N, K]``; ``w_cur``
     holds the first tile already (loaded before the wait that precedes this phase). The next tile is in
-    flight while one is reduced; PF > 0: the PF tiles after that are asked of L2 (a rolling window whose
-    first PF tiles the caller asked for earlier), so more bytes are in flight than registers hold."""
+    flight while one is reduced."""
     for u in range(pid, tl.cdiv(N, TN), nprog):
-        _l2_prefetch_rows(w_ptr, u + (PF + 1) * nprog, N, K, TN, K_PAD, PF > 0)
         w_next = _weight_rows(w_ptr, u + nprog, N, K, TN, K_PAD)
         acc = tl.sum(w_cur.to(tl.float32) * x[None, :], axis=1)
         rows = u * TN + tl.arange(0, TN)
@@ -1422,8 +1403,7 @@ def _decoder_layer_kernel(
     HAS_RES: tl.constexpr, IS_NEOX: tl.constexpr, IEEE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0,
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
-    PDL: tl.constexpr = False, PF_QKV: tl.constexpr = 0, PF_GU: tl.constexpr = 0, PF_D: tl.constexpr = 0,
-    EARLY_D: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
 
@@ -1462,25 +1442,15 @@ def _decoder_layer_kernel(
             _stream_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, QKV_N, H, 0, TN, BK, STAGES, False, LIB)
         else:
             w = _weight_rows(w_qkv_ptr, pid, QKV_N, H, TN, H_PAD)  # before the PDL wait: weights are constant
-            for j in tl.static_range(1, PF_QKV + 1):
-                _l2_prefetch_rows(w_qkv_ptr, pid + j * nprog, QKV_N, H, TN, H_PAD, LIB)
             _pdl_enter(PDL)
             r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
             x = _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt)
-            _gemv_rows(w, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, PF_QKV * LIB)
+            _gemv_rows(w, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD)
     else:
         _pdl_enter(PDL)
     if FIRST <= 1 and LAST >= 1:
         if FIRST < 1:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        # the HBM idles through attention (latency-bound) and o_proj (its tiles are in registers before
-        # the barrier): fill the L2 windows of the MLP projections now
-        for j in tl.static_range(1, PF_GU + 1):
-            _l2_prefetch_rows(w_gu_ptr, pid + j * nprog, I, H, TN_GU, H_PAD, LIB)
-            _l2_prefetch_rows(w_gu_ptr + I * H, pid + j * nprog, I, H, TN_GU, H_PAD, LIB)
-        if EARLY_D:
-            for j in tl.static_range(1, PF_D + 1):
-                _l2_prefetch_rows(w_d_ptr, pid + j * nprog, H, I, TN_DOWN, I_PAD, LIB)
         for item in range(pid, NKV * num_splits, nprog):
             _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
                                part_ml_ptr, cnt_ptr, item, num_splits, scale, cs_stride, kv_stride_kv,
@@ -1512,12 +1482,7 @@ def _decoder_layer_kernel(
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
         r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
-        if not EARLY_D:
-            for j in tl.static_range(1, PF_D + 1):
-                _l2_prefetch_rows(w_d_ptr, pid + j * nprog, H, I, TN_DOWN, I_PAD, LIB)
         for u in range(pid, tl.cdiv(I, TN_GU), nprog):
-            _l2_prefetch_rows(w_gu_ptr, u + (PF_GU + 1) * nprog, I, H, TN_GU, H_PAD, (PF_GU > 0) & LIB)
-            _l2_prefetch_rows(w_gu_ptr + I * H, u + (PF_GU + 1) * nprog, I, H, TN_GU, H_PAD, (PF_GU > 0) & LIB)
             wg_next = _weight_rows(w_gu_ptr, u + nprog, I, H, TN_GU, H_PAD)
             wu_next = _weight_rows(w_gu_ptr + I * H, u + nprog, I, H, TN_GU, H_PAD)
             gate = tl.sum(wg.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
@@ -1537,7 +1502,7 @@ def _decoder_layer_kernel(
         if FIRST < 4:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
         x = tl.load(act_ptr + ki, mask=ki < I, other=0.0, cache_modifier=".cg").to(tl.float32)
-        _gemv_rows(w, w_d_ptr, x, hid_out_ptr, pid, nprog, H, I, TN_DOWN, I_PAD, PF_D * LIB)
+        _gemv_rows(w, w_d_ptr, x, hid_out_ptr, pid, nprog, H, I, TN_DOWN, I_PAD)
 
 
 #: the compiled kernel of the latest launch of some launchers (benchmarks read its registers and IR)
@@ -1546,8 +1511,6 @@ LAST_COMPILED: dict[str, object] = {}
 CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
                            "programs": None,  # programs: None = one per SM
                            "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1,
-                           # L2 prefetch windows, in tiles ahead of the register tile (0: off)
-                           "PF_QKV": 0, "PF_GU": 0, "PF_D": 0, "EARLY_D": False,
                            # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier
                            "last_phase": None, "sync_twice": False}
 
@@ -1646,8 +1609,6 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
                               triton.next_power_of_2(inter), cfg), HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
-        PF_QKV=int(cfg.get("PF_QKV", 0)), PF_GU=int(cfg.get("PF_GU", 0)), PF_D=int(cfg.get("PF_D", 0)),
-        EARLY_D=bool(cfg.get("EARLY_D", False)),
         launch_pdl=PDL)
     for first, last in phases:
         if persistent and first != last:

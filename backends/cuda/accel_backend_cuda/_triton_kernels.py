@@ -1285,35 +1285,109 @@ def _rope_pair(x1, x2, c, s, dt: tl.constexpr):
 
 
 @triton.jit
-def _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
-                       part_ml_ptr, cnt_ptr, item, num_splits, scale, cs_stride,
-                       kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+def _split_tiles(seq_len, sp, num_splits, TILE_N: tl.constexpr):
+    """Split ``sp``'s key tiles ``[t0, t1)`` of the cached keys (``seq_len - 1``: the new key is in
+    registers), the number of splits that have any, and the cached length."""
+    n_old = seq_len - 1
+    ntiles = tl.cdiv(n_old, TILE_N)
+    per = tl.maximum(tl.cdiv(ntiles, num_splits), 1)
+    active = tl.maximum(tl.cdiv(ntiles, per), 1)
+    t0 = sp * per
+    return t0, tl.minimum(t0 + per, ntiles), active, n_old
+
+
+@triton.jit
+def _kv_tile(kv_base, bt_ptr, t, n_lim, kv_stride_kv, kv_stride_blk, kv_stride_tok, o1, o2, d,
+             dt: tl.constexpr, TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Cached keys (two rotary halves, ``[D/2, TILE_N]``) and values (``[TILE_N, D]``) of key tile ``t``
+    through the block table; positions at or past ``n_lim`` are masked (zeros, no access)."""
+    offs_n = t * TILE_N + tl.arange(0, TILE_N)
+    n_ok = offs_n < n_lim
+    blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+    kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+    kt1 = tl.load(kv_base + kv_off[None, :] + o1[:, None], mask=n_ok[None, :], other=0.0).to(dt)
+    kt2 = tl.load(kv_base + kv_off[None, :] + o2[:, None], mask=n_ok[None, :], other=0.0).to(dt)
+    v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(dt)
+    return kt1, kt2, v, n_ok
+
+
+@triton.jit
+def _rope_offsets(D: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Offsets of the two rotary halves within a head (NeoX: the two halves; GPT-J: even and odd)."""
+    i = tl.arange(0, D // 2)
+    if IS_NEOX:
+        return i, i + D // 2
+    else:
+        return 2 * i, 2 * i + 1
+
+
+@triton.jit
+def _attention_first_tile(pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, item, n_items, num_splits, cs_stride,
+                          kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, D: tl.constexpr,
+                          TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr):
+    """What work item ``item`` of phase 1 reads that no phase of this launch writes: the rotary cos/sin
+    of the position and its split's first tile of cached keys and values (earlier steps wrote them). A
+    program loads it before the barrier that ends phase 0, so the loads wait with the barrier instead of
+    after it. An item past ``n_items`` gets a fully masked tile."""
+    dt = kv_ptr.dtype.element_ty
+    HALF: tl.constexpr = D // 2
+    o1, o2 = _rope_offsets(D, IS_NEOX)
+    d = tl.arange(0, D)
+    i = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr)
+    c = tl.load(cs_ptr + pos * cs_stride + i).to(tl.float32)
+    s = tl.load(cs_ptr + pos * cs_stride + HALF + i).to(tl.float32)
+    ok = item < n_items
+    g = tl.where(ok, item // num_splits, 0)
+    t0, t1, active, n_old = _split_tiles(tl.load(seq_ptr), item % num_splits, num_splits, TILE_N)
+    kt1, kt2, v, n_ok = _kv_tile(kv_ptr + g.to(tl.int64) * kv_stride_h, bt_ptr, t0, tl.where(ok & (t0 < t1), n_old, 0),
+                                 kv_stride_kv, kv_stride_blk, kv_stride_tok, o1, o2, d, dt, TILE_N, BLOCK_SIZE)
+    return c, s, kt1, kt2, v, n_ok
+
+
+@triton.jit
+def _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step of the group's rotated queries over a key tile (masked keys add nothing)."""
+    if IEEE:
+        sc = tl.dot(y1, kt1, input_precision="ieee") + tl.dot(y2, kt2, input_precision="ieee")
+    else:
+        sc = tl.dot(y1, kt1) + tl.dot(y2, kt2)
+    sc = tl.where(n_ok[None, :], sc * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(sc - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(dt), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(dt), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
+                       item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+                       c, s, kt1, kt2, v, n_ok,
                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
                        IS_NEOX: tl.constexpr, IEEE: tl.constexpr):
     """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
     qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
     keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
-    the last split of g to arrive (or a direct store with one split)."""
+    the last split of g to arrive (or a direct store with one split). ``c``, ``s`` and the split's first
+    key/value tile (``kt1``, ``kt2``, ``v``, ``n_ok``) come from :func:`_attention_first_tile`."""
     dt = qkv_ptr.dtype.element_ty
     GROUP: tl.constexpr = NQ // NKV
-    HALF: tl.constexpr = D // 2
     g = item // num_splits
     sp = item % num_splits
     r = tl.arange(0, GROUP_PAD)
     r_ok = r < GROUP
     head = g * GROUP + r
-    i = tl.arange(0, HALF)
-    if IS_NEOX:
-        o1 = i
-        o2 = i + HALF
-    else:
-        o1 = 2 * i
-        o2 = 2 * i + 1
+    o1, o2 = _rope_offsets(D, IS_NEOX)
     d = tl.arange(0, D)
-    pos = tl.load(pos_ptr)
-    c = tl.load(cs_ptr + pos * cs_stride + i).to(dt).to(tl.float32)
-    s = tl.load(cs_ptr + pos * cs_stride + HALF + i).to(dt).to(tl.float32)
+    c = c.to(dt).to(tl.float32)
+    s = s.to(dt).to(tl.float32)
     qrow = qkv_ptr + head[:, None] * D
     q1 = tl.load(qrow + o1[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
     q2 = tl.load(qrow + o2[None, :], mask=r_ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -1323,7 +1397,6 @@ def _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_p
     k2 = tl.load(kn + o2, cache_modifier=".cg").to(tl.float32)
     ky1, ky2 = _rope_pair(k1, k2, c, s, dt)
     vn = tl.load(qkv_ptr + (NQ + NKV) * D + g * D + d, cache_modifier=".cg")
-    seq_len = tl.load(seq_ptr)
     kv_base = kv_ptr + g.to(tl.int64) * kv_stride_h
     if sp == 0:
         slot = tl.load(slot_ptr).to(tl.int64)
@@ -1333,37 +1406,16 @@ def _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_p
             tl.store(dst + o1, ky1.to(cdt))
             tl.store(dst + o2, ky2.to(cdt))
             tl.store(dst + kv_stride_kv + d, vn.to(cdt))
-    n_old = seq_len - 1  # cached keys; the new one is in registers
-    ntiles = tl.cdiv(n_old, TILE_N)
-    per = tl.maximum(tl.cdiv(ntiles, num_splits), 1)
-    active = tl.maximum(tl.cdiv(ntiles, per), 1)
+    t0, t1, active, n_old = _split_tiles(tl.load(seq_ptr), sp, num_splits, TILE_N)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    for t in range(sp * per, tl.minimum(sp * per + per, ntiles)):
-        offs_n = t * TILE_N + tl.arange(0, TILE_N)
-        n_ok = offs_n < n_old
-        blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
-        kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
-        kt1 = tl.load(kv_base + kv_off[None, :] + o1[:, None], mask=n_ok[None, :], other=0.0).to(dt)
-        kt2 = tl.load(kv_base + kv_off[None, :] + o2[:, None], mask=n_ok[None, :], other=0.0).to(dt)
-        if IEEE:
-            sc = tl.dot(y1, kt1, input_precision="ieee") + tl.dot(y2, kt2, input_precision="ieee")
-        else:
-            sc = tl.dot(y1, kt1) + tl.dot(y2, kt2)
-        sc = tl.where(n_ok[None, :], sc * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(sc - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(dt)
-        if IEEE:
-            pv = tl.dot(p.to(dt), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(dt), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # the first tile as given (all masked when the split has none: it adds nothing), then the rest
+    m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)
+    for t in range(t0 + 1, t1):
+        kt1, kt2, v, n_ok = _kv_tile(kv_base, bt_ptr, t, n_old, kv_stride_kv, kv_stride_blk, kv_stride_tok, o1, o2,
+                                     d, dt, TILE_N, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)
     if sp == active - 1:  # the new token (always visible to itself)
         s_new = (tl.sum(y1.to(tl.float32) * ky1.to(tl.float32)[None, :], 1)
                  + tl.sum(y2.to(tl.float32) * ky2.to(tl.float32)[None, :], 1)) * scale
@@ -1449,12 +1501,22 @@ def _decoder_layer_kernel(
     else:
         _pdl_enter(PDL)
     if FIRST <= 1 and LAST >= 1:
+        n_items = NKV * num_splits
+        # what attention reads that this launch does not write, requested before the barrier (so its
+        # latency overlaps the wait instead of following it)
+        c, s, kt1, kt2, v, n_ok = _attention_first_tile(
+            pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, pid, n_items, num_splits, cs_stride, kv_stride_kv,
+            kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N, BLOCK_SIZE, IS_NEOX)
         if FIRST < 1:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
-        for item in range(pid, NKV * num_splits, nprog):
-            _decoder_attention(qkv_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
-                               part_ml_ptr, cnt_ptr, item, num_splits, scale, cs_stride, kv_stride_kv,
-                               kv_stride_blk, kv_stride_h, kv_stride_tok, NQ, NKV, D, GROUP_PAD, TILE_N,
+        for item in range(pid, n_items, nprog):
+            if item != pid:  # a later item (more items than programs) loads its own after the barrier
+                c, s, kt1, kt2, v, n_ok = _attention_first_tile(
+                    pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, item, n_items, num_splits, cs_stride, kv_stride_kv,
+                    kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N, BLOCK_SIZE, IS_NEOX)
+            _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr,
+                               cnt_ptr, item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h,
+                               kv_stride_tok, c, s, kt1, kt2, v, n_ok, NQ, NKV, D, GROUP_PAD, TILE_N,
                                BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE)
     if FIRST <= 2 and LAST >= 2:
         if DOT:

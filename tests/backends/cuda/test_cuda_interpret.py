@@ -569,14 +569,20 @@ def _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, he
     (2, 50, True, False, 16, 1),  # GPT-J rotary, one split (direct store)
     (3, 100, True, True, 16, 16),  # more tiles than splits
 ])
-@pytest.mark.parametrize("dot", [2, 0], ids=["stream", "registers"])
-def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, is_neox, tile_n, max_splits, dot):
+@pytest.mark.parametrize("variant", [
+    dict(DOT=2),  # every projection streamed
+    dict(DOT=0),  # register tiles
+    # one program: more attention items (2 KV heads, one split each) than programs, so the program's
+    # second item loads its first key tile itself (the first item's is requested before the barrier)
+    dict(DOT=0, programs=1),
+], ids=["stream", "registers", "registers-1-program"])
+def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, is_neox, tile_n, max_splits, variant):
     heads, kv_heads, head_size, block_size, eps = 4, 2, 32, 16, 1e-5
     scale = head_size**-0.5
     w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(seed, n_old, has_res, is_neox)
     saved = dict(kernels.CONFIG["decoder_layer"])
     # stream: BK 32 < hidden 64, so the flattened (tile, k chunk) loop crosses tiles mid-way
-    kernels.CONFIG["decoder_layer"].update(TILE_N=tile_n, max_splits=max_splits, DOT=dot, BK=32)
+    kernels.CONFIG["decoder_layer"].update(TILE_N=tile_n, max_splits=max_splits, BK=32, **variant)
     try:
         out, res_out = C.decoder_layer_decode(
             hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,

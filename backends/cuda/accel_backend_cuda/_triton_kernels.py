@@ -1375,7 +1375,8 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
     """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
     qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
     keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
-    the last split of g to arrive (or a direct store with one split). ``c``, ``s`` and the split's first
+    the last split of g to arrive (or a direct store when one split has every key: the other splits of
+    g then do nothing more, and its merge counter is not touched). ``c``, ``s`` and the split's first
     key/value tile (``kt1``, ``kt2``, ``v``, ``n_ok``) come from :func:`_attention_first_tile`."""
     dt = qkv_ptr.dtype.element_ty
     GROUP: tl.constexpr = NQ // NKV
@@ -1425,9 +1426,10 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
         l_i = l_i * alpha + p_new
         acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
         m_i = m_new
-    if num_splits == 1:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(att_ptr + head[:, None] * D + d[None, :], out.to(att_ptr.dtype.element_ty), mask=r_ok[:, None])
+    if active == 1:  # one split holds every key (always so with one split): no partials, no merge
+        if sp == 0:
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(att_ptr + head[:, None] * D + d[None, :], out.to(att_ptr.dtype.element_ty), mask=r_ok[:, None])
     else:
         idx = sp * NQ + head
         tl.store(part_acc_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])

@@ -1464,7 +1464,8 @@ def _decoder_layer_kernel(
     With FIRST < LAST the grid is persistent (at most one program per SM, all resident) and the phases are
     separated by :func:`_grid_sync`; each phase's first weight tile is loaded *before* the wait that
     precedes it (weights never depend on the step), so the weight stream does not stop at phase
-    boundaries, and phase 0's before the PDL wait, so it overlaps the previous layer's tail. Launched one
+    boundaries, and phase 0's before the PDL wait, so it overlaps the previous layer's tail; attention's
+    cos/sin and first cached key/value tile are requested before phase 0's barrier likewise. Launched one
     phase at a time (FIRST == LAST, the kernel boundary as the barrier) it computes the same thing: that
     is how the interpreter runs it.
 

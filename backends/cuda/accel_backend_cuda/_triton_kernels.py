@@ -1329,7 +1329,7 @@ def _attention_first_tile(pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, item, n_item
     of the position and its split's first tile of cached keys and values (earlier steps wrote them). A
     program loads it before the barrier that ends phase 0, so the loads wait with the barrier instead of
     after it. An item past ``n_items`` gets a fully masked tile."""
-    dt = kv_ptr.dtype.element_ty
+    dt = kv_ptr.dtype.element_ty  # the model's dtype too: the host declines a cache of another dtype
     HALF: tl.constexpr = D // 2
     o1, o2 = _rope_offsets(D, IS_NEOX)
     d = tl.arange(0, D)

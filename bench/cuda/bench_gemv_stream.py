@@ -59,7 +59,7 @@ def _cur_kernel(w_ptr, x_ptr, out_ptr, N, K: tl.constexpr, TN: tl.constexpr, K_P
     k = tl.arange(0, K_PAD)
     x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     w = TK._weight_rows(w_ptr, pid, N, K, TN, K_PAD)
-    TK._gemv_rows(w, w_ptr, x, out_ptr, pid, nprog, N, K, TN, K_PAD)
+    TK._gemv_rows(w, w, w, w_ptr, x, out_ptr, pid, nprog, N, K, TN, K_PAD)
 
 
 @triton.jit

@@ -70,6 +70,76 @@ def compiled_info() -> dict:
     return info
 
 
+#: (name, start point, end point, start reduce, end reduce) of the trace's critical path through a layer
+#: (points of _triton_kernels._stamp): a phase runs from the first program's release of the barrier before
+#: it to the last program's arrival at the barrier after it; a barrier from that arrival to the first release
+SEGMENTS = [("qkv", 1, 2), ("barrier0", 2, 3), ("attention", 3, 4), ("barrier1", 4, 5), ("o_proj", 5, 6),
+            ("barrier2", 6, 7), ("gate_up", 7, 8), ("barrier3", 8, 9), ("down", 9, 10)]
+
+
+def trace_summary(tr: torch.Tensor) -> dict:
+    """Per-segment microseconds from timelines ``[samples, layers, programs, points]`` (ns): the
+    critical path of each layer (a phase from the earliest program's start to the latest's end, a
+    barrier from the latest arrival to the earliest release) and, for phases, the median program's own
+    duration; between layers, from the latest program's end to the next layer's first PDL release.
+    Medians over samples and the middle layers (the first and last differ: no residual, no next layer)."""
+    t = tr.double()
+    out = {}
+    mid = slice(1, t.shape[1] - 1)
+    for name, a, b in SEGMENTS:
+        if name.startswith("barrier"):
+            crit = t[:, :, :, b].amin(2) - t[:, :, :, a].amax(2)
+        else:
+            crit = t[:, :, :, b].amax(2) - t[:, :, :, a].amin(2)
+        own = (t[:, :, :, b] - t[:, :, :, a]).median(2).values
+        out[name] = {"critical_us": float(crit[:, mid].median()) / 1e3, "median_program_us": float(own[:, mid].median()) / 1e3}
+    gap = t[:, 1:, :, 1].amin(2) - t[:, :-1, :, 10].amax(2)
+    out["between_layers"] = {"critical_us": float(gap.median()) / 1e3}
+    # the head start PDL gives: the next layer's earliest entry before this layer's latest end
+    early = t[:, :-1, :, 10].amax(2) - t[:, 1:, :, 0].amin(2)
+    out["next_entry_before_end"] = {"critical_us": float(early.median()) / 1e3}
+    layer = t[:, 1:, :, 1].amin(2) - t[:, :-1, :, 1].amin(2)
+    out["layer"] = {"critical_us": float(layer.median()) / 1e3}
+    # attention programs: with an item (stamp 11 written) vs idle; the merge's end
+    has = t[:, :, :, 11] > 0
+    att = t[:, :, :, 4] - t[:, :, :, 3]
+    out["attention_item_programs"] = {"count": int(has[0, 0].sum()),
+                                      "median_program_us": float(att[has].median()) / 1e3 if has.any() else None,
+                                      "partials_stored_us": float((t[:, :, :, 11] - t[:, :, :, 3])[has].median()) / 1e3
+                                      if has.any() else None}
+    m = t[:, :, :, 12] > 0
+    if m.any():
+        out["attention_merge"] = {"count": int(m[0, 0].sum()),
+                                  "merged_after_barrier_us": float((t[:, :, :, 12] - t[:, :, :, 3])[m].median()) / 1e3}
+    return out
+
+
+def take_trace(K, C, fn, pool, nprog: int, layers: int, samples: int = 20) -> dict:
+    """Capture ``fn`` with the layer's timeline on (one row per layer launch), replay it ``samples``
+    times, and summarize (trace_summary); the capture's replay time beside it (the stamps cost a little)."""
+    cfg = K.CONFIG["decoder_layer"]
+    buf = torch.zeros(layers, nprog, K.TRACE_POINTS, dtype=torch.int64, device="cuda")
+    cfg["trace"], cfg["trace_next"] = buf, 0
+    try:
+        fn()
+        torch.cuda.synchronize()
+        cfg["trace_next"] = 0
+        g = C.accel_capture_graph(fn=fn, device=torch.device("cuda"), pool=pool)
+    finally:
+        cfg["trace"], cfg["trace_next"] = None, 0
+    rows = []
+    for _ in range(samples + 3):
+        buf.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        rows.append(buf.clone())
+    tr = torch.stack(rows[3:]).cpu()
+    summ = trace_summary(tr)
+    summ["traced_replay_ms"] = median_replay(g, 100)
+    del g
+    return summ
+
+
 def median_replay(graph, n: int = 200) -> float:
     """Milliseconds per replay: 10 untimed, then the median of ``n`` (bench/cuda/_timing.py)."""
     return replay_us(graph, reps=n, warmup=10) / 1e3
@@ -81,6 +151,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--configs", default="[]")
+    ap.add_argument("--trace", action="store_true", help="timeline of the default and of each config")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # the "layered" side must stay op by op: the model's layers would otherwise take the persistent kernel
@@ -242,6 +313,22 @@ def main() -> None:
     RES["compiled_default"] = compiled_info()
     log("default config", K.CONFIG["decoder_layer"], "compiled", RES["compiled_default"])
     log(f"floor {floor_ms:.3f} ms (ctx {ctx}); layered {times['layered']} ms; persistent {times['persistent']} ms")
+    nprog = K.CONFIG["decoder_layer"]["programs"] or props.multi_processor_count
+
+    def traced() -> dict | None:
+        if not args.trace:
+            return None
+        try:
+            publish(token, p)
+            tr = take_trace(K, C, persistent, g_layered.pool, nprog, len(layers))
+            log("trace", json.dumps(tr))
+            return tr
+        except Exception as exc:
+            RES["errors"].append(f"trace: {exc}\n{traceback.format_exc()}")
+            log("trace FAILED", str(exc)[:500])
+            return None
+
+    RES["trace_default"] = traced()
 
     sweep = []
     base = dict(K.CONFIG["decoder_layer"])
@@ -257,8 +344,9 @@ def main() -> None:
             t = [median_replay(gp) for _ in range(2)]
             sweep.append({"config": over, "replay_ms": t, "rel_vs_layered": rel(lp, ll),
                           "argmax_equal": int(lp.argmax()) == int(ll.argmax()), "compiled": compiled_info()})
-            log("config", sweep[-1])
             del gp
+            sweep[-1]["trace"] = traced()
+            log("config", sweep[-1])
         except Exception as exc:
             RES["errors"].append(f"config {over}: {exc}\n{traceback.format_exc()}")
             log("config FAILED", over, str(exc)[:500])

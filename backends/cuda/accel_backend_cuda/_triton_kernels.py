@@ -1104,6 +1104,12 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 #: phases of _decoder_layer_kernel: 0 add + norm + qkv, 1 rotary + KV write + attention, 2 o_proj,
 #: 3 add + norm + gate_up + silu * up, 4 down_proj
 DECODER_PHASES = 5
+#: slots per program of the benchmark timeline (CONFIG["decoder_layer"]["trace"]): 0 entry, 1 after the PDL
+#: wait, 2 qkv stored, 3 after barrier 0, 4 attention done, 5 after barrier 1, 6 o_proj stored, 7 after
+#: barrier 2, 8 gate_up stored, 9 after barrier 3, 10 down stored (the end), 11 attention's partials
+#: stored and counted (a program with a split item), 12 attention merged (the last split of a KV head)
+TRACE_POINTS = 16
+_TRACE_POINTS = tl.constexpr(TRACE_POINTS)
 #: polls of the grid barrier's generation word before a program gives up and flags an error (bar[2]);
 #: far beyond any real wait (a phase takes microseconds), it turns a deadlock into wrong numbers + a flag
 SPIN_LIMIT = 1 << 20
@@ -1152,13 +1158,22 @@ def _grid_sync(bar_ptr, nprog, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _grid_sync_count(cnt_ptr, nprog, SPIN_LIMIT: tl.constexpr):
-    """Counting grid barrier: one acq_rel arrival on an int64 count that only grows (so no reset and no
-    generation word: a program's round ends at the next multiple of ``nprog`` above its own arrival), then
-    volatile polls of the count. One atomic per program instead of the generation barrier's three."""
+def _count_arrive(cnt_ptr, nprog):
+    """Arrival at the counting grid barrier: one acq_rel add on an int64 count that only grows (so no reset
+    and no generation word); returns the count that ends this program's round (the next multiple of
+    ``nprog`` above its own arrival). The release is a ``MEMBAR.GPU`` in the arriving thread, which also
+    waits for that thread's outstanding *loads*: loads meant to overlap the wait go after this call."""
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    target = (arrived // nprog + 1) * nprog
+    return (arrived // nprog + 1) * nprog
+
+
+@triton.jit
+def _count_wait(cnt_ptr, target, SPIN_LIMIT: tl.constexpr):
+    """Volatile polls of the count until it reaches ``target`` (from :func:`_count_arrive`); after
+    SPIN_LIMIT polls the error word (``cnt_ptr + 1``) is set. What programs read of each other's output
+    afterwards they read with ``.cg`` loads (L2, where the releases made it visible; the arrival's acquire
+    invalidated L1)."""
     cur = tl.load(cnt_ptr, volatile=True)
     spins = 0
     while (cur < target) & (spins < SPIN_LIMIT):
@@ -1170,17 +1185,58 @@ def _grid_sync_count(cnt_ptr, nprog, SPIN_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _phase_sync(bar_ptr, nprog, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr, SYNC_TWICE: tl.constexpr):
-    """The barrier between two phases: BARRIER 0 the generation barrier on the int32 words, 1 the counting
-    barrier on int64 word 2. SYNC_TWICE (benchmark only) waits twice, to time one barrier."""
+def _grid_sync_count(cnt_ptr, nprog, SPIN_LIMIT: tl.constexpr):
+    """Counting grid barrier: :func:`_count_arrive` then :func:`_count_wait`. One atomic per program
+    instead of the generation barrier's three."""
+    _count_wait(cnt_ptr, _count_arrive(cnt_ptr, nprog), SPIN_LIMIT)
+
+
+@triton.jit
+def _phase_arrive(bar_ptr, nprog, BARRIER: tl.constexpr, SPLIT: tl.constexpr):
+    """First half of the barrier between two phases (see :func:`_phase_wait`): with SPLIT and the counting
+    barrier, the arrival; otherwise nothing (0)."""
+    if SPLIT and BARRIER == 1:
+        return _count_arrive(bar_ptr + 2, nprog)
+    else:
+        return tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
+def _phase_wait(bar_ptr, nprog, target, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr, SYNC_TWICE: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """The barrier between two phases, or with SPLIT its second half: BARRIER 0 the generation barrier on
+    the int32 words (never split), 1 the counting barrier on int64 word 2. A program issues its first
+    weight loads of the next phase between :func:`_phase_arrive` and this call, so that they overlap the
+    wait without holding back the arrival (the release waits for them otherwise). SYNC_TWICE (benchmark
+    only) waits twice, to time one barrier."""
     if BARRIER == 0:
         _grid_sync(bar_ptr.to(tl.pointer_type(tl.int32), bitcast=True), nprog, SPIN_LIMIT)
         if SYNC_TWICE:
             _grid_sync(bar_ptr.to(tl.pointer_type(tl.int32), bitcast=True), nprog, SPIN_LIMIT)
     else:
-        _grid_sync_count(bar_ptr + 2, nprog, SPIN_LIMIT)
+        if SPLIT:
+            _count_wait(bar_ptr + 2, target, SPIN_LIMIT)
+        else:
+            _grid_sync_count(bar_ptr + 2, nprog, SPIN_LIMIT)
         if SYNC_TWICE:
             _grid_sync_count(bar_ptr + 2, nprog, SPIN_LIMIT)
+
+
+@triton.jit
+def _phase_sync(bar_ptr, nprog, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr, SYNC_TWICE: tl.constexpr,
+                SPLIT: tl.constexpr):
+    """The whole barrier between two phases (nothing to issue in between)."""
+    _phase_wait(bar_ptr, nprog, _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT), SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+
+
+@triton.jit
+def _stamp(trace_ptr, pid, POINT: tl.constexpr, TRACE: tl.constexpr):
+    """Benchmark timeline (TRACE only): the global nanosecond timer when program ``pid`` reaches POINT,
+    stored at ``trace[pid, POINT]`` (an int64 ``[programs, TRACE_POINTS]`` buffer). Read after the CTA
+    barrier the phases already end with, so it is when the slowest warp got there."""
+    if TRACE:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        tl.store(trace_ptr + pid * _TRACE_POINTS + POINT, t)
 
 
 @triton.jit
@@ -1226,16 +1282,39 @@ def _rms_normed(r, w_ptr, k, k_ok, H, eps, dt: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(w_cur, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
-    """``out[n] = x . w[n]`` for this program's row tiles ``pid, pid + nprog, ..`` of ``[N, K]``; ``w_cur``
-    holds the first tile already (loaded before the wait that precedes this phase). The next tile is in
-    flight while one is reduced."""
+def _weight_ring(w_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr, DEPTH: tl.constexpr):
+    """This program's first DEPTH (1-3) row tiles ``pid, pid + nprog, ..`` of ``[N, K]``, requested before
+    a wait; slots past DEPTH repeat the first (no registers, unused)."""
+    w0 = _weight_rows(w_ptr, pid, N, K, TN, K_PAD)
+    w1 = w0
+    w2 = w0
+    if DEPTH >= 2:
+        w1 = _weight_rows(w_ptr, pid + nprog, N, K, TN, K_PAD)
+    if DEPTH >= 3:
+        w2 = _weight_rows(w_ptr, pid + 2 * nprog, N, K, TN, K_PAD)
+    return w0, w1, w2
+
+
+@triton.jit
+def _gemv_rows(w0, w1, w2, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr,
+               DEPTH: tl.constexpr = 1):
+    """``out[n] = x . w[n]`` for this program's row tiles ``pid, pid + nprog, ..`` of ``[N, K]``; ``w0``..
+    hold the first DEPTH tiles already (:func:`_weight_ring`, loaded before the wait that precedes this
+    phase). DEPTH tiles are in flight while one is reduced."""
     for u in range(pid, tl.cdiv(N, TN), nprog):
-        w_next = _weight_rows(w_ptr, u + nprog, N, K, TN, K_PAD)
-        acc = tl.sum(w_cur.to(tl.float32) * x[None, :], axis=1)
+        wn = _weight_rows(w_ptr, u + DEPTH * nprog, N, K, TN, K_PAD)
+        acc = tl.sum(w0.to(tl.float32) * x[None, :], axis=1)
         rows = u * TN + tl.arange(0, TN)
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
-        w_cur = w_next
+        if DEPTH == 1:
+            w0 = wn
+        elif DEPTH == 2:
+            w0 = w1
+            w1 = wn
+        else:
+            w0 = w1
+            w1 = w2
+            w2 = wn
 
 
 @triton.jit
@@ -1368,10 +1447,10 @@ def _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt: tl.constex
 @triton.jit
 def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
                        item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
-                       c, s, kt1, kt2, v, n_ok,
+                       c, s, kt1, kt2, v, n_ok, trace_ptr, pid,
                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr):
+                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr, TRACE: tl.constexpr):
     """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
     qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
     keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
@@ -1437,10 +1516,12 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
         tl.store(part_ml_ptr + 2 * idx + 1, l_i, mask=r_ok)
         tl.debug_barrier()  # every thread's partial stores precede the release below
         arrived = tl.atomic_add(cnt_ptr + g, 1, sem="acq_rel", scope="gpu")
+        _stamp(trace_ptr, pid, 11, TRACE)
         if arrived == num_splits - 1:
             zero = tl.zeros([GROUP_PAD], dtype=tl.int64)
             _merge_rows(part_acc_ptr, part_ml_ptr, att_ptr, zero, head, r_ok, d, d < D, 1, NQ, active, 0, D,
                         NUM_SPLITS, GROUP_PAD, D)
+            _stamp(trace_ptr, pid, 12, TRACE)
             tl.atomic_xchg(cnt_ptr + g, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
 
 
@@ -1449,7 +1530,7 @@ def _decoder_layer_kernel(
     hid_ptr, res_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr,
     w_in_ptr, w_qkv_ptr, w_o_ptr, w_post_ptr, w_gu_ptr, w_d_ptr, cs_ptr, kv_ptr,
     qkv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, o_ptr, act_ptr, hid_out_ptr, res_out_ptr, cnt_ptr, bar_ptr,
-    xs_ptr, eps, scale, nprog, num_splits, cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+    xs_ptr, trace_ptr, eps, scale, nprog, num_splits, cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
     H: tl.constexpr, H_PAD: tl.constexpr, I: tl.constexpr, I_PAD: tl.constexpr, NQ: tl.constexpr,
     NKV: tl.constexpr, D: tl.constexpr, NQD_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, TN: tl.constexpr, TN_O: tl.constexpr, TN_GU: tl.constexpr,
@@ -1457,7 +1538,8 @@ def _decoder_layer_kernel(
     HAS_RES: tl.constexpr, IS_NEOX: tl.constexpr, IEEE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
     SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0,
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, TRACE: tl.constexpr = False, SPLIT: tl.constexpr = True,
+    DEPTH_QKV: tl.constexpr = 2, DEPTH_DOWN: tl.constexpr = 1,
 ):
     """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
 
@@ -1496,22 +1578,29 @@ def _decoder_layer_kernel(
             tl.debug_barrier()
             _stream_rows(xs_row, w_qkv_ptr, qkv_ptr, pid, nprog, QKV_N, H, 0, TN, BK, STAGES, False, LIB)
         else:
-            w = _weight_rows(w_qkv_ptr, pid, QKV_N, H, TN, H_PAD)  # before the PDL wait: weights are constant
+            _stamp(trace_ptr, pid, 0, TRACE)
+            # before the PDL wait: weights are constant
+            w0, w1, w2 = _weight_ring(w_qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV)
             _pdl_enter(PDL)
+            _stamp(trace_ptr, pid, 1, TRACE)
             r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
             x = _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt)
-            _gemv_rows(w, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD)
+            _gemv_rows(w0, w1, w2, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV)
+        _stamp(trace_ptr, pid, 2, TRACE)
     else:
         _pdl_enter(PDL)
     if FIRST <= 1 and LAST >= 1:
         n_items = NKV * num_splits
-        # what attention reads that this launch does not write, requested before the barrier (so its
+        if FIRST < 1:
+            tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+        # what attention reads that this launch does not write, requested during the barrier (so its
         # latency overlaps the wait instead of following it)
         c, s, kt1, kt2, v, n_ok = _attention_first_tile(
             pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, pid, n_items, num_splits, cs_stride, kv_stride_kv,
             kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N, BLOCK_SIZE, IS_NEOX)
         if FIRST < 1:
-            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+            _stamp(trace_ptr, pid, 3, TRACE)
         for item in range(pid, n_items, nprog):
             if item != pid:  # a later item (more items than programs) loads its own after the barrier
                 c, s, kt1, kt2, v, n_ok = _attention_first_tile(
@@ -1519,32 +1608,40 @@ def _decoder_layer_kernel(
                     kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N, BLOCK_SIZE, IS_NEOX)
             _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr,
                                cnt_ptr, item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h,
-                               kv_stride_tok, c, s, kt1, kt2, v, n_ok, NQ, NKV, D, GROUP_PAD, TILE_N,
-                               BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE)
+                               kv_stride_tok, c, s, kt1, kt2, v, n_ok, trace_ptr, pid, NQ, NKV, D, GROUP_PAD,
+                               TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, TRACE)
+        _stamp(trace_ptr, pid, 4, TRACE)
     if FIRST <= 2 and LAST >= 2:
         if DOT:
             if FIRST < 2:
-                _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+                _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
             _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
         else:
             kq = tl.arange(0, NQD_PAD)
+            if FIRST < 2:
+                tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
             w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD)
             if FIRST < 2:
-                _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+                _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+                _stamp(trace_ptr, pid, 5, TRACE)
             x = tl.load(att_ptr + kq, mask=kq < NQD, other=0.0, cache_modifier=".cg").to(tl.float32)
-            _gemv_rows(w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD)
+            _gemv_rows(w, w, w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD)
+            _stamp(trace_ptr, pid, 6, TRACE)
     if FIRST <= 3 and LAST >= 3 and DOT:
         if FIRST < 3:
-            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
         r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
         tl.debug_barrier()
         _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
     if FIRST <= 3 and LAST >= 3 and not DOT:
+        if FIRST < 3:
+            tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
         wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD)
         wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
         if FIRST < 3:
-            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+            _stamp(trace_ptr, pid, 7, TRACE)
         r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
         for u in range(pid, tl.cdiv(I, TN_GU), nprog):
@@ -1557,17 +1654,22 @@ def _decoder_layer_kernel(
             tl.store(act_ptr + rows, a.to(dt), mask=rows < I)
             wg = wg_next
             wu = wu_next
+        _stamp(trace_ptr, pid, 8, TRACE)
     if LAST >= 4 and DOT:
         if FIRST < 4:
-            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
         _stream_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, H, I, 0, TN_DOWN, BK, STAGES, False, LIB)
     if LAST >= 4 and not DOT:
         ki = tl.arange(0, I_PAD)
-        w = _weight_rows(w_d_ptr, pid, H, I, TN_DOWN, I_PAD)
         if FIRST < 4:
-            _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE)
+            tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+        w0, w1, w2 = _weight_ring(w_d_ptr, pid, nprog, H, I, TN_DOWN, I_PAD, DEPTH_DOWN)
+        if FIRST < 4:
+            _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+            _stamp(trace_ptr, pid, 9, TRACE)
         x = tl.load(act_ptr + ki, mask=ki < I, other=0.0, cache_modifier=".cg").to(tl.float32)
-        _gemv_rows(w, w_d_ptr, x, hid_out_ptr, pid, nprog, H, I, TN_DOWN, I_PAD)
+        _gemv_rows(w0, w1, w2, w_d_ptr, x, hid_out_ptr, pid, nprog, H, I, TN_DOWN, I_PAD, DEPTH_DOWN)
+        _stamp(trace_ptr, pid, 10, TRACE)
 
 
 #: the compiled kernel of the latest launch of some launchers (benchmarks read its registers and IR)
@@ -1575,9 +1677,11 @@ LAST_COMPILED: dict[str, object] = {}
 #: launch parameters of the persistent decoder layer (bench/cuda/bench_persistent.py sweeps them)
 CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
                            "programs": None,  # programs: None = one per SM
-                           "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1,
-                           # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier
-                           "last_phase": None, "sync_twice": False}
+                           "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 2, "DEPTH_DOWN": 1,
+                           # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier,
+                           # a timeline buffer (int64 [launches, programs, TRACE_POINTS]: launch i of the
+                           # layer writes row trace_next % launches, see _stamp)
+                           "last_phase": None, "sync_twice": False, "trace": None, "trace_next": 0}
 
 
 #: Register-tile budgets, in weight elements per tile, of the configuration measured on the H200 at the
@@ -1659,11 +1763,15 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
     st = kv_cache.stride()
     xs = torch.empty((nprog, triton.next_power_of_2(h)), dtype=dt, device=dev) if cfg["DOT"] else o
     last = DECODER_PHASES - 1 if cfg.get("last_phase") is None else cfg["last_phase"]  # < 4: benchmark only
+    trace = cfg.get("trace")
+    if trace is not None:  # benchmark only: rows picked at launch (a captured graph replays the same rows)
+        trace = trace[cfg["trace_next"] % trace.shape[0]]
+        cfg["trace_next"] += 1
     phases = [(0, last)] if persistent else [(p, p) for p in range(last + 1)]
     args = (hidden, residual if residual is not None else hidden, positions, slot_mapping, block_table, seq_lens,
             w_in, w_qkv, w_o, w_post, w_gu, w_down, cos_sin_cache, kv_cache,
             qkv, att, part_acc, part_ml, o, act, hid_out, res_out, cnt if cnt is not None else seq_lens,
-            bar if bar is not None else seq_lens, xs,
+            bar if bar is not None else seq_lens, xs, trace if trace is not None else seq_lens,
             float(eps), float(scale), nprog, splits, cos_sin_cache.stride(0), st[0], st[1], st[2], st[3])
     consts = dict(
         H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
@@ -1674,7 +1782,8 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
                               triton.next_power_of_2(inter), cfg), HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
-        launch_pdl=PDL)
+        TRACE=trace is not None, SPLIT=bool(cfg["SPLIT"]),
+        DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], launch_pdl=PDL)
     for first, last in phases:
         if persistent and first != last:
             _check_resident(args, {**consts, "FIRST": first, "LAST": last}, nprog, num_sms)

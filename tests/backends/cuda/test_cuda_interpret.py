@@ -575,7 +575,10 @@ def _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, he
     # one program: more attention items (2 KV heads, one split each) than programs, so the program's
     # second item loads its first key tile itself (the first item's is requested before the barrier)
     dict(DOT=0, programs=1),
-], ids=["stream", "registers", "registers-1-program"])
+    # two programs, each with more row tiles than its ring holds (tiles rotate through the ring), and the
+    # split barrier (arrive, then the next phase's first loads, then wait: a no-op one phase a launch)
+    dict(DOT=0, programs=2, DEPTH_QKV=3, DEPTH_DOWN=2, TN_DOWN=2),
+], ids=["stream", "registers", "registers-1-program", "registers-ring"])
 def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, is_neox, tile_n, max_splits, variant):
     heads, kv_heads, head_size, block_size, eps = 4, 2, 32, 16, 1e-5
     scale = head_size**-0.5

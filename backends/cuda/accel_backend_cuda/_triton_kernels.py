@@ -1240,13 +1240,46 @@ def _stamp(trace_ptr, pid, POINT: tl.constexpr, TRACE: tl.constexpr):
 
 
 @triton.jit
-def _weight_rows(w_ptr, unit, N, K, TN: tl.constexpr, K_PAD: tl.constexpr):
+def _weight_rows(w_ptr, unit, N, K, TN: tl.constexpr, K_PAD: tl.constexpr, R3: tl.constexpr = False):
     """Rows ``unit * TN ..`` of a contiguous ``[N, K]`` weight, whole (``[TN, K_PAD]``, zeros outside);
-    streamed once, so evicted first from L2."""
-    rows = unit * TN + tl.arange(0, TN)
-    k = tl.arange(0, K_PAD)
-    return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
-                   other=0.0, eviction_policy="evict_first")
+    streamed once, so evicted first from L2. R3: as ``[TN, K_PAD // 256, 256]`` (row, chunk, element),
+    which Triton lays out with one warp per row (see :func:`_row_sums`)."""
+    if R3:
+        rows = unit * TN + tl.arange(0, TN)[:, None, None]
+        k = tl.arange(0, K_PAD // 256)[None, :, None] * 256 + tl.arange(0, 256)[None, None, :]
+        return tl.load(w_ptr + rows.to(tl.int64) * K + k, mask=(rows < N) & (k < K), other=0.0,
+                       eviction_policy="evict_first")
+    else:
+        rows = unit * TN + tl.arange(0, TN)
+        k = tl.arange(0, K_PAD)
+        return tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :], mask=(rows < N)[:, None] & (k < K)[None, :],
+                       other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _x_rows(x_ptr, K, TN: tl.constexpr, K_PAD: tl.constexpr, R3: tl.constexpr):
+    """The vector ``x`` (``[K]`` at ``x_ptr``, written by another program or before a CTA barrier: read
+    through L2) as float32, shaped to multiply :func:`_weight_rows` tiles: ``[K_PAD]``, or with R3 a
+    ``[TN, K_PAD // 256, 256]`` copy per row, loaded in that shape so that it gets the tile's layout (a
+    broadcast would convert the tile's layout through shared memory instead)."""
+    if R3:
+        rows = tl.arange(0, TN)[:, None, None]
+        k = tl.arange(0, K_PAD // 256)[None, :, None] * 256 + tl.arange(0, 256)[None, None, :]
+        return tl.load(x_ptr + k + rows * 0, mask=(k < K) & (rows < TN), other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        k = tl.arange(0, K_PAD)
+        return tl.load(x_ptr + k, mask=k < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+
+
+@triton.jit
+def _row_sums(w, x, R3: tl.constexpr):
+    """``w @ x`` of a weight tile and :func:`_x_rows` (float32 ``[TN]``). The 2-D tile has its warps along
+    K, so each row ends in a warp shuffle tree *and* a cross-warp sum through shared memory; the R3 tile
+    has a warp per row: in-thread sums over the chunks, then one shuffle tree."""
+    if R3:
+        return tl.sum(tl.sum(w.to(tl.float32) * x, axis=1), axis=1)
+    else:
+        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
 
 
 @triton.jit
@@ -1282,28 +1315,29 @@ def _rms_normed(r, w_ptr, k, k_ok, H, eps, dt: tl.constexpr):
 
 
 @triton.jit
-def _weight_ring(w_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr, DEPTH: tl.constexpr):
+def _weight_ring(w_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr, DEPTH: tl.constexpr,
+                 R3: tl.constexpr = False):
     """This program's first DEPTH (1-3) row tiles ``pid, pid + nprog, ..`` of ``[N, K]``, requested before
     a wait; slots past DEPTH repeat the first (no registers, unused)."""
-    w0 = _weight_rows(w_ptr, pid, N, K, TN, K_PAD)
+    w0 = _weight_rows(w_ptr, pid, N, K, TN, K_PAD, R3)
     w1 = w0
     w2 = w0
     if DEPTH >= 2:
-        w1 = _weight_rows(w_ptr, pid + nprog, N, K, TN, K_PAD)
+        w1 = _weight_rows(w_ptr, pid + nprog, N, K, TN, K_PAD, R3)
     if DEPTH >= 3:
-        w2 = _weight_rows(w_ptr, pid + 2 * nprog, N, K, TN, K_PAD)
+        w2 = _weight_rows(w_ptr, pid + 2 * nprog, N, K, TN, K_PAD, R3)
     return w0, w1, w2
 
 
 @triton.jit
 def _gemv_rows(w0, w1, w2, w_ptr, x, out_ptr, pid, nprog, N, K, TN: tl.constexpr, K_PAD: tl.constexpr,
-               DEPTH: tl.constexpr = 1):
+               DEPTH: tl.constexpr = 1, R3: tl.constexpr = False):
     """``out[n] = x . w[n]`` for this program's row tiles ``pid, pid + nprog, ..`` of ``[N, K]``; ``w0``..
     hold the first DEPTH tiles already (:func:`_weight_ring`, loaded before the wait that precedes this
     phase). DEPTH tiles are in flight while one is reduced."""
     for u in range(pid, tl.cdiv(N, TN), nprog):
-        wn = _weight_rows(w_ptr, u + DEPTH * nprog, N, K, TN, K_PAD)
-        acc = tl.sum(w0.to(tl.float32) * x[None, :], axis=1)
+        wn = _weight_rows(w_ptr, u + DEPTH * nprog, N, K, TN, K_PAD, R3)
+        acc = _row_sums(w0, x, R3)
         rows = u * TN + tl.arange(0, TN)
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rows < N)
         if DEPTH == 1:
@@ -1539,7 +1573,7 @@ def _decoder_layer_kernel(
     SPIN_LIMIT: tl.constexpr, LIB: tl.constexpr, DOT: tl.constexpr = 0,
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
     PDL: tl.constexpr = False, TRACE: tl.constexpr = False, SPLIT: tl.constexpr = True,
-    DEPTH_QKV: tl.constexpr = 2, DEPTH_DOWN: tl.constexpr = 1,
+    DEPTH_QKV: tl.constexpr = 3, DEPTH_DOWN: tl.constexpr = 1, ROWS3: tl.constexpr = 0,
 ):
     """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
 
@@ -1580,12 +1614,17 @@ def _decoder_layer_kernel(
         else:
             _stamp(trace_ptr, pid, 0, TRACE)
             # before the PDL wait: weights are constant
-            w0, w1, w2 = _weight_ring(w_qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV)
+            R3_QKV: tl.constexpr = (ROWS3 & 1) != 0
+            w0, w1, w2 = _weight_ring(w_qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV, R3_QKV)
             _pdl_enter(PDL)
             _stamp(trace_ptr, pid, 1, TRACE)
             r = _residual_row(hid_ptr, res_ptr, kh, kh_ok, HAS_RES)
             x = _rms_normed(r, w_in_ptr, kh, kh_ok, H, eps, dt)
-            _gemv_rows(w0, w1, w2, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV)
+            if R3_QKV:  # through this program's scratch row, to load it in the tiles' layout
+                tl.store(xs_row + kh, x.to(dt), mask=kh_ok)
+                tl.debug_barrier()
+                x = _x_rows(xs_row, H, TN, H_PAD, True)
+            _gemv_rows(w0, w1, w2, w_qkv_ptr, x, qkv_ptr, pid, nprog, QKV_N, H, TN, H_PAD, DEPTH_QKV, R3_QKV)
         _stamp(trace_ptr, pid, 2, TRACE)
     else:
         _pdl_enter(PDL)
@@ -1617,15 +1656,15 @@ def _decoder_layer_kernel(
                 _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
             _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
         else:
-            kq = tl.arange(0, NQD_PAD)
+            R3_O: tl.constexpr = (ROWS3 & 2) != 0
             if FIRST < 2:
                 tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
-            w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD)
+            w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD, R3_O)
             if FIRST < 2:
                 _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
                 _stamp(trace_ptr, pid, 5, TRACE)
-            x = tl.load(att_ptr + kq, mask=kq < NQD, other=0.0, cache_modifier=".cg").to(tl.float32)
-            _gemv_rows(w, w, w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD)
+            x = _x_rows(att_ptr, NQD, TN_O, NQD_PAD, R3_O)
+            _gemv_rows(w, w, w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD, 1, R3_O)
             _stamp(trace_ptr, pid, 6, TRACE)
     if FIRST <= 3 and LAST >= 3 and DOT:
         if FIRST < 3:
@@ -1637,18 +1676,23 @@ def _decoder_layer_kernel(
     if FIRST <= 3 and LAST >= 3 and not DOT:
         if FIRST < 3:
             tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
-        wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD)
-        wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD)
+        R3_GU: tl.constexpr = (ROWS3 & 4) != 0
+        wg = _weight_rows(w_gu_ptr, pid, I, H, TN_GU, H_PAD, R3_GU)
+        wu = _weight_rows(w_gu_ptr + I * H, pid, I, H, TN_GU, H_PAD, R3_GU)
         if FIRST < 3:
             _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
             _stamp(trace_ptr, pid, 7, TRACE)
         r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
         x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
+        if R3_GU:  # through this program's scratch row, to load it in the tiles' layout
+            tl.store(xs_row + kh, x.to(dt), mask=kh_ok)
+            tl.debug_barrier()
+            x = _x_rows(xs_row, H, TN_GU, H_PAD, True)
         for u in range(pid, tl.cdiv(I, TN_GU), nprog):
-            wg_next = _weight_rows(w_gu_ptr, u + nprog, I, H, TN_GU, H_PAD)
-            wu_next = _weight_rows(w_gu_ptr + I * H, u + nprog, I, H, TN_GU, H_PAD)
-            gate = tl.sum(wg.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
-            up = tl.sum(wu.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
+            wg_next = _weight_rows(w_gu_ptr, u + nprog, I, H, TN_GU, H_PAD, R3_GU)
+            wu_next = _weight_rows(w_gu_ptr + I * H, u + nprog, I, H, TN_GU, H_PAD, R3_GU)
+            gate = _row_sums(wg, x, R3_GU).to(dt).to(tl.float32)
+            up = _row_sums(wu, x, R3_GU).to(dt).to(tl.float32)
             a = _activation(gate, 0, LIB) * up
             rows = u * TN_GU + tl.arange(0, TN_GU)
             tl.store(act_ptr + rows, a.to(dt), mask=rows < I)
@@ -1675,19 +1719,22 @@ def _decoder_layer_kernel(
 #: the compiled kernel of the latest launch of some launchers (benchmarks read its registers and IR)
 LAST_COMPILED: dict[str, object] = {}
 #: launch parameters of the persistent decoder layer (bench/cuda/bench_persistent.py sweeps them)
-CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 16, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
+CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 8, "TN_GU": 8, "TN_DOWN": 4, "TILE_N": 32, "max_splits": 16,
                            "programs": None,  # programs: None = one per SM
-                           "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 2, "DEPTH_DOWN": 1,
+                           "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 3, "DEPTH_DOWN": 1,
+                           "ROWS3": 7,
                            # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier,
                            # a timeline buffer (int64 [launches, programs, TRACE_POINTS]: launch i of the
                            # layer writes row trace_next % launches, see _stamp)
                            "last_phase": None, "sync_twice": False, "trace": None, "trace_next": 0}
 
 
-#: Register-tile budgets, in weight elements per tile, of the configuration measured on the H200 at the
-#: Llama-1B shape (qkv 8 x 2048, o_proj 16 x 2048, gate and up 8 x 2048 each, down 4 x 8192): 203 registers
-#: a thread, no local memory. Wider layers get fewer rows per tile so the tiles stay this size (at the
-#: Llama-8B shape: 210 registers, no local memory; tests/backends/cuda/test_cuda_compile.py checks both).
+#: Register-tile budgets, in weight elements per tile (the most rows a tile may have is this over the
+#: padded width). The configuration measured on the H200 at the Llama-1B shape (session 9: qkv 8 x 2048 in
+#: a ring of 4, o_proj 8 x 2048, gate and up 8 x 2048 each, all three as ROWS3 tiles; down 4 x 8192) uses
+#: 236 registers a thread (Triton 3.6), no local memory. Wider layers get fewer rows per tile so the tiles
+#: stay this size (Llama-8B shape: 248 registers, no local memory, no ROWS3 tiles: see rows3_mask;
+#: tests/backends/cuda/test_cuda_compile.py checks both).
 TILE_ELEMS = {"TN": 16384, "TN_O": 32768, "TN_GU": 16384, "TN_DOWN": 32768}
 #: The widest vectors a program keeps in registers that compiled without local memory (Llama-8B shape):
 #: the hidden state, the attention output (heads x head_size) and the activation. Wider layers are declined.
@@ -1699,6 +1746,14 @@ def decoder_layer_tiles(h_pad: int, nqd_pad: int, i_pad: int, cfg: dict) -> dict
     padded width would make a tile larger than :data:`TILE_ELEMS`."""
     widths = {"TN": h_pad, "TN_O": nqd_pad, "TN_GU": h_pad, "TN_DOWN": i_pad}
     return {k: max(1, min(cfg[k], TILE_ELEMS[k] // w)) for k, w in widths.items()}
+
+
+def rows3_mask(h_pad: int, nqd_pad: int, cfg: dict) -> int:
+    """The projections (bits: 1 qkv, 2 o_proj, 4 gate_up) whose tiles go as ``[rows, chunks, 256]`` (a warp
+    per row): the configured ones whose input width is 256 to 2048 (a thread then holds a copy of at most
+    64 elements of x; wider rows would spill)."""
+    ok = {1: h_pad, 2: nqd_pad, 4: h_pad}
+    return sum(bit for bit, w in ok.items() if int(cfg["ROWS3"]) & bit and 256 <= w <= 2048)
 
 
 _RESIDENT: dict[tuple, int] = {}
@@ -1761,7 +1816,8 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
     res_out = torch.empty((1, h), dtype=dt, device=dev)
     group = num_heads // num_kv_heads
     st = kv_cache.stride()
-    xs = torch.empty((nprog, triton.next_power_of_2(h)), dtype=dt, device=dev) if cfg["DOT"] else o
+    rows3 = rows3_mask(triton.next_power_of_2(h), triton.next_power_of_2(num_heads * head_size), cfg)
+    xs = torch.empty((nprog, triton.next_power_of_2(h)), dtype=dt, device=dev) if cfg["DOT"] or rows3 else o
     last = DECODER_PHASES - 1 if cfg.get("last_phase") is None else cfg["last_phase"]  # < 4: benchmark only
     trace = cfg.get("trace")
     if trace is not None:  # benchmark only: rows picked at launch (a captured graph replays the same rows)
@@ -1783,7 +1839,7 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
         TRACE=trace is not None, SPLIT=bool(cfg["SPLIT"]),
-        DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], launch_pdl=PDL)
+        DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], ROWS3=rows3, launch_pdl=PDL)
     for first, last in phases:
         if persistent and first != last:
             _check_resident(args, {**consts, "FIRST": first, "LAST": last}, nprog, num_sms)

@@ -141,7 +141,7 @@ def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
                   NQD_PAD=pads["NQD"], GROUP_PAD=16, TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16,
                   **k.decoder_layer_tiles(pads["H"], pads["NQD"], pads["I"], cfg), HAS_RES=True, IS_NEOX=True,
                   IEEE=False, FIRST=0, LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot,
-                  BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False, PDL=True, TRACE=False, SPLIT=bool(cfg["SPLIT"]),
+                  BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False, PDL=True, TRACE=False, SPLIT=bool(cfg["SPLIT"]), ROWS3=k.rows3_mask(pads["H"], pads["NQD"], cfg),
                   DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"])
     ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "trace_ptr": "i64"}

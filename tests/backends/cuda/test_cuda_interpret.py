@@ -606,6 +606,29 @@ def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_re
         assert torch.equal(cache[0, table[p // block_size], :, p % block_size], past_k[p])
 
 
+@pytest.mark.parametrize("rows3, programs", [(7, 2), (5, 1)])
+def test_decoder_layer_decode_rows3_tiles_match_float64_layer(kernels, rows3, programs):
+    """ROWS3 tiles (row, 256-element chunk, element: a warp per row) at a width of two chunks, one of
+    them part padding (hidden 300, heads x head_size 256); two programs, so each one's tiles rotate."""
+    hidden, inter, heads, kv_heads, head_size, block_size, eps, n_old = 300, 96, 8, 2, 32, 16, 1e-5, 40
+    scale = head_size**-0.5
+    w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(
+        5, n_old, True, True, hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads, head_size=head_size)
+    saved = dict(kernels.CONFIG["decoder_layer"])
+    kernels.CONFIG["decoder_layer"].update(DOT=0, ROWS3=rows3, programs=programs, TN_O=8)
+    try:
+        out, res_out = C.decoder_layer_decode(
+            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,
+            heads, kv_heads, head_size, True, scale, cache, torch.tensor([slot]), table[None, :],
+            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
+    finally:
+        kernels.CONFIG["decoder_layer"].clear()
+        kernels.CONFIG["decoder_layer"].update(saved)
+    e_out, e_res, _, _ = _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size,
+                                            True, eps, scale)
+    assert rel(out, e_out) < 1e-5 and rel(res_out, e_res) < 1e-6
+
+
 def test_decoder_layer_decode_refuses_what_it_does_not_compute():
     w, cache, table, slot, pos, cs, hid, res, *_ = _decoder_layer_case(0, 4, True, True)
     args = dict(residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"], o_weight=w["o"],

@@ -563,6 +563,21 @@ def _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, he
     return out, resid2, k.view(kv_heads, head_size), v.view(kv_heads, head_size)
 
 
+def _run_decoder_layer(kernels, overrides, w, cache, table, slot, pos, cs, hid, res, n_old, heads, kv_heads,
+                       head_size, is_neox, eps):
+    """decoder_layer_decode of a _decoder_layer_case under CONFIG["decoder_layer"] overrides (restored after)."""
+    saved = dict(kernels.CONFIG["decoder_layer"])
+    kernels.CONFIG["decoder_layer"].update(overrides)
+    try:
+        return C.decoder_layer_decode(
+            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,
+            heads, kv_heads, head_size, is_neox, head_size**-0.5, cache, torch.tensor([slot]), table[None, :],
+            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
+    finally:
+        kernels.CONFIG["decoder_layer"].clear()
+        kernels.CONFIG["decoder_layer"].update(saved)
+
+
 @pytest.mark.parametrize("seed, n_old, has_res, is_neox, tile_n, max_splits", [
     (0, 36, True, True, 32, 16),  # two splits over the cached keys, merged by the last to arrive
     (1, 0, False, True, 32, 16),  # first token: no cached key; layer 0 (no residual)
@@ -583,17 +598,9 @@ def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_re
     heads, kv_heads, head_size, block_size, eps = 4, 2, 32, 16, 1e-5
     scale = head_size**-0.5
     w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(seed, n_old, has_res, is_neox)
-    saved = dict(kernels.CONFIG["decoder_layer"])
     # stream: BK 32 < hidden 64, so the flattened (tile, k chunk) loop crosses tiles mid-way
-    kernels.CONFIG["decoder_layer"].update(TILE_N=tile_n, max_splits=max_splits, BK=32, **variant)
-    try:
-        out, res_out = C.decoder_layer_decode(
-            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,
-            heads, kv_heads, head_size, is_neox, scale, cache, torch.tensor([slot]), table[None, :],
-            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
-    finally:
-        kernels.CONFIG["decoder_layer"].clear()
-        kernels.CONFIG["decoder_layer"].update(saved)
+    out, res_out = _run_decoder_layer(kernels, dict(TILE_N=tile_n, max_splits=max_splits, BK=32, **variant), w, cache,
+                                      table, slot, pos, cs, hid, res, n_old, heads, kv_heads, head_size, is_neox, eps)
     e_out, e_res, e_k, e_v = _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size,
                                                 is_neox, eps, scale)
     assert out.shape == (1, 64) and res_out.shape == (1, 64)
@@ -609,21 +616,14 @@ def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_re
 @pytest.mark.parametrize("rows3, programs", [(7, 2), (5, 1)])
 def test_decoder_layer_decode_rows3_tiles_match_float64_layer(kernels, rows3, programs):
     """ROWS3 tiles (row, 256-element chunk, element: a warp per row) at a width of two chunks, one of
-    them part padding (hidden 300, heads x head_size 256); two programs, so each one's tiles rotate."""
+    them part padding (hidden 300, heads x head_size 256); one or two programs, so a program's tiles rotate
+    through its ring."""
     hidden, inter, heads, kv_heads, head_size, block_size, eps, n_old = 300, 96, 8, 2, 32, 16, 1e-5, 40
     scale = head_size**-0.5
     w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(
         5, n_old, True, True, hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads, head_size=head_size)
-    saved = dict(kernels.CONFIG["decoder_layer"])
-    kernels.CONFIG["decoder_layer"].update(DOT=0, ROWS3=rows3, programs=programs, TN_O=8)
-    try:
-        out, res_out = C.decoder_layer_decode(
-            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["gate_up"], w["down"], eps, cs,
-            heads, kv_heads, head_size, True, scale, cache, torch.tensor([slot]), table[None, :],
-            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
-    finally:
-        kernels.CONFIG["decoder_layer"].clear()
-        kernels.CONFIG["decoder_layer"].update(saved)
+    out, res_out = _run_decoder_layer(kernels, dict(DOT=0, ROWS3=rows3, programs=programs, TN_O=8), w, cache, table,
+                                      slot, pos, cs, hid, res, n_old, heads, kv_heads, head_size, True, eps)
     e_out, e_res, _, _ = _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size,
                                             True, eps, scale)
     assert rel(out, e_out) < 1e-5 and rel(res_out, e_res) < 1e-6

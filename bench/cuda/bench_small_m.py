@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RES: dict = {"failures": []}
 DEV = "cuda"
 SWEEP = False  # --sweep: the config sweeps that chose the defaults (first H100 run of issue 11)
+WIDE = False  # --wide: sweep the wider tiles for 17-64 rows instead (session 10)
+MS: tuple[int, ...] = ()  # --ms: the row counts of the linear section (default 1, 16; with --sweep 1, 16, 64)
+SHAPE_NAMES: tuple[str, ...] = ()  # --shapes: a subset of SHAPES
 
 
 def log(*a) -> None:
@@ -279,7 +282,9 @@ def section_linear(C, K, bw: float, quick: bool) -> dict:
         wbytes = n * k * 2
         copies = max(2, min(16, math.ceil(200e6 / wbytes)))
         ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 45 for _ in range(copies)]
-        for m in ((1, 16, 64) if SWEEP else (1, 16)):
+        if SHAPE_NAMES and name not in SHAPE_NAMES:
+            continue
+        for m in (MS or ((1, 16, 64) if SWEEP else (1, 16))):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             floor = (wbytes + m * (n + k) * 2) / bw
             t_cub = graph_time(lambda: [F.linear(x, w) for w in ws]) / copies
@@ -292,16 +297,19 @@ def section_linear(C, K, bw: float, quick: bool) -> dict:
                         if dot or bn * bk <= 8192 * (nw // 4)]
             elif m == 16:
                 fams = list(itertools.product([1], [16, 32, 64], [128, 256], [4], [3, 4]))
-            else:
+            elif not WIDE:
                 fams = list(itertools.product([1], [16, 32, 64], [64, 128], [4], [3, 4]))
+            else:  # --wide: the tiles for 17-64 rows (x re-read BLOCK_M / BLOCK_N times the weight's bytes)
+                fams = [(1, bn, bk, nw, 3) for bn in (64, 128) for bk in (64, 128) for nw in (4, 8)]
+                fams += [(1, 128, 64, 8, 4), (1, 64, 64, 4, 4), (1, 256, 64, 8, 3)]
             if quick or not SWEEP:
                 fams = []
             for dot, bn, bk, nw, st in fams:
                 tiles = -(-n // bn)
-                for split in (1, 2, 4, 8, 16):
+                for split in ((1, 2, 4, 8) if WIDE else (1, 2, 4, 8, 16)):
                     if split > 1 and (k // split < bk or tiles * split > 32 * sms):
                         continue
-                    cfg = dict(BLOCK_M=max(16, m) if dot else m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+                    cfg = dict(BLOCK_M=max(16, C._pow2(m)) if dot else m, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
                                USE_DOT=dot, num_warps=nw, num_stages=st)
                     try:
                         y = K.linear_small_m(x, ws[0], None, cfg)
@@ -339,9 +347,14 @@ def main() -> int:
     ap.add_argument("--sections", default="verify,verify_attn,attn,linear")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="sweep attention variants and linear configs")
+    ap.add_argument("--wide", action="store_true", help="with --sweep: the wide tiles for 17-64 rows")
+    ap.add_argument("--ms", default="", help="row counts of the linear section, e.g. 32,64")
+    ap.add_argument("--shapes", default="", help="a subset of the linear shapes, e.g. qkv_proj,down_proj")
     args = ap.parse_args()
-    global SWEEP
-    SWEEP = args.sweep
+    global SWEEP, WIDE, MS, SHAPE_NAMES
+    SWEEP, WIDE = args.sweep, args.wide
+    MS = tuple(int(v) for v in args.ms.split(",") if v)
+    SHAPE_NAMES = tuple(v for v in args.shapes.split(",") if v)
     args.out.mkdir(parents=True, exist_ok=True)
     C = importlib.import_module("accel_backend_cuda")
     K = importlib.import_module("accel_backend_cuda._triton_kernels")

@@ -1,6 +1,7 @@
 """Decode-sized kernels of the CUDA backend (issue 11): check, then time against cuBLAS / the old plan.
 
-    python bench/cuda/bench_small_m.py --out DIR [--sections verify,attn,linear] [--sweep]
+    python bench/cuda/bench_small_m.py --out DIR [--sections verify,attn,linear] [--sweep [--wide]]
+                                       [--ms 1,16,64] [--shapes qkv_proj,down_proj]
 
 * ``verify``  the small-M linear kernel (bf16 and float32, odd shapes, splits, bias, strided weight rows;
               in a CUDA graph replayed 20 times: the split counters must reset) and decode attention
@@ -11,6 +12,7 @@
 * ``linear``  the Llama-1B decode projections and LM head at M = 1, 16, 64: cuBLAS (F.linear) against a
               sweep of the small-M kernel's configs. Weights rotate over copies > 100 MB so L2 does not
               serve them; each time is a CUDA graph of one call per copy, median of replays, per call.
+              ``--wide`` sweeps the wider tiles tried for 17-64 rows instead (session 10: none beat cuBLAS).
 
 Writes DIR/results.json and prints tables last.
 """

@@ -281,11 +281,11 @@ def section_linear(C, K, bw: float, quick: bool) -> dict:
     rows = []
     sms = C._num_sms(torch.device(DEV))
     for name, (n, k) in SHAPES.items():
+        if SHAPE_NAMES and name not in SHAPE_NAMES:
+            continue
         wbytes = n * k * 2
         copies = max(2, min(16, math.ceil(200e6 / wbytes)))
         ws = [torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 45 for _ in range(copies)]
-        if SHAPE_NAMES and name not in SHAPE_NAMES:
-            continue
         for m in (MS or ((1, 16, 64) if SWEEP else (1, 16))):
             x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
             floor = (wbytes + m * (n + k) * 2) / bw

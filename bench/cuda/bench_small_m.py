@@ -355,8 +355,18 @@ def main() -> int:
     args = ap.parse_args()
     global SWEEP, WIDE, MS, SHAPE_NAMES
     SWEEP, WIDE = args.sweep, args.wide
-    MS = tuple(int(v) for v in args.ms.split(",") if v)
+    try:
+        MS = tuple(int(v) for v in args.ms.split(",") if v)
+    except ValueError:
+        ap.error(f"--ms takes comma-separated row counts, e.g. 32,64; got {args.ms!r}")
+    if any(m < 1 for m in MS):
+        ap.error(f"--ms row counts must be positive; got {args.ms!r}")
     SHAPE_NAMES = tuple(v for v in args.shapes.split(",") if v)
+    unknown = sorted(set(SHAPE_NAMES) - set(SHAPES))
+    if unknown:  # a misspelt shape would otherwise measure nothing and report no failure
+        ap.error(f"--shapes: unknown {', '.join(unknown)}; the shapes are {', '.join(SHAPES)}")
+    if WIDE and not SWEEP:
+        ap.error("--wide selects the tiles --sweep measures: pass --sweep too")
     args.out.mkdir(parents=True, exist_ok=True)
     C = importlib.import_module("accel_backend_cuda")
     K = importlib.import_module("accel_backend_cuda._triton_kernels")

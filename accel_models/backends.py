@@ -71,6 +71,9 @@ COMPOSITE_OPS: dict[str, tuple[str, ...]] = {
     # API 1.4: a whole decoder layer at decode; its composite declines (None: the layer runs op by op)
     "decoder_layer_decode": ("rms_norm", "fused_add_rms_norm", "rotary_embedding", *KV_CACHE_GROUP, *LINEAR_GROUP,
                              "silu_and_mul"),
+    # API 1.5: a whole Mixtral-style layer at decode; its composite declines likewise
+    "moe_decoder_layer_decode": ("rms_norm", "fused_add_rms_norm", "rotary_embedding", *KV_CACHE_GROUP,
+                                 *LINEAR_GROUP, "moe_topk", "fused_experts"),
 }
 #: The provider name of an op bound as a composite (reserved: no backend may take it).
 COMPOSITE = "composite"

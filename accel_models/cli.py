@@ -72,8 +72,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
     print(_table(["op", *names], rows))
     print("\n* KV-cache group: these four ops always come from one backend (fallback moves them together).")
     print("+ linear group: both from one backend; their fallback is the device's own torch matmul (F.linear).")
-    print(f"{', '.join(COMPOSITE_OPS)}: fused ops (API 1.3, 1.4); 'composite' = the same backend's own ops called "
-          "in turn (no fallback; for decoder_layer_decode: the layer runs op by op), also bound where a native "
+    print(f"{', '.join(COMPOSITE_OPS)}: fused ops (API 1.3-1.5); 'composite' = the same backend's own ops called "
+          "in turn (no fallback; for the whole-layer ops: the layer runs op by op), also bound where a native "
           "one's backend does not provide every op it fuses.")
     unusable = [b for b in backends if not b.usable]
     for b in unusable:

@@ -80,9 +80,26 @@ def decoder_layer_decode(functions: Mapping[str, Callable[..., Any]]) -> Callabl
     return decoder_layer_decode
 
 
+def moe_decoder_layer_decode(functions: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """Declines (None), as :func:`decoder_layer_decode` does: the MoE layer's ``forward`` is the composite."""
+
+    def moe_decoder_layer_decode(
+        *, hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+        post_norm_weight: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+        top_k: int, renormalize: bool, eps: float, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int,
+        head_size: int, rotary_dim: int, is_neox: bool, scale: float, kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+    ) -> None:
+        return None
+
+    return moe_decoder_layer_decode
+
+
 #: fused op -> factory of its composite
 FACTORIES: dict[str, Callable[[Mapping[str, Callable[..., Any]]], Callable[..., Any]]] = {
     "rope_and_write_kv_cache": rope_and_write_kv_cache,
     "act_and_mul_linear": act_and_mul_linear,
     "decoder_layer_decode": decoder_layer_decode,
+    "moe_decoder_layer_decode": moe_decoder_layer_decode,
 }

@@ -56,8 +56,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROJECT_NAME = "accel_models"
 #: Minor version of the hookspec API (1.1: capture_graph; 1.2: prepare_linear and linear; 1.3: the fused
-#: ops rope_and_write_kv_cache and act_and_mul_linear; 1.4: decoder_layer_decode). Backends declare only the major version.
-HOOKSPEC_API_MINOR_VERSION = 4
+#: ops rope_and_write_kv_cache and act_and_mul_linear; 1.4: decoder_layer_decode; 1.5: moe_decoder_layer_decode).
+#: Backends declare only the major version.
+HOOKSPEC_API_MINOR_VERSION = 5
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
@@ -656,4 +657,45 @@ def accel_decoder_layer_decode(
     only where the same backend provides every op it replaces (the norms, rotary, the KV-cache group, the
     linear group, silu_and_mul). Conformance compares a non-None result with the float64 layer built from
     the reference's ops.
+    """
+
+
+@hookspec(firstresult=True)
+def accel_moe_decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+    renormalize: bool, eps: float, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int,
+    rotary_dim: int, is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A whole Mixtral-style decoder layer (Llama's attention, then softmax-routed SiLU experts without a
+    shared expert) for a decode step, in as few launches as the backend can, or None: "not here, run the
+    layer op by op".
+
+    Exactly, where it returns a result (every intermediate in the hidden states' dtype, as the ops return
+    them; the first lines are :func:`accel_decoder_layer_decode`'s)::
+
+        ... x, residual = fused_add_rms_norm(linear(a, o_weight), residual, post_norm_weight, eps)
+        topk_weights, topk_ids = moe_topk(linear(x, router_weight), top_k, scoring_func="softmax",
+                                          renormalize, no expert groups, no correction bias, scaling 1.0)
+        return fused_experts(x, w13, w2, topk_weights, topk_ids, activation="silu", expert_map=None), residual
+
+    Args:
+        hidden_states .. post_norm_weight, eps, cos_sin_cache .. max_seq_len: as for
+            :func:`accel_decoder_layer_decode`.
+        router_weight: ``[num_experts, hidden]`` (the router ``linear``'s weight, no bias).
+        w13: ``[num_experts, 2 I, hidden]``, w2: ``[num_experts, hidden, I]``: as for
+            :func:`accel_fused_experts` (every expert local: one rank, no expert parallelism).
+        top_k, renormalize: as for :func:`accel_moe_topk`.
+
+    Returns:
+        ``(hidden_out, residual_out)``, each ``[T, hidden]``, with the new keys and values written at
+        ``slot_mapping``; or None, having written nothing, for inputs the backend does not fuse.
+
+    Added in API 1.5. Optional: without a native one the composite returns None; a native one is bound
+    only where the same backend provides every op it replaces (the norms, rotary, the KV-cache group, the
+    linear group, moe_topk, fused_experts). Conformance compares a non-None result with the float64 layer
+    built from the reference's ops (where the float64 router's k-th and next scores are within the dtype's
+    noise, with the layer of either choice).
     """

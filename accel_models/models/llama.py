@@ -122,30 +122,44 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                                                 prefix=f"{prefix}.post_attention_layernorm")
 
-        ctx = get_build_context()
-        # hook API 1.4: the whole layer in one op at decode steps, where the backend fuses it natively (its
-        # composite declines) and this layer is the plain dense one the op computes
-        fused = "decoder_layer_decode" not in ctx.ops.composites and self._is_plain_dense(ctx)
-        self._decoder_layer_decode = ctx.ops.decoder_layer_decode if fused else None
+        # hook API 1.4 / 1.5: the whole layer in one op at decode steps, where the backend fuses it natively
+        # (its composite declines) and this layer is the plain one the op computes
+        self._decoder_layer_decode = self._whole_layer_op(get_build_context())
 
-    def _is_plain_dense(self, ctx: Any) -> bool:
-        """The layer ``decoder_layer_decode`` computes: Llama's attention (no q/k norm, no bias, full
-        rotary, no window or soft cap, the zoo's own paged attention) and SwiGLU MLP without bias, one rank."""
-        attn, mlp = self.self_attn, getattr(self, "mlp", None)
+    def _whole_layer_op(self, ctx: Any) -> Any:
+        """The backend's whole-layer op this layer calls at decode steps (``decoder_layer_decode``), or None
+        (the backend has no native one, or this layer is not the one it computes). MoE families override."""
+        fused = "decoder_layer_decode" not in ctx.ops.composites and self._is_plain_dense(ctx)
+        return ctx.ops.decoder_layer_decode if fused else None
+
+    def _whole_layer_feed_forward(self) -> dict[str, Any]:
+        """The feed-forward keywords of :meth:`_whole_layer_op`'s op (MoE families override)."""
+        return {"gate_up_weight": self.mlp.gate_up_proj.weight, "down_weight": self.mlp.down_proj.weight}
+
+    def _is_plain_attention(self, ctx: Any) -> bool:
+        """The attention half the whole-layer ops compute: Llama's attention (no q/k norm, no bias, full
+        rotary, no window or soft cap, the zoo's own paged attention) on one rank, the layer's own forward."""
+        attn = self.self_attn
         return (ctx.tp_group.world_size == 1 and type(self).forward is LlamaDecoderLayer.forward
-                and type(self).feed_forward is LlamaDecoderLayer.feed_forward and isinstance(mlp, LlamaMLP)
-                and type(mlp).forward is LlamaMLP.forward and mlp.act_fn.activation == "silu"
                 and isinstance(attn, LlamaAttention) and type(attn).forward is LlamaAttention.forward
                 and type(attn)._qk_norm is LlamaAttention._qk_norm
-                and all(getattr(m, "bias", None) is None
-                        for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                and attn.qkv_proj.bias is None and attn.o_proj.bias is None
                 and attn.attn.impl is None and attn.attn.sliding_window is None
                 and attn.attn.logits_soft_cap is None and attn.rotary_emb.rotary_dim == attn.head_dim)
 
+    def _is_plain_dense(self, ctx: Any) -> bool:
+        """The layer ``decoder_layer_decode`` computes: the plain attention and a SwiGLU MLP without bias."""
+        mlp = getattr(self, "mlp", None)
+        return (self._is_plain_attention(ctx) and type(self).feed_forward is LlamaDecoderLayer.feed_forward
+                and isinstance(mlp, LlamaMLP) and type(mlp).forward is LlamaMLP.forward
+                and mlp.act_fn.activation == "silu"
+                and mlp.gate_up_proj.bias is None and mlp.down_proj.bias is None)
+
     def _decode_whole_layer(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                             residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``decoder_layer_decode`` on a one-token-per-sequence step, or None (not such a step, or the
-        backend declined these inputs): then ``forward`` runs the layer op by op."""
+        """The whole-layer op (``decoder_layer_decode``, or the MoE families' ``moe_decoder_layer_decode``)
+        on a one-token-per-sequence step, or None (not such a step, or the backend declined these inputs):
+        then ``forward`` runs the layer op by op."""
         ctx = get_forward_context()
         md = ctx.attn_metadata
         # one query token per sequence and no padding rows (a padded graph's extra rows are the op's to skip
@@ -159,8 +173,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states=hidden_states, residual=residual, positions=positions,
             input_norm_weight=self.input_layernorm.weight, qkv_weight=attn.qkv_proj.weight,
             o_weight=attn.o_proj.weight, post_norm_weight=self.post_attention_layernorm.weight,
-            gate_up_weight=self.mlp.gate_up_proj.weight, down_weight=self.mlp.down_proj.weight,
-            eps=self.input_layernorm.variance_epsilon, cos_sin_cache=rope.cos_sin_cache, num_heads=attn.num_heads,
+            **self._whole_layer_feed_forward(), eps=self.input_layernorm.variance_epsilon, cos_sin_cache=rope.cos_sin_cache, num_heads=attn.num_heads,
             num_kv_heads=attn.num_kv_heads, head_size=attn.head_dim, rotary_dim=rope.rotary_dim,
             is_neox=rope.is_neox, scale=attn.scaling, kv_cache=ctx.kv_caches[attn.attn.prefix],
             slot_mapping=md.slot_mapping[:n], block_table=md.block_table, seq_lens=md.seq_lens,

@@ -57,6 +57,32 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.block_sparse_moe(hidden_states)
 
+    def _whole_layer_op(self, ctx: Any) -> Any:
+        """``moe_decoder_layer_decode`` (API 1.5) where the backend has a native one and this is the plain
+        Mixtral layer it computes (see :meth:`_is_plain_moe`)."""
+        fused = "moe_decoder_layer_decode" not in ctx.ops.composites and self._is_plain_moe(ctx)
+        return ctx.ops.moe_decoder_layer_decode if fused else None
+
+    def _is_plain_moe(self, ctx: Any) -> bool:
+        """The layer ``moe_decoder_layer_decode`` computes: the plain attention, then this class's routed
+        experts as they are: a router without bias, softmax top-k, SiLU experts, no expert groups, no
+        scaling, every expert on this rank."""
+        moe = getattr(self, "block_sparse_moe", None)
+        if not (self._is_plain_attention(ctx) and type(self).feed_forward is MixtralDecoderLayer.feed_forward
+                and type(moe) is MixtralMoE):
+            return False
+        experts = moe.experts
+        return (type(experts).forward is FusedMoE.forward and type(moe.gate).forward is ReplicatedLinear.forward
+                and moe.gate.bias is None
+                and experts.scoring_func == "softmax" and experts.activation == "silu"
+                and experts.num_expert_group is None and experts.routed_scaling_factor == 1.0
+                and experts.expert_map is None and experts.num_local_experts == experts.num_experts)
+
+    def _whole_layer_feed_forward(self) -> dict[str, Any]:
+        moe = self.block_sparse_moe
+        return {"router_weight": moe.gate.weight, "w13": moe.experts.w13_weight, "w2": moe.experts.w2_weight,
+                "top_k": moe.experts.top_k, "renormalize": moe.experts.renormalize}
+
 
 class MixtralModel(LlamaModel):
     decoder_layer_cls: ClassVar[type[nn.Module]] = MixtralDecoderLayer

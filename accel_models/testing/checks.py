@@ -429,6 +429,21 @@ def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: to
     backend's ``write_kv_cache``); a None result (the backend declines these inputs) passes, having
     written nothing; otherwise the outputs are compared, and the cache is read back through the backend's
     ``paged_attention`` (the new keys and values must be at their slots)."""
+    return _check_whole_layer(case, ops, ref, dtype, device, moe=False)
+
+
+def check_moe_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype,
+                                   device: Any) -> CheckResult:
+    """The whole Mixtral-style layer at a decode step (API 1.5), as :func:`check_decoder_layer_decode`
+    checks the dense one, the feed-forward being the reference's router linear, moe_topk and fused_experts.
+    Where the float64 router's k-th and (k+1)-th logits of a token are within the dtype's rounding of each
+    other, the layer with the (k+1)-th expert in place of the k-th is an accepted answer for that token too."""
+    return _check_whole_layer(case, ops, ref, dtype, device, moe=True)
+
+
+def _check_whole_layer(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any,
+                       moe: bool) -> CheckResult:
+    op = "moe_decoder_layer_decode" if moe else "decoder_layer_decode"
     g = _gen(case["seed"])
     t, hid, inter = case["tokens"], case["hidden"], case["intermediate"]
     h, hk, d, bs, ctx = case["num_heads"], case["num_kv_heads"], case["head_size"], case["block_size"], case["context"]
@@ -436,8 +451,16 @@ def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: to
     if bs not in layout.block_sizes:
         return CheckResult(float("inf"), f"block size {bs} drawn from the layout's block_sizes {layout.block_sizes} was refused")
     w = {"input_norm_weight": 1 + 0.1 * _rand(g, hid), "qkv_weight": _rand(g, (h + 2 * hk) * d, hid, scale=hid**-0.5),
-         "o_weight": _rand(g, hid, h * d, scale=(h * d) ** -0.5), "post_norm_weight": 1 + 0.1 * _rand(g, hid),
-         "gate_up_weight": _rand(g, 2 * inter, hid, scale=hid**-0.5), "down_weight": _rand(g, hid, inter, scale=inter**-0.5)}
+         "o_weight": _rand(g, hid, h * d, scale=(h * d) ** -0.5), "post_norm_weight": 1 + 0.1 * _rand(g, hid)}
+    if moe:
+        e = case["num_experts"]
+        w.update(router_weight=_rand(g, e, hid, scale=2 * hid**-0.5), w13=_rand(g, e, 2 * inter, hid, scale=hid**-0.5),
+                 w2=_rand(g, e, hid, inter, scale=inter**-0.5))
+        routing = {"top_k": case["top_k"], "renormalize": case["renormalize"]}
+    else:
+        w.update(gate_up_weight=_rand(g, 2 * inter, hid, scale=hid**-0.5),
+                 down_weight=_rand(g, hid, inter, scale=inter**-0.5))
+        routing = {}
     pairs = {k: _pair(v, dtype, device) for k, v in w.items()}
     x, x64 = _pair(_rand(g, t, hid), dtype, device)
     res, res64 = _pair(_rand(g, t, hid), dtype, device) if not case["first_layer"] else (None, None)
@@ -462,10 +485,10 @@ def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: to
     common = dict(eps=1e-5, num_heads=h, num_kv_heads=hk, head_size=d, rotary_dim=d, is_neox=case["is_neox"],
                   scale=d**-0.5, max_seq_len=ctx + 1)
     x_before = x.clone()
-    out = ops.decoder_layer_decode(
+    out = getattr(ops, op)(
         hidden_states=x, residual=res, positions=pos.to(device), cos_sin_cache=cos_sin.to(device), kv_cache=cache,
         slot_mapping=slots.to(device), block_table=table.to(device), seq_lens=seq_lens.to(device),
-        **{k: v[0] for k, v in pairs.items()}, **common)
+        **{k: v[0] for k, v in pairs.items()}, **routing, **common)
     bad = _unchanged("hidden_states", x_before, x)
     if bad:
         return bad
@@ -486,9 +509,12 @@ def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: to
     a = ref.paged_attention(query=q, kv_cache=ref_cache, block_table=table, seq_lens=seq_lens, query_start_loc=qsl, **attn)
     y, r64 = ref.fused_add_rms_norm(x=ref.linear(x=a.reshape(t, -1), weight=w64["o_weight"], bias=None, prepared=None),
                                     residual=r64, weight=w64["post_norm_weight"], eps=1e-5)
-    gu = ref.linear(x=y, weight=w64["gate_up_weight"], bias=None, prepared=None)
-    expect = ref.act_and_mul_linear(x=gu, weight=w64["down_weight"], bias=None, prepared=None, activation="silu")
-    layer = _worst(("hidden_out", out[0], expect), ("residual_out", out[1], r64), op="decoder_layer_decode", dtype=dtype)
+    if moe:
+        expect = _moe_expect(out[0], y, w64, case, ref, dtype)
+    else:
+        gu = ref.linear(x=y, weight=w64["gate_up_weight"], bias=None, prepared=None)
+        expect = ref.act_and_mul_linear(x=gu, weight=w64["down_weight"], bias=None, prepared=None, activation="silu")
+    layer = _worst(("hidden_out", out[0], expect), ("residual_out", out[1], r64), op=op, dtype=dtype)
     # the new keys and values: read the whole cache back through the backend's attention
     aq, aq64 = _pair(_rand(g, t, h, d), dtype, device)
     got = ops.paged_attention(query=aq, kv_cache=cache, block_table=table.to(device), seq_lens=seq_lens.to(device),
@@ -497,6 +523,32 @@ def check_decoder_layer_decode(case: dict, ops: OpTable, ref: OpTable, dtype: to
                                query_start_loc=qsl, **attn)
     read = _worst(("cache (read through paged_attention)", got, want), op="rope_and_write_kv_cache", dtype=dtype)
     return layer if layer.ratio >= read.ratio else read
+
+
+def _moe_expect(got: torch.Tensor, y: torch.Tensor, w64: dict, case: dict, ref: OpTable, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 routed experts of ``y`` (the post-attention normed rows); for a token whose k-th and
+    (k+1)-th router logits are within the dtype's rounding, the row of either choice nearer ``got``."""
+    k, renorm = case["top_k"], case["renormalize"]
+    logits = ref.linear(x=y, weight=w64["router_weight"], bias=None, prepared=None)
+    wts, ids = ref.moe_topk(router_logits=logits, top_k=k, scoring_func="softmax", renormalize=renorm,
+                            num_expert_group=None, topk_group=None, e_score_correction_bias=None,
+                            routed_scaling_factor=1.0)
+    experts = dict(hidden_states=y, w13=w64["w13"], w2=w64["w2"], activation="silu", expert_map=None)
+    expect = ref.fused_experts(topk_weights=wts, topk_ids=ids, **experts)
+    if k >= logits.shape[1]:
+        return expect
+    srt, order = logits.sort(dim=1, descending=True)
+    rtol, _ = tolerance("linear", dtype)
+    near = (srt[:, k - 1] - srt[:, k]) <= 8 * rtol * srt[:, k - 1 : k + 1].abs().amax(dim=1).clamp(min=1.0)
+    if not bool(near.any()):
+        return expect
+    alt_ids = torch.cat([order[:, : k - 1], order[:, k : k + 1]], dim=1)
+    scores = torch.softmax(logits, dim=-1).gather(1, alt_ids)
+    alt_w = scores / scores.sum(dim=1, keepdim=True) if renorm else scores
+    alt = ref.fused_experts(topk_weights=alt_w, topk_ids=alt_ids.to(torch.int32), **experts)
+    g = got.detach().to("cpu", torch.float64)
+    pick = near & ((g - alt).abs().amax(dim=1) < (g - expect).abs().amax(dim=1))
+    return torch.where(pick[:, None], alt, expect)
 
 
 #: ops checked through another op's check (the KV-cache group is exercised only through paged_attention,
@@ -519,4 +571,5 @@ CHECKS = {
     "rope_and_write_kv_cache": check_rope_and_write_kv_cache,
     "act_and_mul_linear": check_act_and_mul_linear,
     "decoder_layer_decode": check_decoder_layer_decode,
+    "moe_decoder_layer_decode": check_moe_decoder_layer_decode,
 }

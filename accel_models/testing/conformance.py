@@ -55,6 +55,9 @@ def strategy_for(op: str, ops: OpTable, quick: bool, dtype: torch.dtype = torch.
     if op == "decoder_layer_decode":
         layout = ops.kv_cache_layout(num_kv_heads=1, head_size=64, dtype=dtype)
         return S.decoder_layer_cases(block_sizes=tuple(layout.block_sizes), quick=quick)
+    if op == "moe_decoder_layer_decode":
+        layout = ops.kv_cache_layout(num_kv_heads=1, head_size=64, dtype=dtype)
+        return S.moe_decoder_layer_cases(block_sizes=tuple(layout.block_sizes), quick=quick)
     return S.quant_cases(quick=quick)
 
 
@@ -170,7 +173,7 @@ def run_conformance(
             continue
         used, unsupported = [], []
         for dtype in dtypes:
-            if op in ("paged_attention", "rope_and_write_kv_cache", "decoder_layer_decode"):
+            if op in ("paged_attention", "rope_and_write_kv_cache", "decoder_layer_decode", "moe_decoder_layer_decode"):
                 try:  # a backend may declare a cache dtype unsupported (ValueError, as the hookspec says)
                     table.kv_cache_layout(num_kv_heads=1, head_size=64, dtype=dtype)
                 except ValueError:

@@ -183,6 +183,17 @@ def decoder_layer_cases(draw, block_sizes: tuple[int, ...] = (16,), quick: bool 
 
 
 @st.composite
+def moe_decoder_layer_cases(draw, block_sizes: tuple[int, ...] = (16,), quick: bool = False):
+    """moe_decoder_layer_decode (API 1.5): decoder_layer_cases' attention, then E experts of intermediate I
+    (the case's ``intermediate``), top_k of them, renormalized or not."""
+    case = draw(decoder_layer_cases(block_sizes=block_sizes, quick=quick))
+    experts = draw(st.sampled_from([2, 4, 6, 8]))
+    case.update(intermediate=draw(st.sampled_from([32, 48, 64])), num_experts=experts,
+                top_k=draw(st.integers(1, min(experts, 3))), renormalize=draw(st.booleans()))
+    return case
+
+
+@st.composite
 def act_linear_cases(draw, quick: bool = False):
     """act_and_mul_linear (API 1.3): linear cases over a gated input ``[..., 2 k]``."""
     return {

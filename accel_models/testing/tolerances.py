@@ -41,7 +41,8 @@ OP_FACTORS: dict[str, float] = {
     # through the backend's paged_attention, paged_attention's
     "rope_and_write_kv_cache": 4.0,
     "act_and_mul_linear": 4.0,
-    "decoder_layer_decode": 8.0,  # a chain of nine ops, each rounding to the dtype  # as linear (the activation may be rounded to x's dtype before the product)
+    "decoder_layer_decode": 8.0,  # a chain of nine ops, each rounding to the dtype
+    "moe_decoder_layer_decode": 8.0,  # as decoder_layer_decode: the MoE feed-forward is as deep
 }
 
 

@@ -139,7 +139,7 @@ def test_native_fused_ops_are_bound_where_the_backend_provides_every_op_they_fus
     ops = accel_models.resolve_ops("fast", strict=True)
     assert ops.providers["rope_and_write_kv_cache"] == ops.providers["act_and_mul_linear"] == "fast"
     assert ops.rope_and_write_kv_cache is mod.accel_rope_and_write_kv_cache
-    assert ops.composites == ["decoder_layer_decode"]  # not implemented by "fast": its composite declines
+    assert ops.composites == ["decoder_layer_decode", "moe_decoder_layer_decode"]  # not in "fast": they decline
     ops.rope_and_write_kv_cache(**_rope_case())
     assert calls == [("fast", "rope_and_write_kv_cache")]
 
@@ -287,15 +287,13 @@ def test_act_and_mul_linear_composite_matches_naive(activation, bias):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _whole_layer(*, hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight, post_norm_weight,
-                 gate_up_weight, down_weight, eps, cos_sin_cache, num_heads, num_kv_heads, head_size, rotary_dim,
-                 is_neox, scale, kv_cache, slot_mapping, block_table, seq_lens, max_seq_len):
-    """A native decoder_layer_decode for a throwaway backend: the hookspec's definition through the
-    reference's ops, declining (None) steps of more than one sequence, as a kernel with limits would."""
+def _attention_half(*, hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
+                    post_norm_weight, eps, cos_sin_cache, num_heads, num_kv_heads, head_size, rotary_dim, is_neox,
+                    scale, kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, **_):
+    """The whole-layer ops' first lines (hookspecs.accel_decoder_layer_decode) through the reference's ops:
+    the post-attention norm's ``(x, residual)``."""
     R = accel_backend_reference
     t = hidden_states.shape[0]
-    if t != 1:
-        return None
     if residual is None:
         residual, x = hidden_states, R.accel_rms_norm(x=hidden_states, weight=input_norm_weight, eps=eps)
     else:
@@ -310,9 +308,17 @@ def _whole_layer(*, hidden_states, residual, positions, input_norm_weight, qkv_w
                                 seq_lens=seq_lens, query_start_loc=torch.arange(t + 1, dtype=torch.int32),
                                 max_query_len=1, max_seq_len=max_seq_len, scale=scale, sliding_window=None,
                                 logits_soft_cap=None)
-    x, residual = R.accel_fused_add_rms_norm(x=a.reshape(t, -1) @ o_weight.T, residual=residual,
-                                             weight=post_norm_weight, eps=eps)
-    return R.accel_silu_and_mul(x=x @ gate_up_weight.T) @ down_weight.T, residual
+    return R.accel_fused_add_rms_norm(x=a.reshape(t, -1) @ o_weight.T, residual=residual, weight=post_norm_weight,
+                                      eps=eps)
+
+
+def _whole_layer(*, gate_up_weight, down_weight, **kwargs):
+    """A native decoder_layer_decode for a throwaway backend: the hookspec's definition through the
+    reference's ops, declining (None) steps of more than one sequence, as a kernel with limits would."""
+    if kwargs["hidden_states"].shape[0] != 1:
+        return None
+    x, residual = _attention_half(**kwargs)
+    return accel_backend_reference.accel_silu_and_mul(x=x @ gate_up_weight.T) @ down_weight.T, residual
 
 
 def test_decoder_layer_decode_composite_declines():
@@ -353,3 +359,69 @@ def test_a_native_decoder_layer_decode_runs_the_plain_dense_layers_at_decode_ste
         assert n == (config.num_hidden_layers if fused and one_token else 0), (step, n)
         whole += n
     assert (whole > 0) == fused
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_decoder_layer_decode (API 1.5): the whole Mixtral layer at decode steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def _whole_moe_layer(*, router_weight, w13, w2, top_k, renormalize, **kwargs):
+    """A native moe_decoder_layer_decode for a throwaway backend: the hookspec's definition through the
+    reference's ops, declining steps of more than one sequence."""
+    R = accel_backend_reference
+    if kwargs["hidden_states"].shape[0] != 1:
+        return None
+    x, residual = _attention_half(**kwargs)
+    weights, ids = R.accel_moe_topk(router_logits=x @ router_weight.T, top_k=top_k, scoring_func="softmax",
+                                    renormalize=renormalize, num_expert_group=None, topk_group=None,
+                                    e_score_correction_bias=None, routed_scaling_factor=1.0)
+    return R.accel_fused_experts(hidden_states=x, w13=w13, w2=w2, topk_weights=weights, topk_ids=ids,
+                                 activation="silu", expert_map=None), residual
+
+
+def test_moe_decoder_layer_decode_composite_declines():
+    ops = accel_models.resolve_ops("reference")
+    assert ops.providers["moe_decoder_layer_decode"] == B.COMPOSITE
+    assert ops.moe_decoder_layer_decode(**{p: None for p in B._SPEC_PARAMS["moe_decoder_layer_decode"]}) is None
+
+
+QWEN2_MOE = {  # shared expert + sigmoid gate: not the layer moe_decoder_layer_decode computes
+    "architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 100, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100, "num_experts": 8, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48, "qkv_bias": False, "norm_topk_prob": True,
+}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "llama"])
+def test_a_native_moe_decoder_layer_decode_runs_the_plain_mixtral_layers_at_decode_steps(registry, name):
+    """Mixtral's layers call the backend's whole MoE layer op at one-token steps (op by op where it
+    declines: two sequences); Qwen2-MoE's (shared expert) and Llama's (dense: decoder_layer_decode's,
+    which this backend lacks) never do. Logits equal the reference backend's op-by-op model."""
+    from accel_models.config import load_config
+    from accel_models.runner import ModelRunner
+    from accel_models.testing.models import TINY_CONFIGS, _build, _load, _randomize
+
+    calls: list = []
+    backend("fast", B.PRIMITIVE_OPS, calls, moe_decoder_layer_decode=_whole_moe_layer)
+    ops, ref = accel_models.resolve_ops("fast"), accel_models.resolve_ops("reference")
+    assert ops.providers["moe_decoder_layer_decode"] == "fast" and "decoder_layer_decode" in ops.composites
+    config = load_config(dict(QWEN2_MOE if name == "qwen2_moe" else TINY_CONFIGS[name]))
+    model = _build(config, ops, torch.float64, "cpu")
+    state = _randomize(model, 4)
+    _load(model, state)
+    expect_model = _build(config, ref, torch.float64, "cpu")
+    _load(expect_model, state)
+    runners = [ModelRunner(m, block_size=16, num_blocks=8, max_model_len=64) for m in (model, expect_model)]
+    steps = [{"a": [5, 9, 2, 7, 1]}, {"a": [3]}, {"a": [8], "b": [4, 4]}, {"b": [6]}, {"a": [1], "b": [2]}, {"a": [0]}]
+    fused = name == "mixtral"
+    for step in steps:
+        before = calls.count(("fast", "moe_decoder_layer_decode"))
+        got, want = (r.step(step) for r in runners)
+        for seq in step:
+            torch.testing.assert_close(got[seq], want[seq], rtol=1e-10, atol=1e-10)
+        n = calls.count(("fast", "moe_decoder_layer_decode")) - before
+        one_token = sum(len(v) for v in step.values()) == len(step)
+        assert n == (config.num_hidden_layers if fused and one_token else 0), (step, n)
+    assert not any(op == "decoder_layer_decode" for _, op in calls)

@@ -130,7 +130,8 @@ def test_installed_backend_is_discovered_and_auto_selected(scenario_results):
     assert r["auto"] == "good"
     assert r["providers"]["rms_norm"] == "good"
     # every other op falls back to the reference; the fused ops (API 1.3) are composites of the table's ops
-    assert all(p == ("composite" if op in ("rope_and_write_kv_cache", "act_and_mul_linear", "decoder_layer_decode") else "reference")
+    fused = ("rope_and_write_kv_cache", "act_and_mul_linear", "decoder_layer_decode", "moe_decoder_layer_decode")
+    assert all(p == ("composite" if op in fused else "reference")
                for op, p in r["providers"].items() if op != "rms_norm")
     assert r["bound_is_impl"] and r["rms_norm_ok"]
 

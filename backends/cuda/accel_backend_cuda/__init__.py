@@ -808,8 +808,8 @@ def decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, to
     if kv_cache.dtype != hidden_states.dtype:
         return f"KV cache dtype {kv_cache.dtype} != {hidden_states.dtype}"
     limit = _kernels().MAX_PERSISTENT_WIDTH
-    widths = {"hidden": hidden_states.shape[-1], "attention": num_heads * head_size,
-              "intermediate": weights["down"].shape[-1] if weights["down"].dim() == 2 else 0}
+    down = weights["w2"] if "w2" in weights else weights["down"]
+    widths = {"hidden": hidden_states.shape[-1], "attention": num_heads * head_size, "intermediate": down.shape[-1]}
     for what, width in widths.items():
         if width > limit[what]:
             return f"{what} width {width} exceeds {limit[what]} (the kernel's register tiles would spill)"
@@ -825,17 +825,25 @@ def _check_decoder_layer_shapes(hidden_states: torch.Tensor, residual: torch.Ten
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be [num_tokens, hidden], got {tuple(hidden_states.shape)}")
     t, h = hidden_states.shape
-    inter = weights["down"].shape[-1] if weights["down"].dim() == 2 else -1
     want = {"input_norm_weight": (h,), "post_norm_weight": (h,),
-            "qkv_weight": ((num_heads + 2 * num_kv_heads) * head_size, h), "o_weight": (h, num_heads * head_size),
-            "gate_up_weight": (2 * inter, h), "down_weight": (h, inter)}
+            "qkv_weight": ((num_heads + 2 * num_kv_heads) * head_size, h), "o_weight": (h, num_heads * head_size)}
     names = {"input_norm_weight": "input_norm", "post_norm_weight": "post_norm", "qkv_weight": "qkv",
-             "o_weight": "o", "gate_up_weight": "gate_up", "down_weight": "down"}
+             "o_weight": "o", "gate_up_weight": "gate_up", "down_weight": "down", "router_weight": "router",
+             "w13": "w13", "w2": "w2"}
+    if "router" in weights:  # a MOE layer: experts [E, 2 I, H] / [E, H, I], router [E, H]
+        num_experts = weights["router"].shape[0] if weights["router"].dim() == 2 else -1
+        inter = weights["w2"].shape[-1] if weights["w2"].dim() == 3 else -1
+        want.update(router_weight=(num_experts, h), w13=(num_experts, 2 * inter, h), w2=(num_experts, h, inter))
+        what = f"{num_experts} experts of intermediate {inter}"
+    else:
+        inter = weights["down"].shape[-1] if weights["down"].dim() == 2 else -1
+        want.update(gate_up_weight=(2 * inter, h), down_weight=(h, inter))
+        what = f"intermediate {inter}"
     for arg, shape in want.items():
         got = tuple(weights[names[arg]].shape)
-        if got != shape or inter <= 0:
+        if got != shape or inter <= 0 or min(shape) <= 0:
             raise ValueError(f"{arg} has shape {got}; this layer (hidden {h}, {num_heads} heads, {num_kv_heads} KV "
-                             f"heads of {head_size}, intermediate {inter}) needs {shape}")
+                             f"heads of {head_size}, {what}) needs {shape}")
     if residual is not None and tuple(residual.shape) != (t, h):
         raise ValueError(f"residual has shape {tuple(residual.shape)}; expected hidden_states' {(t, h)}")
     for name, x in (("positions", positions), ("slot_mapping", slot_mapping), ("seq_lens", seq_lens)):
@@ -904,3 +912,91 @@ def accel_decoder_layer_decode(
                                 post_norm_weight, gate_up_weight, down_weight, eps, cos_sin_cache, num_heads,
                                 num_kv_heads, head_size, is_neox, scale, kv_cache, slot_mapping, block_table,
                                 seq_lens, max_seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------
+# persistent decode of a Mixtral (MoE) decoder layer (hook API 1.5: moe_decoder_layer_decode)
+# ----------------------------------------------------------------------------------------------------
+
+#: the most experts and the largest top_k the MOE persistent layer routes (its top-k runs in registers)
+MAX_PERSISTENT_EXPERTS = 256
+MAX_PERSISTENT_TOP_K = 8
+
+
+def moe_decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
+                                  num_heads: int, num_kv_heads: int, rotary_dim: int, kv_cache: torch.Tensor,
+                                  top_k: int) -> str | None:
+    """Why :func:`moe_decoder_layer_decode` does not run this layer (None: it does): what
+    :func:`decoder_layer_unsupported` declines, more than :data:`MAX_PERSISTENT_EXPERTS` experts, a top_k
+    outside 1..:data:`MAX_PERSISTENT_TOP_K` (or above the expert count), or the streamed (DOT) variant."""
+    why = decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache)
+    if why:
+        return why
+    num_experts = weights["router"].shape[0]
+    if num_experts > MAX_PERSISTENT_EXPERTS:
+        return f"{num_experts} experts (at most {MAX_PERSISTENT_EXPERTS})"
+    if not 1 <= top_k <= min(num_experts, MAX_PERSISTENT_TOP_K):
+        return f"top_k {top_k} of {num_experts} experts (1..{min(num_experts, MAX_PERSISTENT_TOP_K)})"
+    if _kernels().CONFIG["decoder_layer"]["DOT"]:
+        return "CONFIG['decoder_layer']['DOT'] is set (the MOE layer has register tiles only)"
+    return None
+
+
+def moe_decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+    renormalize: bool, eps: float, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int,
+    is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
+    seq_lens: torch.Tensor, max_seq_len: int, persistent: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mixtral decoder layer (the dense layer's attention half, then ``fused_add_rms_norm``, the router
+    ``linear``, ``moe_topk`` (softmax) and ``fused_experts`` (SiLU)) for one decode token in one
+    persistent launch (``_triton_kernels._decoder_layer_kernel`` with MOE). Returns ``(hidden_out,
+    residual_out)``; the new key and value are stored at ``slot_mapping[0]``."""
+    _check_cache(kv_cache)
+    weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
+               "router": router_weight, "w13": w13, "w2": w2}
+    _check_tensors(hidden_states=hidden_states, residual=residual, positions=positions, slot_mapping=slot_mapping,
+                   block_table=block_table, seq_lens=seq_lens, cos_sin_cache=cos_sin_cache, **weights)
+    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                slot_mapping, block_table, seq_lens)
+    why = moe_decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads,
+                                        cos_sin_cache.shape[1], kv_cache, top_k)
+    if why:
+        raise ValueError(f"moe_decoder_layer_decode does not support this layer: {why}")
+    return _kernels().decoder_layer_decode(
+        hidden_states, residual, positions, slot_mapping, block_table, seq_lens, input_norm_weight, qkv_weight,
+        o_weight, post_norm_weight, w13, w2,
+        cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, eps, scale,
+        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device), persistent,
+        moe={"router": router_weight, "top_k": int(top_k), "renormalize": bool(renormalize)})
+
+
+@hookimpl
+def accel_moe_decoder_layer_decode(
+    hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+    post_norm_weight: torch.Tensor, router_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+    renormalize: bool, eps: float, cos_sin_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_size: int,
+    rotary_dim: int, is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One decode token of a Mixtral layer through the persistent kernel (:func:`moe_decoder_layer_decode`);
+    None (the layer runs op by op) where :func:`moe_decoder_layer_unsupported` says why, for more tokens,
+    or with ``ACCEL_CUDA_PERSISTENT=0``."""
+    if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
+        return None
+    weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
+               "router": router_weight, "w13": w13, "w2": w2}
+    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                slot_mapping, block_table, seq_lens)
+    if rotary_dim != cos_sin_cache.shape[-1] or moe_decoder_layer_unsupported(
+            hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache, top_k) is not None:
+        return None
+    if hidden_states.device.type != "cuda" and not _interpret():
+        return None
+    return moe_decoder_layer_decode(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
+                                    post_norm_weight, router_weight, w13, w2, top_k, renormalize, eps, cos_sin_cache,
+                                    num_heads, num_kv_heads, head_size, is_neox, scale, kv_cache, slot_mapping,
+                                    block_table, seq_lens, max_seq_len)

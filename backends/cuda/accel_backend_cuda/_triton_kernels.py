@@ -1560,11 +1560,138 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
 
 
 @triton.jit
+def _router_rows(w_ptr, c, E, H, RC: tl.constexpr, H_PAD: tl.constexpr):
+    """Rows ``c * RC ..`` of the router ``[E, H]`` (zeros past E): read by every program, so cached."""
+    rows = c * RC + tl.arange(0, RC)
+    k = tl.arange(0, H_PAD)
+    return tl.load(w_ptr + rows[:, None] * H + k[None, :], mask=(rows < E)[:, None] & (k < H)[None, :], other=0.0)
+
+
+@triton.jit
+def _moe_route_and_gate_up(hid_ptr, res_ptr, o_ptr, res_out_ptr, w_post_ptr, w_router_ptr, w13_ptr, act_ptr,
+                           moe_ids_ptr, moe_wts_ptr, lg_ptr, bar_ptr, trace_ptr, xs_row, pid, nprog, eps,
+                           H: tl.constexpr, H_PAD: tl.constexpr, I: tl.constexpr, TN_GU: tl.constexpr,
+                           HAS_RES: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr, RC: tl.constexpr,
+                           TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, RENORM: tl.constexpr, R3: tl.constexpr,
+                           WAIT: tl.constexpr, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr,
+                           SYNC_TWICE: tl.constexpr, SPLIT: tl.constexpr, LIB: tl.constexpr, TRACE: tl.constexpr):
+    """Phase 3 of a MOE layer (see _decoder_layer_kernel): add + norm, router, softmax top-k, the chosen
+    experts' gate/up + SiLU. WAIT: the barrier after o_proj comes first (the router's first rows are
+    requested between its arrival and its wait)."""
+    dt = hid_ptr.dtype.element_ty
+    kh = tl.arange(0, H_PAD)
+    kh_ok = kh < H
+    if WAIT:
+        tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+    wr = _router_rows(w_router_ptr, 0, E, H, RC, H_PAD)
+    if WAIT:
+        _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+        _stamp(trace_ptr, pid, 7, TRACE)
+    r2 = _post_attention_residual(hid_ptr, res_ptr, o_ptr, res_out_ptr, pid, kh, kh_ok, HAS_RES)
+    x = _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt)
+    ke = tl.arange(0, E_PAD)
+    if E_PAD == RC:
+        lg = tl.sum(wr.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32)
+    else:  # RC rows at a time through this program's row of lg
+        lg_row = lg_ptr + pid.to(tl.int64) * E_PAD
+        for c in range(E_PAD // RC):
+            if c > 0:
+                wr = _router_rows(w_router_ptr, c, E, H, RC, H_PAD)
+            rows = c * RC + tl.arange(0, RC)
+            tl.store(lg_row + rows, tl.sum(wr.to(tl.float32) * x[None, :], axis=1).to(dt).to(tl.float32))
+        tl.debug_barrier()
+        lg = tl.load(lg_row + ke)
+    # softmax in float32 (moe_topk's scores), then TOPK argmaxes, ties toward the lower id
+    lg = tl.where(ke < E, lg, float("-inf"))
+    p = tl.exp(lg - tl.max(lg, axis=0))
+    p = p / tl.sum(p, axis=0)
+    cand = tl.where(ke < E, p, -1.0)
+    kj = tl.arange(0, TOPK_PAD)
+    ids = tl.zeros([TOPK_PAD], dtype=tl.int32)
+    wts = tl.zeros([TOPK_PAD], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        best = tl.max(cand, axis=0)
+        e = tl.min(tl.where(cand == best, ke, E_PAD), axis=0)
+        ids = tl.where(kj == j, e, ids)
+        wts = tl.where(kj == j, best, wts)
+        cand = tl.where(ke == e, -2.0, cand)
+    if RENORM:
+        wts = wts / tl.sum(wts, axis=0)
+    tl.store(moe_ids_ptr + pid * TOPK_PAD + kj, ids)
+    tl.store(moe_wts_ptr + pid * TOPK_PAD + kj, wts)
+    if R3:  # through this program's scratch row, to load it in the tiles' layout
+        tl.store(xs_row + kh, x.to(dt), mask=kh_ok)
+        tl.debug_barrier()
+        x = _x_rows(xs_row, H, TN_GU, H_PAD, True)
+    # act rows j * I + i: tile u is rows (u * TN_GU) % I of expert ids[u * TN_GU // I] (TN_GU divides I)
+    PER: tl.constexpr = I // TN_GU
+    n_units = TOPK * PER
+    e0 = tl.sum(tl.where(kj == pid // PER, ids, 0), axis=0).to(tl.int64)
+    base = w13_ptr + e0 * (2 * I * H)
+    nu = tl.where(pid < n_units, I, 0)
+    wg = _weight_rows(base, pid % PER, nu, H, TN_GU, H_PAD, R3)
+    wu = _weight_rows(base + I * H, pid % PER, nu, H, TN_GU, H_PAD, R3)
+    for u in range(pid, n_units, nprog):
+        un = u + nprog
+        en = tl.sum(tl.where(kj == un // PER, ids, 0), axis=0).to(tl.int64)
+        base_n = w13_ptr + en * (2 * I * H)
+        nn = tl.where(un < n_units, I, 0)
+        wg_next = _weight_rows(base_n, un % PER, nn, H, TN_GU, H_PAD, R3)
+        wu_next = _weight_rows(base_n + I * H, un % PER, nn, H, TN_GU, H_PAD, R3)
+        gate = _row_sums(wg, x, R3).to(dt).to(tl.float32)
+        up = _row_sums(wu, x, R3).to(dt).to(tl.float32)
+        a = _activation(gate, 0, LIB) * up
+        rows = u * TN_GU + tl.arange(0, TN_GU)
+        tl.store(act_ptr + rows, a.to(dt))
+        wg = wg_next
+        wu = wu_next
+    _stamp(trace_ptr, pid, 8, TRACE)
+
+
+@triton.jit
+def _moe_down(act_ptr, w2_ptr, moe_ids_ptr, moe_wts_ptr, out_ptr, bar_ptr, trace_ptr, pid, nprog, H: tl.constexpr,
+              I: tl.constexpr, I_PAD: tl.constexpr, TN: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+              WAIT: tl.constexpr, SPIN_LIMIT: tl.constexpr, BARRIER: tl.constexpr, SYNC_TWICE: tl.constexpr,
+              SPLIT: tl.constexpr, TRACE: tl.constexpr):
+    """Phase 4 of a MOE layer: ``out[n] = sum_j w_j * round(act_j . w2[e_j][n])`` over this program's row
+    tiles, the expert choice read back from this program's rows of moe_ids / moe_wts (phase 3 wrote them);
+    the next (tile, expert) is in flight while one is reduced."""
+    dt = out_ptr.dtype.element_ty
+    ki = tl.arange(0, I_PAD)
+    k_ok = ki < I
+    ids_row = moe_ids_ptr + pid * TOPK_PAD
+    wts_row = moe_wts_ptr + pid * TOPK_PAD
+    if WAIT:
+        tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+    e0 = tl.load(ids_row).to(tl.int64)
+    w = _weight_rows(w2_ptr + e0 * (H * I), pid, H, I, TN, I_PAD)
+    if WAIT:
+        _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+        _stamp(trace_ptr, pid, 9, TRACE)
+    for u in range(pid, tl.cdiv(H, TN), nprog):
+        acc = tl.zeros([TN], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            if j + 1 < TOPK:
+                en = tl.load(ids_row + j + 1).to(tl.int64)
+                w_next = _weight_rows(w2_ptr + en * (H * I), u, H, I, TN, I_PAD)
+            else:
+                w_next = _weight_rows(w2_ptr + e0 * (H * I), u + nprog, H, I, TN, I_PAD)
+            a = tl.load(act_ptr + j * I + ki, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            y = tl.sum(w.to(tl.float32) * a[None, :], axis=1).to(dt).to(tl.float32)
+            acc += tl.load(wts_row + j) * y
+            w = w_next
+        rows = u * TN + tl.arange(0, TN)
+        tl.store(out_ptr + rows, acc.to(dt), mask=rows < H)
+    _stamp(trace_ptr, pid, 10, TRACE)
+
+
+@triton.jit
 def _decoder_layer_kernel(
     hid_ptr, res_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr,
     w_in_ptr, w_qkv_ptr, w_o_ptr, w_post_ptr, w_gu_ptr, w_d_ptr, cs_ptr, kv_ptr,
     qkv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, o_ptr, act_ptr, hid_out_ptr, res_out_ptr, cnt_ptr, bar_ptr,
-    xs_ptr, trace_ptr, eps, scale, nprog, num_splits, cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+    xs_ptr, trace_ptr, w_router_ptr, moe_ids_ptr, moe_wts_ptr, lg_ptr,
+    eps, scale, nprog, num_splits, cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
     H: tl.constexpr, H_PAD: tl.constexpr, I: tl.constexpr, I_PAD: tl.constexpr, NQ: tl.constexpr,
     NKV: tl.constexpr, D: tl.constexpr, NQD_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, TN: tl.constexpr, TN_O: tl.constexpr, TN_GU: tl.constexpr,
@@ -1574,6 +1701,8 @@ def _decoder_layer_kernel(
     BK: tl.constexpr = 256, STAGES: tl.constexpr = 4, BARRIER: tl.constexpr = 1, SYNC_TWICE: tl.constexpr = False,
     PDL: tl.constexpr = False, TRACE: tl.constexpr = False, SPLIT: tl.constexpr = True,
     DEPTH_QKV: tl.constexpr = 3, DEPTH_DOWN: tl.constexpr = 1, ROWS3: tl.constexpr = 0,
+    MOE: tl.constexpr = False, E: tl.constexpr = 1, E_PAD: tl.constexpr = 1, RC: tl.constexpr = 1,
+    TOPK: tl.constexpr = 1, TOPK_PAD: tl.constexpr = 1, RENORM: tl.constexpr = False,
 ):
     """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
 
@@ -1596,6 +1725,16 @@ def _decoder_layer_kernel(
     Triton pipelines through shared memory, STAGES deep; 126 registers a thread against 247) instead of
     register tiles prefetched across the barriers (DOT 0, the default: 0.920 vs 0.930 ms); the normalized
     rows then go through this program's row of the scratch ``xs`` ``[programs, H_PAD]``.
+
+    MOE (a Mixtral layer, hook API 1.5): the feed-forward is routed experts. Phase 3 computes the router's
+    logits ``norm(r2) @ Wr^T`` (E rows, rounded to the dtype; RC rows at a time, the first RC requested
+    during the barrier, more through this program's row of ``lg`` ``[programs, E_PAD]``), their float32
+    softmax and top-k (ties toward the lower id; renormalized with RENORM) in every program, the same in
+    each; stores the choice in this program's rows of ``moe_ids`` / ``moe_wts`` ``[programs, TOPK_PAD]``
+    and ``act[j * I + i] = silu(g) * u`` of the chosen experts' gate/up rows (``w_gu`` is w13 ``[E, 2 I,
+    H]``, TN_GU rows of one expert a tile: TN_GU divides I). Phase 4 is ``hid_out = sum_j w_j * (act_j @
+    w2[e_j]^T)`` (``w_d`` is w2 ``[E, H, I]``; each expert's product rounded to the dtype, the weighted sum
+    in float32, as fused_experts), the first expert's first tile requested during the barrier.
     """
     dt = hid_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -1673,7 +1812,12 @@ def _decoder_layer_kernel(
         tl.store(xs_row + kh, _rms_normed(r2, w_post_ptr, kh, kh_ok, H, eps, dt).to(dt), mask=kh_ok)
         tl.debug_barrier()
         _stream_rows(xs_row, w_gu_ptr, act_ptr, pid, nprog, I, H, I, TN_GU, BK, STAGES, True, LIB)
-    if FIRST <= 3 and LAST >= 3 and not DOT:
+    if FIRST <= 3 and LAST >= 3 and MOE:
+        _moe_route_and_gate_up(hid_ptr, res_ptr, o_ptr, res_out_ptr, w_post_ptr, w_router_ptr, w_gu_ptr, act_ptr,
+                               moe_ids_ptr, moe_wts_ptr, lg_ptr, bar_ptr, trace_ptr, xs_row, pid, nprog, eps, H, H_PAD,
+                               I, TN_GU, HAS_RES, E, E_PAD, RC, TOPK, TOPK_PAD, RENORM, (ROWS3 & 4) != 0, FIRST < 3,
+                               SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT, LIB, TRACE)
+    if FIRST <= 3 and LAST >= 3 and not DOT and not MOE:
         if FIRST < 3:
             tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
         R3_GU: tl.constexpr = (ROWS3 & 4) != 0
@@ -1703,7 +1847,10 @@ def _decoder_layer_kernel(
         if FIRST < 4:
             _phase_sync(bar_ptr, nprog, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
         _stream_rows(act_ptr, w_d_ptr, hid_out_ptr, pid, nprog, H, I, 0, TN_DOWN, BK, STAGES, False, LIB)
-    if LAST >= 4 and not DOT:
+    if LAST >= 4 and MOE:
+        _moe_down(act_ptr, w_d_ptr, moe_ids_ptr, moe_wts_ptr, hid_out_ptr, bar_ptr, trace_ptr, pid, nprog, H, I, I_PAD,
+                  TN_DOWN, TOPK, TOPK_PAD, FIRST < 4, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT, TRACE)
+    if LAST >= 4 and not DOT and not MOE:
         ki = tl.arange(0, I_PAD)
         if FIRST < 4:
             tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
@@ -1723,6 +1870,9 @@ CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 8, "TN_GU": 8, "TN_D
                            "programs": None,  # programs: None = one per SM
                            "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 3, "DEPTH_DOWN": 1,
                            "ROWS3": 7,
+                           # MOE layers (moe_tiles): the router in chunks of at most this many elements, and
+                           # rows of a down tile (each chosen expert's, in turn)
+                           "router_elems": 32768, "TN_DOWN_MOE": 16,
                            # benchmark-only knobs: stop after this phase (wrong numbers), wait twice per barrier,
                            # a timeline buffer (int64 [launches, programs, TRACE_POINTS]: launch i of the
                            # layer writes row trace_next % launches, see _stamp)
@@ -1781,16 +1931,39 @@ def _check_resident(args, kwargs, nprog: int, num_sms: int) -> None:
                            "CONFIG['decoder_layer']['programs'] (None: one per SM)")
 
 
+def moe_tiles(h_pad: int, inter: int, num_experts: int, cfg: dict) -> dict[str, int]:
+    """Tiles of a MOE layer's phases 3-4: router rows a chunk (RC, the whole router up to
+    ``router_elems`` elements), gate/up rows a tile (TN_GU: a power of two that divides the expert's
+    intermediate size, so a tile is one expert's), down rows a tile (TN_DOWN_MOE, within the TN_DOWN
+    register budget)."""
+    e_pad = triton.next_power_of_2(num_experts)
+    rc = max(1, min(e_pad, _pow2_floor(max(1, cfg["router_elems"] // h_pad))))
+    tn_gu = decoder_layer_tiles(h_pad, 1, 1, cfg)["TN_GU"]
+    while inter % tn_gu:
+        tn_gu //= 2
+    i_pad = triton.next_power_of_2(inter)
+    tn_down = max(1, min(cfg["TN_DOWN_MOE"], _pow2_floor(max(1, TILE_ELEMS["TN_DOWN"] // i_pad))))
+    return {"E_PAD": e_pad, "RC": rc, "TN_GU": tn_gu, "TN_DOWN": tn_down}
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
+
+
 def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table, seq_lens, w_in, w_qkv, w_o,
                          w_post, w_gu, w_down, cos_sin_cache, kv_cache, eps, scale, num_heads, num_kv_heads,
-                         is_neox, max_seq_len, num_sms, persistent=None):
+                         is_neox, max_seq_len, num_sms, persistent=None, moe=None):
     """One token (``hidden`` ``[1, H]``) through a dense Llama decoder layer; returns ``(hidden_out,
     residual_out)``, each ``[1, H]``. Arguments as checked by accel_backend_cuda.decoder_layer_decode:
     contiguous weights, ``[2, blocks, kv_heads, block_size, head_size]`` cache, full-width rotary.
-    ``persistent`` None: one launch on a GPU, one launch per phase in the interpreter."""
+    ``persistent`` None: one launch on a GPU, one launch per phase in the interpreter. ``moe``: a Mixtral
+    layer (``{"router": [E, H], "top_k": k, "renormalize": bool}``; ``w_gu`` is w13 ``[E, 2 I, H]``,
+    ``w_down`` w2 ``[E, H, I]``), as checked by accel_backend_cuda.moe_decoder_layer_decode."""
     cfg = CONFIG["decoder_layer"]
     h = hidden.shape[-1]
-    inter = w_down.shape[1]
+    inter = w_down.shape[-1]
+    if moe is not None and cfg["DOT"]:
+        raise ValueError("the MOE persistent layer has register tiles only: set CONFIG['decoder_layer']['DOT'] = 0")
     head_size = kv_cache.shape[4]
     block_size = kv_cache.shape[3]
     dev = hidden.device
@@ -1811,7 +1984,8 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
     part_acc = torch.empty((splits, num_heads, head_size), dtype=torch.float32, device=dev)
     part_ml = torch.empty((splits, num_heads, 2), dtype=torch.float32, device=dev)
     o = torch.empty((h,), dtype=dt, device=dev)
-    act = torch.empty((inter,), dtype=dt, device=dev)
+    top_k = moe["top_k"] if moe is not None else 1
+    act = torch.empty((top_k * inter,), dtype=dt, device=dev)
     hid_out = torch.empty((1, h), dtype=dt, device=dev)
     res_out = torch.empty((1, h), dtype=dt, device=dev)
     group = num_heads // num_kv_heads
@@ -1824,18 +1998,31 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
         trace = trace[cfg["trace_next"] % trace.shape[0]]
         cfg["trace_next"] += 1
     phases = [(0, last)] if persistent else [(p, p) for p in range(last + 1)]
+    tiles = decoder_layer_tiles(triton.next_power_of_2(h), triton.next_power_of_2(num_heads * head_size),
+                                triton.next_power_of_2(inter), cfg)
+    moe_consts = {}
+    if moe is not None:
+        mt = moe_tiles(triton.next_power_of_2(h), inter, moe["router"].shape[0], cfg)
+        tiles.update(TN_GU=mt["TN_GU"], TN_DOWN=mt["TN_DOWN"])
+        topk_pad = triton.next_power_of_2(top_k)
+        moe_consts = dict(MOE=True, E=moe["router"].shape[0], E_PAD=mt["E_PAD"], RC=mt["RC"], TOPK=top_k,
+                          TOPK_PAD=topk_pad, RENORM=bool(moe["renormalize"]))
+        moe_bufs = (moe["router"], torch.empty((nprog, topk_pad), dtype=torch.int32, device=dev),
+                    torch.empty((nprog, topk_pad), dtype=torch.float32, device=dev),
+                    torch.empty((nprog, mt["E_PAD"]), dtype=torch.float32, device=dev) if mt["RC"] < mt["E_PAD"]
+                    else part_ml)
+    else:
+        moe_bufs = (w_in, seq_lens, part_ml, part_ml)
     args = (hidden, residual if residual is not None else hidden, positions, slot_mapping, block_table, seq_lens,
             w_in, w_qkv, w_o, w_post, w_gu, w_down, cos_sin_cache, kv_cache,
             qkv, att, part_acc, part_ml, o, act, hid_out, res_out, cnt if cnt is not None else seq_lens,
-            bar if bar is not None else seq_lens, xs, trace if trace is not None else seq_lens,
+            bar if bar is not None else seq_lens, xs, trace if trace is not None else seq_lens, *moe_bufs,
             float(eps), float(scale), nprog, splits, cos_sin_cache.stride(0), st[0], st[1], st[2], st[3])
     consts = dict(
         H=h, H_PAD=triton.next_power_of_2(h), I=inter, I_PAD=triton.next_power_of_2(inter), NQ=num_heads,
         NKV=num_kv_heads, D=head_size, NQD_PAD=triton.next_power_of_2(num_heads * head_size),
         GROUP_PAD=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, BLOCK_SIZE=block_size,
-        NUM_SPLITS=triton.next_power_of_2(splits),
-        **decoder_layer_tiles(triton.next_power_of_2(h), triton.next_power_of_2(num_heads * head_size),
-                              triton.next_power_of_2(inter), cfg), HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
+        NUM_SPLITS=triton.next_power_of_2(splits), **tiles, **moe_consts, HAS_RES=residual is not None, IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
         TRACE=trace is not None, SPLIT=bool(cfg["SPLIT"]),

@@ -97,7 +97,10 @@ def test_every_kernel_launch_compiles_for_sm90(launches):
     assert not failures, f"{len(failures)} of {len(variants)} launches do not compile for sm90:\n" + "\n".join(failures)
 
 
-SHAPES = {"llama-1b": dict(H=2048, I=8192, NQ=32, NKV=8, D=64), "llama-8b": dict(H=4096, I=14336, NQ=32, NKV=8, D=128)}
+SHAPES = {"llama-1b": dict(H=2048, I=8192, NQ=32, NKV=8, D=64), "llama-8b": dict(H=4096, I=14336, NQ=32, NKV=8, D=128),
+          # Mixtral layers (hook API 1.5's moe_decoder_layer_decode): I is one expert's intermediate size
+          "mixtral-small": dict(H=2048, I=1024, NQ=32, NKV=8, D=64, E=16, TOPK=2),
+          "mixtral-8x7b": dict(H=4096, I=14336, NQ=32, NKV=8, D=128, E=8, TOPK=2)}
 
 
 def _local_memory_bytes(compiled) -> int | None:
@@ -119,13 +122,13 @@ def _local_memory_bytes(compiled) -> int | None:
     return int(m.group(1)) + int(m.group(2)) if m else None
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("dot, barrier", [(0, 1), (2, 0)])
+@pytest.mark.parametrize("shape, dot, barrier", [(s, d, b) for s in sorted(SHAPES) for d, b in ((0, 1), (2, 0))
+                                                  if d == 0 or "E" not in SHAPES[s]])  # MOE: register tiles only
 def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
     """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
     so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile
     polls) is compiled here with the tiles and launch options the GPU uses, at the measured Llama-1B shape
-    and the widest accepted one (Llama-8B). The default path must keep its tiles in registers: local
+    and the widest accepted one (Llama-8B), and as a Mixtral layer (MOE) at both sizes. The default path must keep its tiles in registers: local
     memory (spills) made the wider shape's first tiles slow, so the host shrinks tiles with the width."""
     try:
         from triton.backends.compiler import GPUTarget
@@ -136,21 +139,30 @@ def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
 
     cfg = k.CONFIG["decoder_layer"]
     dims = SHAPES[shape]
+    moe = "E" in dims
     pads = {n: triton.next_power_of_2(v) for n, v in (("H", dims["H"]), ("I", dims["I"]), ("NQD", dims["NQ"] * dims["D"]))}
+    tiles = k.decoder_layer_tiles(pads["H"], pads["NQD"], pads["I"], cfg)
+    moe_consts = {}
+    if moe:
+        m = k.moe_tiles(pads["H"], dims["I"], dims["E"], cfg)
+        tiles.update(TN_GU=m["TN_GU"], TN_DOWN=m["TN_DOWN"])
+        moe_consts = dict(MOE=True, E=dims["E"], E_PAD=m["E_PAD"], RC=m["RC"], TOPK=dims["TOPK"],
+                          TOPK_PAD=triton.next_power_of_2(dims["TOPK"]), RENORM=True)
     consts = dict(H=dims["H"], H_PAD=pads["H"], I=dims["I"], I_PAD=pads["I"], NQ=dims["NQ"], NKV=dims["NKV"], D=dims["D"],
                   NQD_PAD=pads["NQD"], GROUP_PAD=16, TILE_N=cfg["TILE_N"], BLOCK_SIZE=16, NUM_SPLITS=16,
-                  **k.decoder_layer_tiles(pads["H"], pads["NQD"], pads["I"], cfg), HAS_RES=True, IS_NEOX=True,
+                  **tiles, **moe_consts, HAS_RES=True, IS_NEOX=True,
                   IEEE=False, FIRST=0, LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot,
                   BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False, PDL=True, TRACE=False, SPLIT=bool(cfg["SPLIT"]), ROWS3=k.rows3_mask(pads["H"], pads["NQD"], cfg),
                   DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"])
     ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
-            "part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "trace_ptr": "i64"}
+            "part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "trace_ptr": "i64", "moe_ids_ptr": "i32",
+            "moe_wts_ptr": "fp32", "lg_ptr": "fp32"}
     fn = k._decoder_layer_kernel
     signature, constexprs, attrs = {}, {}, {}
     for i, n in enumerate(fn.arg_names):
-        if n in consts:
+        if n in consts or fn.params[i].is_constexpr:  # a constexpr not set here keeps its default
             signature[n] = "constexpr"
-            constexprs[(i,)] = consts[n]
+            constexprs[(i,)] = consts.get(n, fn.params[i].default)
         elif n.endswith("_ptr"):
             signature[n] = "*" + ptrs.get(n, "bf16")
             # as a launch specializes torch's (16-byte aligned) tensors: without it the weight loads are

@@ -683,6 +683,122 @@ def test_decoder_layer_decode_hook_declines_what_it_does_not_fuse(kernels, monke
     assert out.shape == hid.shape and not torch.equal(cache.nan_to_num(7.0), before)
 
 
+def _moe_layer_case(seed, n_old, has_res, num_experts=6, top_k=2, inter=32, hidden=64, router_scale=3.0):
+    """_decoder_layer_case's attention and a Mixtral feed-forward: router [E, H], w13 [E, 2I, H], w2 [E, H, I]
+    (the router scaled so that the routing is far from a tie)."""
+    w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(seed, n_old, has_res, True,
+                                                                                  hidden=hidden)
+    g = torch.Generator().manual_seed(seed + 100)
+    del w["gate_up"], w["down"]
+    w["router"] = torch.randn(num_experts, hidden, generator=g) * router_scale * hidden**-0.5
+    w["w13"] = torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5
+    w["w2"] = torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5
+    return w, cache, table, slot, pos, cs, hid, res, past_k, past_v
+
+
+def _moe_layer_ref(w, hid, res, pos, cs, past_k, past_v, top_k, renormalize, heads=4, kv_heads=2, head_size=32,
+                   eps=1e-5):
+    """The Mixtral layer in float64: the dense layer's attention half (_decoder_layer_ref, its MLP
+    replaced), then the reference backend's router linear, moe_topk and fused_experts."""
+    dense = dict(w, gate_up=torch.zeros(2, hid.shape[-1]), down=torch.zeros(hid.shape[-1], 1))
+    _, resid2, k, v = _decoder_layer_ref(dense, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size, True,
+                                         eps, head_size**-0.5)
+    w = {n: t.to(F64) for n, t in w.items()}
+    x2 = R.accel_rms_norm(x=resid2, weight=w["post_norm"], eps=eps)
+    wts, ids = R.accel_moe_topk(router_logits=x2 @ w["router"].T, top_k=top_k, scoring_func="softmax",
+                                renormalize=renormalize, num_expert_group=None, topk_group=None,
+                                e_score_correction_bias=None, routed_scaling_factor=1.0)
+    out = R.accel_fused_experts(hidden_states=x2, w13=w["w13"], w2=w["w2"], topk_weights=wts, topk_ids=ids,
+                                activation="silu", expert_map=None)
+    return out, resid2, k, v, ids
+
+
+def _run_moe_layer(kernels, overrides, w, cache, table, slot, pos, cs, hid, res, n_old, top_k, renormalize):
+    saved = dict(kernels.CONFIG["decoder_layer"])
+    kernels.CONFIG["decoder_layer"].update(overrides)
+    try:
+        return C.moe_decoder_layer_decode(
+            hid, res, pos, w["input_norm"], w["qkv"], w["o"], w["post_norm"], w["router"], w["w13"], w["w2"], top_k,
+            renormalize, 1e-5, cs, 4, 2, 32, True, 32**-0.5, cache, torch.tensor([slot]), table[None, :],
+            torch.tensor([n_old + 1], dtype=torch.int32), max_seq_len=256)
+    finally:
+        kernels.CONFIG["decoder_layer"].clear()
+        kernels.CONFIG["decoder_layer"].update(saved)
+
+
+@pytest.mark.parametrize("seed, n_old, has_res, experts, top_k, inter, renormalize, overrides", [
+    (0, 36, True, 6, 2, 32, True, {}),  # Mixtral's routing (renormalized), the whole router in one tile
+    (1, 0, False, 8, 3, 48, False, dict(programs=1)),  # one program: every tile of every phase is its own
+    # two programs, the router in chunks of 2 rows (through the lg scratch), 3 rows per gate/up tile
+    # rounded down to 2 (a tile is one expert's: 2 divides 48 ... and 3 does not) and 2 rows of down
+    (2, 20, True, 5, 2, 48, True, dict(programs=2, router_elems=128, TN_GU=4, TN_DOWN_MOE=2, ROWS3=0)),
+    (3, 50, True, 4, 1, 32, True, dict(programs=3)),  # top-1, renormalized to weight 1
+])
+def test_moe_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, experts, top_k, inter,
+                                                        renormalize, overrides):
+    w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _moe_layer_case(seed, n_old, has_res, experts, top_k,
+                                                                              inter)
+    out, res_out = _run_moe_layer(kernels, overrides, w, cache, table, slot, pos, cs, hid, res, n_old, top_k,
+                                  renormalize)
+    e_out, e_res, e_k, e_v, ids = _moe_layer_ref(w, hid, res, pos, cs, past_k, past_v, top_k, renormalize)
+    assert rel(out, e_out) < 1e-5 and rel(res_out, e_res) < 1e-6
+    blk, off = divmod(slot, 16)
+    assert rel(cache[0, blk, :, off], e_k) < 1e-6 and rel(cache[1, blk, :, off], e_v) < 1e-6
+    # a wrong expert would not pass: the layer with the runner-up expert in place of the last choice differs
+    wrong = _moe_layer_ref(dict(w, router=w["router"].index_fill(0, ids[0, -1:].long(), -1e3)), hid, res, pos, cs,
+                           past_k, past_v, top_k, renormalize)[0]
+    assert rel(wrong, e_out) > 1e-2
+
+
+def test_moe_tiles(kernels):
+    cfg = kernels.CONFIG["decoder_layer"]
+    # Mixtral small: 16 experts of 1024 at hidden 2048: the router in one tile, 8-row gate/up, 16-row down tiles
+    assert kernels.moe_tiles(2048, 1024, 16, cfg) == {"E_PAD": 16, "RC": 16, "TN_GU": 8, "TN_DOWN": 16}
+    # 60 experts (Qwen2-MoE's count): chunks of 16 rows; an intermediate of 1000 takes 8-row tiles, 1404 4-row ones
+    assert kernels.moe_tiles(2048, 1000, 60, cfg) == {"E_PAD": 64, "RC": 16, "TN_GU": 8, "TN_DOWN": 16}
+    assert kernels.moe_tiles(4096, 1404, 60, cfg)["TN_GU"] == 4
+
+
+def test_moe_decoder_layer_decode_refuses_and_declines(kernels, monkeypatch):
+    """Shapes that do not fit the layer: a ValueError naming the argument (from the function and the hook);
+    what the kernel does not compute (two tokens, top_k past the experts or past 8, more than 256 experts,
+    ACCEL_CUDA_PERSISTENT=0): the function's ValueError says why, the hook declines (None); nothing written."""
+    w, cache, table, slot, pos, cs, hid, res, *_ = _moe_layer_case(0, 4, True)
+    args = dict(hidden_states=hid, residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"],
+                o_weight=w["o"], post_norm_weight=w["post_norm"], router_weight=w["router"], w13=w["w13"], w2=w["w2"],
+                top_k=2, renormalize=True, eps=1e-5, cos_sin_cache=cs, num_heads=4, num_kv_heads=2, head_size=32,
+                is_neox=True, scale=0.1, kv_cache=cache, slot_mapping=torch.tensor([slot]),
+                block_table=table[None, :], seq_lens=torch.tensor([5], dtype=torch.int32), max_seq_len=64)
+    hook = dict(args, rotary_dim=32)
+    before = cache.nan_to_num(7.0)
+    # (the expert count is the router's rows, the intermediate size w2's columns)
+    for bad, arg in ((dict(router_weight=w["router"][:-1]), "w13"), (dict(w13=w["w13"][:, :-2]), "w13"),
+                     (dict(w2=w["w2"][:-1]), "w2"), (dict(router_weight=w["router"][:, :-1]), "router_weight")):
+        with pytest.raises(ValueError, match=arg):
+            C.moe_decoder_layer_decode(**{**args, **bad})
+        with pytest.raises(ValueError, match=arg):
+            C.accel_moe_decoder_layer_decode(**{**hook, **bad})
+    with pytest.raises(ValueError, match="top_k 7 of 6 experts"):
+        C.moe_decoder_layer_decode(**dict(args, top_k=7))
+    assert C.accel_moe_decoder_layer_decode(**dict(hook, top_k=7)) is None
+    assert C.accel_moe_decoder_layer_decode(**dict(hook, top_k=0)) is None
+    monkeypatch.setattr(C, "MAX_PERSISTENT_EXPERTS", 4)
+    with pytest.raises(ValueError, match="6 experts"):
+        C.moe_decoder_layer_decode(**args)
+    assert C.accel_moe_decoder_layer_decode(**hook) is None
+    monkeypatch.undo()
+    two = dict(hook, hidden_states=torch.cat([hid, hid]), residual=torch.cat([res, res]), positions=pos.repeat(2),
+               slot_mapping=torch.tensor([slot, slot + 1]), block_table=table[None, :].repeat(2, 1),
+               seq_lens=torch.tensor([5, 5], dtype=torch.int32))
+    assert C.accel_moe_decoder_layer_decode(**two) is None
+    monkeypatch.setenv("ACCEL_CUDA_PERSISTENT", "0")
+    assert C.accel_moe_decoder_layer_decode(**hook) is None
+    assert torch.equal(cache.nan_to_num(7.0), before), "nothing may be written on bad or declined input"
+    monkeypatch.delenv("ACCEL_CUDA_PERSISTENT")
+    out, res_out = C.accel_moe_decoder_layer_decode(**hook)  # and the same call runs when nothing declines
+    assert out.shape == hid.shape and not torch.equal(cache.nan_to_num(7.0), before)
+
+
 def test_decoder_layer_tiles_shrink_with_the_width(kernels):
     cfg = kernels.CONFIG["decoder_layer"]
     assert kernels.decoder_layer_tiles(2048, 2048, 8192, cfg) == {k: cfg[k] for k in ("TN", "TN_O", "TN_GU", "TN_DOWN")}
@@ -705,3 +821,18 @@ def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeyp
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
     (rep,) = [r for r in report.ops if r.op == "decoder_layer_decode"]
     assert rep.native and rep.cases > 0 and ran
+
+
+def test_moe_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeypatch):
+    """The MoE hook (API 1.5) through the conformance kit, as the dense one above."""
+    from accel_models.testing import run_conformance
+
+    ran = []
+    real = kernels.decoder_layer_decode
+    monkeypatch.setattr(kernels, "decoder_layer_decode",
+                        lambda *a, **k: ran.append(k.get("moe") is not None) or real(*a, **k))
+    report = run_conformance("cuda", ops=["moe_decoder_layer_decode"], allow_unavailable=True, device="cpu",
+                             quick=True, max_examples=6, dtypes=(torch.float32,))
+    assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
+    (rep,) = [r for r in report.ops if r.op == "moe_decoder_layer_decode"]
+    assert rep.native and rep.cases > 0 and ran and all(ran)

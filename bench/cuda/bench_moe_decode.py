@@ -1,14 +1,16 @@
 """fused_experts at decode sizes on the GPU (issue 11): check the decode path, sweep its tiles, time it
 against the sorted grouped GEMM, and write the chosen config.
 
-    python bench/cuda/bench_moe_decode.py --out DIR [--quick]
+    python bench/cuda/bench_moe_decode.py --out DIR [--quick] [--no-sweep] [--rows none,16,32] [--tokens 1,...,64]
 
 * verify: the decode path (bf16, fp16, float32; silu and gelu; expert_map with -1 experts; odd shapes;
   1 to 128 pairs, both slot kinds) against the reference backend in float64 (fresh random inputs each case);
   inside a CUDA graph replayed with new routing (the split counters must reset; replays = eager, bitwise).
 * sweep: the Mixtral-small layer (16 experts top-2, hidden 2048, intermediate 1024, bf16) at 1 and 8 tokens,
   gate/up tiles with the down tiles fixed, then down tiles with the best gate/up tiles.
-* compare: the best tiles against the old path (``max_pairs`` 0) at 1-64 tokens. Weights rotate over 6
+* compare: the best tiles (``--no-sweep``: the defaults) against the old path (``max_pairs`` 0) at 1-64
+  tokens (``--tokens``), the decode path with each ``--rows`` dot tile side by side (``none``: all the
+  launch's pairs in one masked tile, the path before session 12). Weights rotate over 6
   layer copies (1.2 GB, L2 never serves them); random routing per copy; a CUDA graph of one call per copy,
   median of replays, per call. Floor: the distinct routed experts' bytes over the copy bandwidth.
 
@@ -63,6 +65,9 @@ def verify(cfg: dict, quick: bool) -> None:
         (8, 16, None, 2, 2048, 1024, torch.bfloat16, "silu"),
         (16, 16, None, 2, 2048, 1024, torch.bfloat16, "silu"),
         (64, 16, None, 2, 2048, 1024, torch.bfloat16, "silu"),
+        (128, 16, None, 2, 2048, 1024, torch.bfloat16, "silu"),
+        (60, 4, None, 2, 512, 256, torch.bfloat16, "silu"),  # ~30 pairs an expert: the chunk loop
+        (50, 5, 3, 2, 300, 200, torch.float32, "gelu"),
         (3, 8, 5, 2, 1000, 700, torch.bfloat16, "gelu"),
         (5, 8, 3, 3, 520, 300, torch.float16, "silu"),
         (2, 6, None, 2, 300, 200, torch.float32, "silu"),
@@ -88,10 +93,11 @@ def verify(cfg: dict, quick: bool) -> None:
                                     topk_ids=ti, activation=act, expert_map=emap)
         big = {**cfg, "max_pairs": 1 << 20}
         got = call(big, x, w13, w2, tw, ti, act, emap)
+        masked = call({**big, "rows": None}, x, w13, w2, tw, ti, act, emap)  # one tile of all pairs
         old = call(OLD, x, w13, w2, tw, ti, act, emap)
         tol = 1e-5 if dt == torch.float32 else 1e-2
-        r_new, r_old = rel(got, ref), rel(old, ref)
-        ok = bool(torch.isfinite(got).all()) and r_new < tol and r_new < 2 * r_old + 1e-6
+        r_new, r_masked, r_old = rel(got, ref), rel(masked, ref), rel(old, ref)
+        ok = bool(torch.isfinite(got).all()) and r_new < tol and r_new < 2 * r_old + 1e-6 and r_masked < tol
         # graph: capture with this routing, replay with fresh routing copied into the static inputs
         plan = C.moe_decode_plan(ti.numel(), nl, hidden, inter, x.element_size(), {"moe_decode": big})
         K.CONFIG["moe_decode"] = big
@@ -118,7 +124,7 @@ def verify(cfg: dict, quick: bool) -> None:
             same &= bool(torch.equal(gout, eager))  # the top-k sum runs in choice order: deterministic
         ok &= same
         row = dict(tokens=tokens, experts=experts, local=local, top_k=top_k, hidden=hidden, inter=inter, dtype=str(dt),
-                   act=act, rel_new=r_new, rel_old=r_old, graph_eq=same, by_expert=plan["BY_EXPERT"], ok=ok)
+                   act=act, rel_new=r_new, rel_masked=r_masked, rel_old=r_old, graph_eq=same, by_expert=plan["BY_EXPERT"], ok=ok)
         RES["verify"].append(row)
         log("verify", row)
         if not ok:
@@ -167,10 +173,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--verify-only", action="store_true", help="the checks of the default config, no timing")
+    ap.add_argument("--no-sweep", action="store_true", help="time the default tiles only (no tile sweep)")
+    ap.add_argument("--rows", default="none,16,32",
+                    help="dot row tiles (config 'rows') to compare side by side: pow2 >= 16, or none (one masked "
+                         "tile of all the launch's pairs, the path before session 12)")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32,64", help="token counts (top-2: pairs = 2 x tokens)")
     args = ap.parse_args()
+    try:
+        rows_list = [None if r.strip().lower() == "none" else int(r) for r in args.rows.split(",")]
+        tokens_list = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        ap.error(f"--rows takes pow2 integers or 'none', --tokens integers: got {args.rows!r}, {args.tokens!r}")
+    if any(r is not None and (r < 16 or r & (r - 1)) for r in rows_list) or any(t < 1 for t in tokens_list):
+        ap.error(f"--rows: powers of two >= 16 or none; --tokens: positive (got {args.rows!r}, {args.tokens!r})")
     args.out.mkdir(parents=True, exist_ok=True)
-    default = {"max_pairs": C.MOE_DECODE_CONFIG["max_pairs"], "up": dict(C.MOE_DECODE_CONFIG["up"]),
-               "down": dict(C.MOE_DECODE_CONFIG["down"])}
+    default = {"max_pairs": C.MOE_DECODE_CONFIG["max_pairs"], "rows": C.MOE_DECODE_CONFIG["rows"],
+               "up": dict(C.MOE_DECODE_CONFIG["up"]), "down": dict(C.MOE_DECODE_CONFIG["down"])}
     try:
         verify(default, args.quick)
     except Exception as exc:
@@ -189,7 +207,7 @@ def main() -> int:
     big = 1 << 20
 
     def t(up, down, tokens):
-        cfg = {"max_pairs": big, "up": up, "down": down}
+        cfg = {"max_pairs": big, "rows": default["rows"], "up": up, "down": down}
         try:
             sec, byt = layer.time(cfg, tokens)
         except Exception as exc:  # a config that does not compile/fit: skipped, recorded
@@ -207,43 +225,56 @@ def main() -> int:
              dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)]
     if args.quick:
         ups, downs = ups[:2], downs[:2]
-    sweep_tokens = (1, 8)
-    score = lambda up, down: sum(t(up, down, n)[0] for n in sweep_tokens)  # noqa: E731
-    best_up = min(ups, key=lambda u: score(u, default["down"]))
-    best_down = min(downs, key=lambda d: score(best_up, d))
+    if args.no_sweep:
+        best_up, best_down = default["up"], default["down"]
+    else:
+        sweep_tokens = (1, 8)
+        score = lambda up, down: sum(t(up, down, n)[0] for n in sweep_tokens)  # noqa: E731
+        best_up = min(ups, key=lambda u: score(u, default["down"]))
+        best_down = min(downs, key=lambda d: score(best_up, d))
     RES["best"] = {"up": best_up, "down": best_down}
-    log(f"best up {best_up} down {best_down}")
-    win = 0
-    for tokens in (1, 2, 4, 8, 16, 32, 64):
+    log(f"tiles up {best_up} down {best_down}")
+    name = lambda r: "masked" if r is None else f"rows {r}"  # noqa: E731
+    for tokens in tokens_list:
         try:
             old, byt = layer.time(OLD, tokens)
-            new, _ = layer.time({"max_pairs": big, "up": best_up, "down": best_down}, tokens)
+            new = {}
+            for r in rows_list:
+                new[name(r)] = layer.time({"max_pairs": big, "rows": r, "up": best_up, "down": best_down}, tokens)[0] * 1e6
         except Exception as exc:
             RES["failures"].append(f"compare {tokens}: {exc}\n{traceback.format_exc()}")
             log(traceback.format_exc())
             break
-        row = dict(tokens=tokens, pairs=tokens * 2, old_us=old * 1e6, new_us=new * 1e6, floor_us=byt / bw * 1e6,
-                   distinct=byt / layer.expert_bytes)
+        row = dict(tokens=tokens, pairs=tokens * 2, old_us=old * 1e6, new_us=min(new.values()), paths_us=new,
+                   floor_us=byt / bw * 1e6, distinct=byt / layer.expert_bytes)
         RES["compare"].append(row)
         log("compare", row)
-    # the threshold: the largest pair count up to which the decode path wins at every measured size
+    # the rows variant with the least total time over the measured sizes, then the threshold: the largest
+    # pair count up to which that variant beats the sorted grouped GEMM at every measured size
+    totals = {name(r): sum(row["paths_us"][name(r)] for row in RES["compare"]) for r in rows_list}
+    best_rows = min(rows_list, key=lambda r: totals[name(r)]) if RES["compare"] else default["rows"]
+    RES["rows_totals_us"], RES["best_rows"] = totals, best_rows
+    win = 0
     for row in RES["compare"]:
-        if row["new_us"] < row["old_us"]:
+        if row["paths_us"][name(best_rows)] < row["old_us"]:
             win = row["pairs"]
         else:
             break
     RES["max_pairs"] = win
     (args.out / "results.json").write_text(json.dumps(RES, indent=1, default=str))
     if not RES["failures"]:
-        (args.out / "best.json").write_text(json.dumps({"moe_decode": {"max_pairs": win, "up": best_up,
-                                                                       "down": best_down}}))
-    lines = ["| tokens | pairs | distinct experts | floor us | old path us | x floor | decode path us | x floor |",
-             "|---|---|---|---|---|---|---|---|"]
+        (args.out / "best.json").write_text(json.dumps({"moe_decode": {"max_pairs": win, "rows": best_rows,
+                                                                       "up": best_up, "down": best_down}}))
+    names = [name(r) for r in rows_list]
+    lines = ["| tokens | pairs | distinct experts | floor us | sorted path us | x floor | "
+             + " | ".join(f"decode {n} us | x floor" for n in names) + " |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(names)]
     for r in RES["compare"]:
+        cells = " | ".join(f"{r['paths_us'][n]:.1f} | {r['paths_us'][n] / r['floor_us']:.2f}" for n in names)
         lines.append(f"| {r['tokens']} | {r['pairs']} | {r['distinct']:.1f} | {r['floor_us']:.1f} | {r['old_us']:.1f} | "
-                     f"{r['old_us'] / r['floor_us']:.2f} | {r['new_us']:.1f} | {r['new_us'] / r['floor_us']:.2f} |")
+                     f"{r['old_us'] / r['floor_us']:.2f} | {cells} |")
     print("\n".join(lines))
-    print(f"max_pairs chosen: {win}; failures: {len(RES['failures'])}")
+    print(f"rows chosen: {best_rows} (totals {totals}); max_pairs chosen: {win}; failures: {len(RES['failures'])}")
     for f in RES["failures"]:
         print("FAIL", f)
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -547,6 +547,9 @@ def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 #: measured size of the Mixtral-small layer, 2 to 128 pairs (5.2x at 2, 1.3x at 128); above 128 unmeasured.
 MOE_DECODE_CONFIG: dict[str, Any] = {
     "max_pairs": 128,
+    # rows of the dot tile an expert's pairs go through (BLOCK_R, a chunk loop above it); None: one tile of
+    # all the launch's pairs (BLOCK_M), masked, as before session 12
+    "rows": 16,
     "up": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
     "down": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
 }
@@ -562,14 +565,20 @@ def moe_decode_plan(num_pairs: int, num_local: int, hidden: int, inter: int, ite
     (24 for gate/up at one token) dominate. This path launches two kernels whose program rows are
     "slots": one per local expert when there are at least as many pairs as experts (BY_EXPERT), else one
     per pair (the first pair of each expert works for all the pairs of that expert, the others exit), times
-    narrow n tiles, so every routed expert's weights are read once, spread over many SMs. All pairs ride in
-    one ``BLOCK_M`` = max(16, pow2(num_pairs)) row tile (masked rows load nothing). Tiles shrink (k first,
-    then stages) until the pipelined stages fit :data:`SMEM_BUDGET`.
+    narrow n tiles, so every routed expert's weights are read once, spread over many SMs. The routing is
+    read as one ``BLOCK_M`` = max(16, pow2(num_pairs)) vector; an expert's pairs go through the dots
+    ``BLOCK_R`` = min(BLOCK_M, pow2(config ``rows``)) rows at a time, gathered compactly (a chunk loop when
+    an expert has more; later chunks re-read the weight tile, mostly from L2), so the tensor-core work
+    follows the pairs an expert has, not the launch's: a 128-row tile of 8 real rows made the 64-token
+    step compute-bound. With ``BLOCK_R == BLOCK_M`` all pairs ride in one masked tile (masked rows load
+    nothing). Tiles shrink (k first, then stages) until the pipelined stages fit :data:`SMEM_BUDGET`.
     """
     cfg = (config or {}).get("moe_decode") or MOE_DECODE_CONFIG
     if num_pairs < 1 or num_pairs > cfg["max_pairs"] or hidden < 1 or inter < 1:
         return None
     block_m = max(16, _pow2(num_pairs))
+    rows = cfg.get("rows")
+    block_r = block_m if rows is None else min(block_m, max(16, _pow2(int(rows))))
     by_expert = num_local <= num_pairs
 
     def tile(t: dict[str, int], n: int, k: int, weights: int) -> dict[str, int]:
@@ -578,7 +587,7 @@ def moe_decode_plan(num_pairs: int, num_local: int, hidden: int, inter: int, ite
         t["BLOCK_K"] = max(16, min(t["BLOCK_K"], _pow2(k)))
 
         def need() -> int:
-            return t["num_stages"] * (block_m + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize
+            return t["num_stages"] * (block_r + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize
 
         while need() > SMEM_BUDGET and t["BLOCK_K"] > 32:
             t["BLOCK_K"] //= 2
@@ -586,7 +595,7 @@ def moe_decode_plan(num_pairs: int, num_local: int, hidden: int, inter: int, ite
             t["num_stages"] -= 1
         return t
 
-    return {"BLOCK_M": block_m, "BY_EXPERT": by_expert, "slots": num_local if by_expert else num_pairs,
+    return {"BLOCK_M": block_m, "BLOCK_R": block_r, "BY_EXPERT": by_expert, "slots": num_local if by_expert else num_pairs,
             "up": tile(cfg["up"], inter, hidden, 2), "down": tile(cfg["down"], hidden, inter, 1)}
 
 

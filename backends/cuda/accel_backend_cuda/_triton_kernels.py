@@ -800,77 +800,126 @@ def _moe_slot(ids_ptr, map_ptr, slot, num_pairs, HAS_MAP: tl.constexpr, BY_EXPER
 
 
 @triton.jit
+def _moe_chunk_pairs(rows, c0, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The ``c0``-th to ``c0 + BLOCK_R - 1``-th pairs (in pair order) that ``rows`` [BLOCK_M] marks, as
+    ``(pairs [BLOCK_R], ok [BLOCK_R])``: a compact row tile, so a dot over an expert's pairs costs
+    BLOCK_R rows however many pairs the launch routes (rank by a prefix sum, gathered by a match matrix)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    rank = tl.cumsum(rows.to(tl.int32), 0) - 1
+    j = c0 + tl.arange(0, BLOCK_R)
+    match = rows[None, :] & (rank[None, :] == j[:, None])
+    pairs = tl.sum(tl.where(match, offs_m[None, :], 0), 1)
+    ok = tl.sum(match.to(tl.int32), 1) > 0
+    return pairs, ok
+
+
+@triton.jit
+def _moe_decode_up_rows(x_ptr, w_ptr, act_ptr, e, pairs, ok, hidden, inter, x_stride, w_stride_e, w_stride_n,
+                        TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr):
+    """act[pairs, n tile] = act(x[tok] @ gate^T) * (x[tok] @ up^T) for the rows ``ok`` of ``pairs``."""
+    tok = (pairs // TOPK).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + tok[:, None] * x_stride
+    g_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
+    u_rows = g_rows + inter * w_stride_n
+    acc_g = tl.zeros([pairs.shape[0], BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([pairs.shape[0], BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < hidden
+        a = tl.load(x_rows + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.load(g_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        u = tl.load(u_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc_g = tl.dot(a, tl.trans(g), acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, tl.trans(u), acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, tl.trans(g), acc_g)
+            acc_u = tl.dot(a, tl.trans(u), acc_u)
+    dt = act_ptr.dtype.element_ty
+    gv = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
+    uv = acc_u.to(dt).to(tl.float32)
+    av = _activation(gv, ACT, False)  # MoE activations: silu or gelu (erf)
+    tl.store(act_ptr + pairs[:, None].to(tl.int64) * inter + offs_n[None, :], (av * uv).to(dt),
+             mask=ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _moe_decode_up_kernel(x_ptr, w_ptr, ids_ptr, map_ptr, act_ptr, num_pairs, hidden, inter, x_stride,
                           w_stride_e, w_stride_n, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_MAP: tl.constexpr,
-                          BY_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                          BY_EXPERT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Program (slot, n tile): BLOCK_N gate rows and the matching BLOCK_N up rows of one routed expert
-    (unit stride on k) times all its pairs' tokens; act_and_mul in registers; act [num_pairs, inter]."""
+    (unit stride on k) times all its pairs' tokens; act_and_mul in registers; act [num_pairs, inter].
+    BLOCK_R < BLOCK_M: the expert's pairs go through the dot BLOCK_R at a time (compact, gathered rows;
+    the weight tile is re-read from L2 for each further chunk); else all BLOCK_M pairs ride in one masked tile."""
     _pdl_enter(PDL)
     e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
     if work:
-        offs_m = tl.arange(0, BLOCK_M)
-        tok = (offs_m // TOPK).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < inter
-        offs_k = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + tok[:, None] * x_stride
-        g_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
-        u_rows = g_rows + inter * w_stride_n
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < hidden
-            a = tl.load(x_rows + kk[None, :], mask=rows[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            u = tl.load(u_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, tl.trans(g), acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, tl.trans(u), acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, tl.trans(g), acc_g)
-                acc_u = tl.dot(a, tl.trans(u), acc_u)
-        dt = act_ptr.dtype.element_ty
-        gv = acc_g.to(dt).to(tl.float32)  # the matmul's output in the input dtype, as the reference rounds it
-        uv = acc_u.to(dt).to(tl.float32)
-        av = _activation(gv, ACT, False)  # MoE activations: silu or gelu (erf)
-        tl.store(act_ptr + offs_m[:, None].to(tl.int64) * inter + offs_n[None, :], (av * uv).to(dt),
-                 mask=rows[:, None] & n_ok[None, :])
+        if BLOCK_R < BLOCK_M:
+            count = tl.sum(rows.to(tl.int32), 0)
+            for c0 in range(0, count, BLOCK_R):
+                pairs, ok = _moe_chunk_pairs(rows, c0, BLOCK_M, BLOCK_R)
+                _moe_decode_up_rows(x_ptr, w_ptr, act_ptr, e, pairs, ok, hidden, inter, x_stride, w_stride_e,
+                                    w_stride_n, TOPK, ACT, BLOCK_N, BLOCK_K, IEEE)
+        else:
+            _moe_decode_up_rows(x_ptr, w_ptr, act_ptr, e, tl.arange(0, BLOCK_M), rows, hidden, inter, x_stride,
+                                w_stride_e, w_stride_n, TOPK, ACT, BLOCK_N, BLOCK_K, IEEE)
+
+
+@triton.jit
+def _moe_decode_down_rows(act_ptr, w_ptr, y_ptr, e, pairs, ok, hidden, inter, w_stride_e, w_stride_n,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """y[pairs, n tile] = act[pairs] @ w2[e][n tile]^T for the rows ``ok``, rounded to the input dtype."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = act_ptr + pairs[:, None].to(tl.int64) * inter
+    w_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
+    acc = tl.zeros([pairs.shape[0], BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < inter
+        a = tl.load(a_rows + kk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+    tl.store(y_ptr + pairs[:, None].to(tl.int64) * hidden + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _moe_decode_down_kernel(act_ptr, w_ptr, ids_ptr, map_ptr, wts_ptr, y_ptr, out_ptr, cnt_ptr, num_pairs,
                             num_tokens, slots, hidden, inter, w_stride_e, w_stride_n, TOPK: tl.constexpr,
                             HAS_MAP: tl.constexpr, BY_EXPERT: tl.constexpr, REDUCE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                            BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """Program (slot, n tile): y[pair, n tile] = act[pair] @ w2[e][n tile]^T for the pairs of one routed
-    expert, rounded to the input dtype (the reference's matmul output). With REDUCE, the last of the
-    ``slots`` programs of an n tile to arrive (a counter per n tile) sums every token's top_k rows of y in
-    choice order, weighted, in float32, and stores out (pairs held elsewhere add exactly 0)."""
+    expert (BLOCK_R at a time as in the up kernel), rounded to the input dtype (the reference's matmul
+    output). With REDUCE, the last of the ``slots`` programs of an n tile to arrive (a counter per n tile)
+    sums every token's top_k rows of y in choice order, weighted, in float32, and stores out (pairs held
+    elsewhere add exactly 0)."""
     _pdl_enter(PDL)
     pid_n = tl.program_id(1)
     e, rows, work = _moe_slot(ids_ptr, map_ptr, tl.program_id(0), num_pairs, HAS_MAP, BY_EXPERT, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     if work:
-        offs_k = tl.arange(0, BLOCK_K)
-        a_rows = act_ptr + offs_m[:, None].to(tl.int64) * inter
-        w_rows = w_ptr + e.to(tl.int64) * w_stride_e + offs_n[:, None].to(tl.int64) * w_stride_n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < inter
-            a = tl.load(a_rows + kk[None, :], mask=rows[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tl.trans(w), acc)
-        tl.store(y_ptr + offs_m[:, None].to(tl.int64) * hidden + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=rows[:, None] & n_ok[None, :])
+        if BLOCK_R < BLOCK_M:
+            count = tl.sum(rows.to(tl.int32), 0)
+            for c0 in range(0, count, BLOCK_R):
+                pairs, ok = _moe_chunk_pairs(rows, c0, BLOCK_M, BLOCK_R)
+                _moe_decode_down_rows(act_ptr, w_ptr, y_ptr, e, pairs, ok, hidden, inter, w_stride_e, w_stride_n,
+                                      BLOCK_N, BLOCK_K, IEEE)
+        else:
+            _moe_decode_down_rows(act_ptr, w_ptr, y_ptr, e, tl.arange(0, BLOCK_M), rows, hidden, inter, w_stride_e,
+                                  w_stride_n, BLOCK_N, BLOCK_K, IEEE)
     if REDUCE:
         tl.debug_barrier()  # every thread's y stores precede the release below
         arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -916,14 +965,15 @@ def fused_experts_decode(hidden_states, w13, w2, topk_weights, topk_ids, expert_
     _moe_decode_up_kernel[(slots, triton.cdiv(inter, up["BLOCK_N"]))](
         hidden_states, w13, topk_ids, emap, act_buf, num_pairs, hidden, inter, hidden_states.stride(0),
         w13.stride(0), w13.stride(1), TOPK=top_k, ACT=act, HAS_MAP=has_map, BY_EXPERT=plan["BY_EXPERT"],
-        BLOCK_M=plan["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], IEEE=ieee,
+        BLOCK_M=plan["BLOCK_M"], BLOCK_R=plan["BLOCK_R"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], IEEE=ieee,
         num_warps=up["num_warps"], num_stages=up["num_stages"], PDL=PDL, launch_pdl=PDL)
     n_tiles = triton.cdiv(hidden, down["BLOCK_N"])
     cnt = counters(dev, n_tiles)
     _moe_decode_down_kernel[(slots, n_tiles)](
         act_buf, w2, topk_ids, emap, topk_weights, y, out, cnt if cnt is not None else out, num_pairs, num_tokens,
         slots, hidden, inter, w2.stride(0), w2.stride(1), TOPK=top_k, HAS_MAP=has_map,
-        BY_EXPERT=plan["BY_EXPERT"], REDUCE=cnt is not None, BLOCK_M=plan["BLOCK_M"], BLOCK_N=down["BLOCK_N"],
+        BY_EXPERT=plan["BY_EXPERT"], REDUCE=cnt is not None, BLOCK_M=plan["BLOCK_M"], BLOCK_R=plan["BLOCK_R"],
+        BLOCK_N=down["BLOCK_N"],
         BLOCK_K=down["BLOCK_K"], BLOCK_T=triton.next_power_of_2(num_tokens), IEEE=ieee,
         num_warps=down["num_warps"], num_stages=down["num_stages"], PDL=PDL, launch_pdl=PDL)
     if cnt is None:  # no counter buffer (first call inside a graph capture): a second kernel sums

@@ -377,19 +377,27 @@ def test_moe_decode_plan_only_for_few_pairs():
     assert one["BLOCK_M"] == 16 and not one["BY_EXPERT"] and one["slots"] == 2
     full = C.moe_decode_plan(max_pairs, 16, 2048, 1024)  # more pairs than experts: a slot per local expert
     assert full["BY_EXPERT"] and full["slots"] == 16 and full["BLOCK_M"] >= max_pairs
+    # the dot tile follows config "rows", never wider than the routing vector; None keeps one tile of all pairs
+    rows = C.MOE_DECODE_CONFIG["rows"]
+    assert full["BLOCK_R"] == min(full["BLOCK_M"], max(16, rows)) and one["BLOCK_R"] == 16
+    cfg = {"moe_decode": {**C.MOE_DECODE_CONFIG, "rows": None}}
+    assert C.moe_decode_plan(max_pairs, 16, 2048, 1024, config=cfg)["BLOCK_R"] == full["BLOCK_M"]
+    cfg = {"moe_decode": {**C.MOE_DECODE_CONFIG, "rows": 20}}
+    assert C.moe_decode_plan(max_pairs, 16, 2048, 1024, config=cfg)["BLOCK_R"] == 32  # a pow2 tile
 
 
 @given(pairs=st.integers(1, C.MOE_DECODE_CONFIG["max_pairs"]), num_local=st.integers(1, 300),
        hidden=st.integers(1, 8192), inter=st.integers(1, 8192), itemsize=st.sampled_from([2, 4]))
 def test_moe_decode_plan_covers_the_pairs_and_fits_shared_memory(pairs, num_local, hidden, inter, itemsize):
     p = C.moe_decode_plan(pairs, num_local, hidden, inter, itemsize)
-    assert p["BLOCK_M"] >= max(16, pairs) and p["BLOCK_M"] & (p["BLOCK_M"] - 1) == 0  # one pow2 row tile
+    assert p["BLOCK_M"] >= max(16, pairs) and p["BLOCK_M"] & (p["BLOCK_M"] - 1) == 0  # one pow2 routing vector
+    assert 16 <= p["BLOCK_R"] <= p["BLOCK_M"] and p["BLOCK_R"] & (p["BLOCK_R"] - 1) == 0  # the dot's pow2 rows
     # one slot per local expert, or one per pair: either way every routed expert has a program row
     assert p["slots"] == (num_local if p["BY_EXPERT"] else pairs) and p["BY_EXPERT"] == (num_local <= pairs)
     for name, weights in (("up", 2), ("down", 1)):
         t = p[name]
         assert t["BLOCK_N"] >= 16 and t["BLOCK_K"] >= 16 and t["num_stages"] >= 1
-        assert t["num_stages"] * (p["BLOCK_M"] + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize <= C.SMEM_BUDGET
+        assert t["num_stages"] * (p["BLOCK_R"] + weights * t["BLOCK_N"]) * t["BLOCK_K"] * itemsize <= C.SMEM_BUDGET
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -245,24 +245,32 @@ def _moe_case(tokens, experts, local, top_k, hidden, inter, seed):
                 expert_map=emap)
 
 
-@pytest.mark.parametrize("tokens, experts, local, top_k, hidden, inter, act, slots", [
-    (1, 8, None, 2, 70, 40, "silu", "pairs"),     # one token: a slot per pair, each the first of its expert
-    (3, 8, 5, 3, 70, 40, "gelu", "experts"),      # 9 pairs >= 5 local experts: a slot per expert; -1 experts
-    (2, 12, 6, 2, 33, 17, "silu", "pairs"),       # odd tiles; some pairs held elsewhere
-    (12, 4, None, 2, 40, 24, "silu", "experts"),  # 24 pairs: a 32-row tile, experts shared by many tokens
+@pytest.mark.parametrize("tokens, experts, local, top_k, hidden, inter, act, slots, rows", [
+    (1, 8, None, 2, 70, 40, "silu", "pairs", 16),     # one token: a slot per pair, each the first of its expert
+    (3, 8, 5, 3, 70, 40, "gelu", "experts", 16),      # 9 pairs >= 5 local experts: a slot per expert; -1 experts
+    (2, 12, 6, 2, 33, 17, "silu", "pairs", 16),       # odd tiles; some pairs held elsewhere
+    (12, 4, None, 2, 40, 24, "silu", "experts", None),  # 24 pairs in one masked 32-row tile, shared experts
+    (12, 4, None, 2, 40, 24, "silu", "experts", 16),  # the same pairs through compact 16-row tiles
+    (40, 3, None, 2, 36, 20, "silu", "experts", 16),  # ~27 pairs an expert: two or three chunks each
+    (30, 4, 3, 3, 33, 17, "gelu", "experts", 16),     # ~22 pairs an expert: chunks, a -1 expert, ragged ends
 ])
-def test_fused_experts_decode_path(tokens, experts, local, top_k, hidden, inter, act, slots, kernels, monkeypatch):
+def test_fused_experts_decode_path(tokens, experts, local, top_k, hidden, inter, act, slots, rows, kernels,
+                                   monkeypatch):
     case = _moe_case(tokens, experts, local, top_k, hidden, inter, seed=tokens * 31 + experts)
     plans = []
     real = kernels.fused_experts_decode
     monkeypatch.setattr(kernels, "fused_experts_decode", lambda *a: plans.append(a[-1]) or real(*a))
     # small tiles so several n tiles and k steps run (the defaults would cover these shapes in one)
     tiles = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-    monkeypatch.setitem(kernels.CONFIG, "moe_decode", {"max_pairs": 32, "up": tiles, "down": tiles})
+    monkeypatch.setitem(kernels.CONFIG, "moe_decode", {"max_pairs": 128, "rows": rows, "up": tiles, "down": tiles})
     got = C.accel_fused_experts(activation=act, **case)
     f64 = {k: (v.to(F64) if k in ("hidden_states", "w13", "w2") else v) for k, v in case.items()}
     exp = R.accel_fused_experts(activation=act, **f64)
     assert len(plans) == 1 and plans[0]["BY_EXPERT"] == (slots == "experts")
+    if rows is None:  # one masked tile of all the launch's pairs
+        assert plans[0]["BLOCK_R"] == plans[0]["BLOCK_M"]
+    elif tokens * top_k > 32:  # the compact tile is narrower than some expert's pairs: a chunk loop ran
+        assert plans[0]["BLOCK_R"] < torch.bincount(case["topk_ids"].flatten().long()).max(), plans[0]
     assert got.shape == exp.shape and rel(got, exp) < 2e-6
     assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())  # counters zeroed for the next call
 

@@ -544,9 +544,11 @@ def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 #: fused_experts' decode path (:func:`moe_decode_plan`; ``_triton_kernels.CONFIG["moe_decode"]`` overrides):
 #: up to ``max_pairs`` (token, choice) pairs, two launches that read each routed expert once, no sort.
 #: H100 sweep (docs/cuda-notes.md "fused_experts decode path"): it beat the sorted grouped GEMM at every
-#: measured size of the Mixtral-small layer, 2 to 128 pairs (5.2x at 2, 1.3x at 128); above 128 unmeasured.
+#: measured size of the Mixtral-small layer, 2 to 128 pairs. H200, session 12 (compact 16-row dot tiles):
+#: 68 us against 124 at 128 pairs, 93 against 154 at 256 (bench/cuda/results/moe-decode-h200-s12); above
+#: 256 unmeasured, so the sorted path keeps those (prefill).
 MOE_DECODE_CONFIG: dict[str, Any] = {
-    "max_pairs": 128,
+    "max_pairs": 256,
     # rows of the dot tile an expert's pairs go through (BLOCK_R, a chunk loop above it); None: one tile of
     # all the launch's pairs (BLOCK_M), masked, as before session 12
     "rows": 16,

@@ -11,6 +11,14 @@ their outputs are garbage that nobody reads, and rows never mix). Their logits r
 reads the runtime's persistent input buffers (:class:`~accel_models.runtime.metadata.InputBuffers`), so a
 replay needs only the usual host-to-device copy of the step's inputs.
 
+Each size is captured twice: the step returning its logits (for sampling on the host or with a
+temperature), and a *greedy* step that also takes the argmax of every row inside the graph and writes the
+ids into the input-ids buffer, where the next decode step of the same sequences reads them. A greedy step
+(every row at temperature 0, no logprobs, penalties or active min_tokens) then costs one graph launch on the
+device: no argmax kernels launched one by one after the graph and no device copy of the sampled ids into
+the next step's inputs (their launches left ~10-30 us of gaps per step on an H200). The greedy graph keeps no
+logits (they are an intermediate of its capture), so it adds only its ids to the graphs' memory.
+
 Prefill, chunked and mixed steps, steps wanting prompt logprobs, and batches larger than the largest
 captured size run eagerly.
 """
@@ -64,7 +72,13 @@ class DecodeGraphs:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_model_len = max_model_len
         self.graphs: dict[int, Any] = {}
+        #: per size, the greedy variant (argmax in the graph, ids written to the input-ids buffer); a size
+        #: whose greedy capture failed has none and samples after its plain graph
+        self.greedy_graphs: dict[int, Any] = {}
+        #: use the greedy graphs where a step allows it (benchmarks turn it off to measure the difference)
+        self.sample_in_graph = True
         self.replays = 0  # steps served by a graph (tests and benchmarks read these)
+        self.greedy_replays = 0  # of which by a greedy graph
         self.eager_decode_steps = 0
         self.unsupported: str | None = None  # why the backend captured nothing
 
@@ -88,14 +102,41 @@ class DecodeGraphs:
                 self.unsupported = f"capture of decode batch {size} failed: {exc}"
                 logger.warning("device graphs disabled (eager steps): %s", self.unsupported)
                 self.graphs.clear()
+                self.greedy_graphs.clear()
                 return
             if graph is None:
                 self.unsupported = "the backend does not capture device graphs"
                 self.graphs.clear()
+                self.greedy_graphs.clear()
                 return
             pool = getattr(graph, "pool", None)
             self.graphs[size] = graph
-        logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+            self._capture_greedy(size, inputs, pool)
+        logger.info("captured decode graphs for batch sizes %s (greedy variants: %s)", sorted(self.graphs),
+                    sorted(self.greedy_graphs))
+
+    def _capture_greedy(self, size: int, inputs: Any, pool: Any) -> None:
+        """The greedy variant of size ``size`` (see the module docstring); on failure the size keeps only
+        its plain graph (greedy steps then sample after it), with a warning saying why."""
+        from accel_models.runtime.sampler import argmax_rows
+
+        ids = self.buffers.dev["input_ids"]
+
+        def greedy_step(inputs: Any = inputs) -> torch.Tensor:
+            logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata, None,
+                                         float_logits=False)
+            tokens = argmax_rows(logits).to(ids.dtype)
+            ids[:size].copy_(tokens)  # the next step's inputs, read at the same address by its graph
+            return tokens
+
+        try:
+            graph = self.capture_graph(fn=greedy_step, device=self.buffers.device, pool=pool)
+        except RuntimeError as exc:
+            logger.warning("greedy decode graph of batch %d not captured (greedy steps sample after the "
+                           "graph): %s", size, exc)
+            return
+        if graph is not None:
+            self.greedy_graphs[size] = graph
 
     # -- replay ----------------------------------------------------------------------------------------
 
@@ -136,3 +177,15 @@ class DecodeGraphs:
         logits = self.graphs[size].replay()
         self.replays += 1
         return logits[:num_seqs]
+
+    def has_greedy(self, size: int) -> bool:
+        """Whether a greedy step of padded size ``size`` can run as :meth:`replay_greedy`."""
+        return self.sample_in_graph and size in self.greedy_graphs
+
+    def replay_greedy(self, num_seqs: int, size: int) -> torch.Tensor:
+        """Run the greedy graph of ``size`` (inputs published as for :meth:`replay`); returns the ``num_seqs``
+        real rows' argmax ids (int64, on the device), which are also in the input-ids buffer's first rows."""
+        tokens = self.greedy_graphs[size].replay()
+        self.replays += 1
+        self.greedy_replays += 1
+        return tokens[:num_seqs]

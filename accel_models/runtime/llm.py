@@ -47,6 +47,8 @@ class _Launched:
     tokens: torch.Tensor | None = None  # the sampled ids on the device (async scheduling)
     tokens_host: torch.Tensor | None = None  # their copy on the host, complete once ``event`` is
     event: Any = None
+    #: ``tokens`` are also the first rows of the device's input-ids buffer (a greedy graph wrote them)
+    ids_on_device: bool = False
 
 
 def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -55,7 +57,7 @@ def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
     from accel_models.runtime.metadata import device_event
 
     if t.device.type == "cpu":
-        return t, None
+        return t.clone(), None  # (a graph's output is overwritten by its next replay)
     try:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     except RuntimeError:
@@ -514,18 +516,29 @@ class LLM:
                 sample_rows.append(row + k - 1)
             row += k
         graph_size = None
+        greedy_graph = False  # the step's argmax runs inside its graph (DecodeGraphs.replay_greedy)
+        extra = 1 if after is not None else 0
         if self.graphs is not None and all(p[1] == 1 and p[3] == 1 and p[4] and not p[5] for p in plan):
             graph_size = self.graphs.padded_size(len(items))  # a pure decode step: replay a graph if captured
             if graph_size is None:
                 self.graphs.eager_decode_steps += 1
             else:
                 self.graphs.pad(len(items), graph_size)
-        inputs = self.builder.build(items)
-        if after is not None:
+                greedy_graph = self.graphs.has_greedy(graph_size) and all(
+                    p[0].params.greedy and Sampler.on_device(p[0].params, len(p[0].output_token_ids) + extra)
+                    for p in plan)
+        # the previous step's greedy graph left this step's ids (same sequences, same rows) on the device
+        ids_ready = after is not None and after.ids_on_device
+        inputs = self.builder.build(items, keep_device_ids=ids_ready)
+        if after is not None and not ids_ready:
             assert after.tokens is not None
             inputs.input_ids[: len(items)].copy_(after.tokens, non_blocking=True)
         logits = None
-        if graph_size is not None:
+        tokens = None
+        if greedy_graph:
+            assert self.graphs is not None and graph_size is not None
+            tokens = self.graphs.replay_greedy(len(items), graph_size)
+        elif graph_size is not None:
             assert self.graphs is not None
             logits = self.graphs.replay(len(items), graph_size)
         elif row:
@@ -536,8 +549,10 @@ class LLM:
                                 inputs.logits_indices)
         launched = _Launched(plan, logits, sample_rows)
         sampling = [p for p in plan if p[4]]
-        extra = 1 if after is not None else 0
-        if (self.async_scheduling and sampling and logits is not None and len(sample_rows) == logits.shape[0]
+        if tokens is not None:  # sampled by the greedy graph: the same ids sample_tensor would give
+            launched.tokens, launched.ids_on_device = tokens, True
+            launched.tokens_host, launched.event = _to_host_async(tokens)
+        elif (self.async_scheduling and sampling and logits is not None and len(sample_rows) == logits.shape[0]
                 and all(Sampler.on_device(p[0].params, len(p[0].output_token_ids) + extra) for p in sampling)):
             rows = [SamplingRow(params=p[0].params, prompt_token_ids=p[0].prompt_token_ids,
                                 output_token_ids=p[0].output_token_ids, generator=p[0].generator)

@@ -71,6 +71,9 @@ class InputBuffers:
         for k, (shape, dt, _) in specs.items():
             offsets[k] = nbytes
             nbytes += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8
+        # input_ids come first: a step whose ids are already on the device (written there by the previous
+        # step's greedy graph) copies only the bytes after them
+        self._ids_nbytes = offsets["positions"]
         # Two host staging buffers on a device (one on the CPU, where the host arrays are the inputs): with
         # overlapped steps (the LLM's async_scheduling) the host fills one while the copy of the other may
         # still be queued behind the running step; :meth:`flip` switches, after that copy is done.
@@ -118,10 +121,12 @@ class InputBuffers:
         self.host = self._hosts[self._cur]
 
     def prepare(self, num_tokens: int, num_seqs: int, num_logits: int, max_query_len: int,
-                max_seq_len: int, num_block_cols: int) -> StepInputs:
-        """Publish the first ``num_tokens`` / ``num_seqs`` entries (already written into :attr:`host`)."""
+                max_seq_len: int, num_block_cols: int, keep_device_ids: bool = False) -> StepInputs:
+        """Publish the first ``num_tokens`` / ``num_seqs`` entries (already written into :attr:`host`).
+        ``keep_device_ids``: leave the device's input ids as they are (the previous step wrote them there)."""
         if not self._on_host:
-            self._dev_bytes.copy_(self._staging, non_blocking=True)
+            skip = self._ids_nbytes if keep_device_ids else 0
+            self._dev_bytes[skip:].copy_(self._staging[skip:], non_blocking=True)
             self._copied[self._cur] = device_event(self.device)
         d = self.dev
         md = AttentionMetadata(
@@ -144,9 +149,11 @@ class MetadataBuilder:
         self.buffers = buffers
         self.block_size = block_size
 
-    def build(self, items: list[tuple[list[int] | None, int, int, list[int], int]]) -> StepInputs:
+    def build(self, items: list[tuple[list[int] | None, int, int, list[int], int]],
+              keep_device_ids: bool = False) -> StepInputs:
         """``items``: per scheduled sequence ``(token_ids, num_computed, num_new, block_table, num_logits)``
-        (``token_ids`` None for a one-token step whose token the caller writes on the device)
+        (``token_ids`` None for a one-token step whose token is not on the host: the caller writes it on the
+        device, or it is there already, ``keep_device_ids``, and the host-to-device copy leaves it alone)
         where the step computes ``token_ids[num_computed : num_computed + num_new]`` and needs the logits of
         its last ``num_logits`` new tokens (1 to sample, all of them for prompt logprobs, 0 for a chunk
         of a prefill). Returns the step's inputs."""
@@ -162,8 +169,10 @@ class MetadataBuilder:
         for b, (tokens, start, n, table, k) in enumerate(items):
             end = start + n
             if n == 1:  # a decode token: scalar writes (no temporary arrays), the common case per step
-                # tokens None: the token is not on the host yet (an overlapped step copies it on the device)
-                ids[t] = tokens[start] if tokens is not None else 0
+                # tokens None: the token is not on the host yet (an overlapped step's ids are on the device;
+                # on the CPU the host array is the device buffer, so it must not be overwritten here)
+                if tokens is not None:
+                    ids[t] = tokens[start]
                 positions[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:
@@ -186,4 +195,4 @@ class MetadataBuilder:
                 n_logits += k
             max_q = max(max_q, n)
             max_s = max(max_s, end)
-        return self.buffers.prepare(t, len(items), n_logits, max_q, max_s, cols)
+        return self.buffers.prepare(t, len(items), n_logits, max_q, max_s, cols, keep_device_ids)

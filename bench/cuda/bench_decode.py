@@ -9,6 +9,9 @@ a Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate
 and a small Mixtral (hidden 2048, 16 layers, 32/8 heads, 16 experts top-2, intermediate 1024, vocab 32000).
 Prompts: 128 random tokens per sequence. A decode step's time is the median interval between engine steps
 over the steady decode of a G-token run (step_ms; prefill excluded); tokens/s = batch / step time.
+Greedy steps replay the greedy graph (argmax in the graph, ids written into the next step's input buffer);
+"argmax after the graph" is the same engine with that turned off (``DecodeGraphs.sample_in_graph``): the
+plain graph, then the argmax kernels and the ids copy launched after it, as before the greedy graphs.
 
 Floor: bytes a step must read (every weight once, the experts a batch routes to in expectation, the tied
 embedding once as the LM head; the KV cache of the mean context) over the copy bandwidth measured here.
@@ -312,12 +315,14 @@ def step_ms(llm, plist: list[list[int]], gen: int, repeats: int = 2) -> tuple[li
     return medians, toks, means
 
 
-def replay_time(llm, batch: int) -> float | None:
-    """Device time of the captured graph alone (no runtime work around it), median of 50."""
+def replay_time(llm, batch: int, greedy: bool = False) -> float | None:
+    """Device time of the captured graph alone (no runtime work around it), median of 50; ``greedy``: the
+    greedy variant (argmax in the graph, ids into the input buffer)."""
     g = llm.graphs
-    if g is None or batch not in g.graphs:
+    graphs = None if g is None else (g.greedy_graphs if greedy else g.graphs)
+    if graphs is None or batch not in graphs:
         return None
-    graph = g.graphs[batch]
+    graph = graphs[batch]
     for _ in range(5):
         graph.replay()
     ts = []
@@ -369,6 +374,15 @@ def bench_model(name: str, args, bw: float) -> None:
             row["ours_graph_ms_runs"] = runs
             row["ours_graph_ms"] = min(runs)
             row["graph_replay_ms"] = (replay_time(llm, b) or float("nan")) * 1e3
+            row["graph_replay_greedy_ms"] = (replay_time(llm, b, greedy=True) or float("nan")) * 1e3
+            row["greedy_replays"] = graphs.greedy_replays
+            # the same graphs with the argmax launched after the graph and the ids copied into the next
+            # step's inputs (what every step did before the greedy graphs)
+            graphs.sample_in_graph = False
+            runs_out, toks_out, _ = step_ms(llm, plist, args.gen, repeats=1)
+            graphs.sample_in_graph = True
+            row["ours_graph_argmax_after_ms"] = min(runs_out)
+            row["argmax_after_identical"] = toks_out == toks_graph
             # the same graphs without async scheduling (each step waits for its tokens before the next)
             was = llm.async_scheduling
             llm.async_scheduling = False
@@ -385,6 +399,8 @@ def bench_model(name: str, args, bw: float) -> None:
             RES["identity"].append({"model": name, "batch": b, "identical": same, "seqs_identical": nseq,
                                     "seqs": b, "tokens_per_seq": args.gen})
             row["graph_eager_identical"] = same
+            log(f"[{name}] b={b} argmax after the graph {row['ours_graph_argmax_after_ms']:.3f} ms (same tokens "
+                f"{row['argmax_after_identical']}), greedy replay {row['graph_replay_greedy_ms']:.3f} ms")
             log(f"[{name}] b={b} ours graph {row['ours_graph_ms_runs']} ms (means {row['ours_graph_mean_ms_runs']}; replay {row['graph_replay_ms']:.3f}; "
                 f"replays/eager/preemptions {row['graph_steps']}), sync {row['ours_graph_sync_ms']:.3f} ms "
                 f"(same tokens {row['async_sync_identical']}, overlapped {row['overlapped_steps']}), "
@@ -422,17 +438,20 @@ def fmt(v, d=3):
 
 def summary(bw: float) -> str:
     lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", "",
-             "| model | batch | floor ms | ours (graphs) ms | x floor | tok/s | graph replay ms | ours, no async ms "
-             "| ours eager ms | transformers ms | compiled torch ms | graphs = eager tokens | async = no async |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | floor ms | ours (graphs) ms | x floor | tok/s | graph replay ms | greedy graph replay ms "
+             "| argmax after the graph ms | ours, no async ms "
+             "| ours eager ms | transformers ms | compiled torch ms | graphs = eager tokens | async = no async "
+             "| = argmax after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in RES["rows"]:
         og = r.get("ours_graph_ms")
         lines.append(
             f"| {r['model']} | {r['batch']} | {fmt(r['floor_ms'])} | {fmt(og)} | "
             f"{fmt(og / r['floor_ms'] if og else None, 2)} | {fmt(r['batch'] / og * 1e3 if og else None, 0)} | "
-            f"{fmt(r.get('graph_replay_ms'))} | {fmt(r.get('ours_graph_sync_ms'))} | {fmt(r.get('ours_eager_ms'))} | "
+            f"{fmt(r.get('graph_replay_ms'))} | {fmt(r.get('graph_replay_greedy_ms'))} | "
+            f"{fmt(r.get('ours_graph_argmax_after_ms'))} | {fmt(r.get('ours_graph_sync_ms'))} | {fmt(r.get('ours_eager_ms'))} | "
             f"{fmt(r.get('hf_ms'), 2)} | {fmt(r.get('compiled_ms'))} | {r.get('graph_eager_identical', '-')} | "
-            f"{r.get('async_sync_identical', '-')} |")
+            f"{r.get('async_sync_identical', '-')} | {r.get('argmax_after_identical', '-')} |")
     if RES["errors"]:
         lines += ["", f"{len(RES['errors'])} error(s): " + "; ".join(e.splitlines()[0] for e in RES["errors"])]
     return "\n".join(lines)

@@ -32,7 +32,10 @@ class FakeGraph:
         return self.fn()
 
 
-def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = False) -> types.ModuleType:
+def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = False,
+                      fail_greedy: bool = False) -> types.ModuleType:
+    """``fail_at``: the n-th capture raises (plain and greedy captures alternate, largest size first);
+    ``fail_greedy``: every greedy capture (the step returning ids, not logits) raises."""
     mod = types.ModuleType("fake_graph_backend")
 
     def backend_info():
@@ -41,11 +44,14 @@ def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = 
     def capture_graph(fn, device, pool):
         if decline:
             return None
-        log.append(("capture", pool))
+        out = fn()  # a real backend runs fn while capturing
+        kind = "logits" if out.ndim == 2 else "greedy"
+        assert out.ndim == 2 or (out.ndim == 1 and out.dtype == torch.int64)
+        log.append(("capture", pool, kind, out.shape[0]))
         if fail_at is not None and sum(1 for e in log if isinstance(e, tuple)) == fail_at:
             raise RuntimeError("operation not permitted when stream is capturing")
-        out = fn()  # a real backend runs fn while capturing
-        assert out.ndim == 2
+        if fail_greedy and kind == "greedy":
+            raise RuntimeError("argmax not capturable here")
         return FakeGraph(fn, None, log)
 
     mod.accel_backend_info = hookimpl(backend_info)
@@ -80,9 +86,12 @@ def test_graphs_replay_padded_decode_and_match_eager(fake, llama_dir):
     with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20,
              graph_batch_sizes=[1, 2, 4]) as llm:
         g = llm.graphs
-        assert g is not None and sorted(g.graphs) == [1, 2, 4]
-        # captured largest first, later captures share the first one's pool
-        assert [e[1] for e in log if isinstance(e, tuple)] == [None, "pool", "pool"]
+        assert g is not None and sorted(g.graphs) == [1, 2, 4] and sorted(g.greedy_graphs) == [1, 2, 4]
+        # captured largest first, each size's plain graph then its greedy one; later captures share the
+        # first one's pool
+        caps = [e[1:] for e in log if isinstance(e, tuple)]
+        assert caps == [(None, "logits", 4), ("pool", "greedy", 4), ("pool", "logits", 2), ("pool", "greedy", 2),
+                        ("pool", "logits", 1), ("pool", "greedy", 1)]
         ptrs = {k: v.data_ptr() for k, v in llm.buffers.dev.items()}
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(4))]
         assert got == want
@@ -93,14 +102,76 @@ def test_graphs_replay_padded_decode_and_match_eager(fake, llama_dir):
         # 3 sequences: padded to 4; 1 sequence: graph of 1
         got3 = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], greedy(4))]
         assert got3 == want[:3]
-        assert g.replays == 3
+        assert g.replays == 3 and g.greedy_replays == 3  # greedy steps: the argmax ran in the graph
         h = llm.buffers.host
-        assert h["slot_mapping"][3] == -1 and h["seq_lens"][3] == 1 and h["input_ids"][3] == 0
+        # (the padding row's input id is whatever the greedy graph's argmax wrote there: unread)
+        assert h["slot_mapping"][3] == -1 and h["seq_lens"][3] == 1
         assert list(h["query_start_loc"][:5]) == [0, 1, 2, 3, 4]
         got1 = llm.generate([PROMPTS[1]], greedy(3))[0].outputs[0].token_ids
         assert got1 == want[1][:3]
         assert g.replays == 5 and g.eager_decode_steps == 3
         assert log.count("replay") == 5
+
+
+def _eager_tokens(llama_dir, prompts, params):
+    with LLM(llama_dir, backend="reference", max_num_seqs=8, kv_cache_memory=4 << 20, enforce_eager=True) as eager:
+        return [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+
+
+def test_greedy_graph_ids_feed_the_next_overlapped_step(fake, llama_dir):
+    """With async scheduling the next step is launched before this one's ids reach the host: its input ids
+    are the ones the greedy graph wrote into the input-ids buffer (no copy, the host-to-device copy skips
+    them). Requests stop at different steps (stop tokens), so overlapped rows are dropped mid-way."""
+    want = _eager_tokens(llama_dir, PROMPTS, greedy(8))
+    stops = [SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[w[2 + i % 3]], ignore_eos=True)
+             for i, w in enumerate(want)]
+    want_stop = [w[: w.index(w[2 + i % 3]) + 1] for i, w in enumerate(want)]
+    fake()
+    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 2, 4, 8],
+             async_scheduling=True) as llm:
+        g = llm.graphs
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(8))]
+        assert got == want
+        assert llm.overlapped_steps >= 5 and g.greedy_replays >= 6
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, stops)]
+        assert got == want_stop
+        assert llm.kv.num_free_blocks == llm.num_blocks
+        # turned off (what the benchmark compares): the plain graphs, argmax after them, the same tokens
+        g.sample_in_graph = False
+        before = g.greedy_replays
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(8))]
+        assert got == want and g.greedy_replays == before
+
+
+def test_steps_needing_logits_replay_the_plain_graph(fake, llama_dir):
+    """logprobs, a temperature, or min_tokens still masking: the graph that returns logits, sampled after."""
+    fake()
+    with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[2],
+             async_scheduling=True) as llm:
+        g = llm.graphs
+        outs = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, ignore_eos=True))
+        assert all(len(o.outputs[0].logprobs) == 4 for o in outs)
+        assert g.replays == 3 and g.greedy_replays == 0
+        llm.generate(PROMPTS[:2], SamplingParams(temperature=0.8, seed=3, max_tokens=4, ignore_eos=True))
+        assert g.replays == 6 and g.greedy_replays == 0
+        # min_tokens: masked (plain graph) until 3 tokens exist, then greedy in the graph
+        want = _eager_tokens(llama_dir, PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3))
+        got = [o.outputs[0].token_ids
+               for o in llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=6, min_tokens=3))]
+        assert got == want
+        assert g.greedy_replays > 0
+
+
+def test_a_failing_greedy_capture_keeps_the_plain_graphs(fake, llama_dir, caplog):
+    want = _eager_tokens(llama_dir, PROMPTS[:3], greedy(4))
+    fake(fail_greedy=True)
+    with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 4],
+             async_scheduling=True) as llm:
+        g = llm.graphs
+        assert sorted(g.graphs) == [1, 4] and g.greedy_graphs == {}
+        assert "greedy decode graph of batch 4 not captured" in caplog.text
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], greedy(4))]
+        assert got == want and g.replays == 3 and g.greedy_replays == 0
 
 
 def test_sampling_with_prompt_logprobs_and_mixed_steps_run_eagerly(fake, llama_dir):
@@ -124,7 +195,7 @@ def test_sampling_with_prompt_logprobs_and_mixed_steps_run_eagerly(fake, llama_d
 
 
 def test_backend_without_graphs_or_failing_capture_runs_eagerly(fake, llama_dir, caplog):
-    log = fake(fail_at=2)
+    log = fake(fail_at=3)  # size 4's plain and greedy graphs, then size 1's plain one fails
     with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 4]) as llm:
         assert llm.graphs is None  # the capture of size 1 failed: no graphs at all, a warning says why
         assert "capture of decode batch 1 failed" in caplog.text

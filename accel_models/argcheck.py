@@ -30,7 +30,7 @@ __all__ = [
     "check_dynamic_int8_quant", "check_float", "check_fused_add_rms_norm", "check_fused_experts", "check_gated",
     "check_index", "check_int8_scaled_mm", "check_linear", "check_prepare_linear", "check_moe_topk", "check_paged_attention", "check_paged_attention_lengths", "check_rms_norm",
     "check_rotary_embedding", "check_tensor", "check_write_kv_cache", "dtype_names",
-    "check_rope_and_write_kv_cache", "check_act_and_mul_linear", "ACT_AND_MUL_ACTIVATIONS",
+    "check_rope_and_write_kv_cache", "check_act_and_mul_linear", "ACT_AND_MUL_ACTIVATIONS", "check_argmax",
 ]
 
 #: Every float dtype the hookspecs allow (the reference backend takes all of them).
@@ -280,6 +280,22 @@ def check_linear(x: Any, weight: Any, bias: Any, dtypes: Sequence[torch.dtype] =
         if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {x.dtype}, got {bias.dtype} {tuple(bias.shape)}")
     return weight.shape[1], weight.shape[0]
+
+
+def check_argmax(x: Any, out: Any, dtypes: Sequence[torch.dtype] = FLOATS, backend: str | None = None) -> int:
+    """argmax: float ``x [rows, cols]`` (cols >= 1) and a contiguous int64 ``out [rows]`` on x's device;
+    returns ``rows``."""
+    check_float("x", x, dtypes, backend)
+    if x.dim() != 2 or x.shape[1] < 1:
+        raise ValueError(f"x must be 2-D [num_rows, num_cols] with num_cols >= 1, got {tuple(x.shape)}")
+    check_index("out", out, torch.int64, 1)
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"out must have one entry per row of x ({x.shape[0]}), got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x on {x.device}; they must be on one device")
+    return x.shape[0]
 
 
 #: act_and_mul_linear's activations -> gelu_and_mul's ``approximate`` (None: silu_and_mul)

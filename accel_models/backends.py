@@ -55,9 +55,9 @@ KV_CACHE_GROUP: tuple[str, ...] = ("kv_cache_layout", "allocate_kv_cache", "writ
 LINEAR_GROUP: tuple[str, ...] = ("prepare_linear", "linear")
 #: Every group of ops bound from one backend, in fallback and in per-op overrides.
 OP_GROUPS: tuple[tuple[str, ...], ...] = (KV_CACHE_GROUP, LINEAR_GROUP)
-#: Numeric ops whose reference is plain torch that runs on every device (dense matmul): strict mode does
-#: not require them, the conformance kit checks them when a backend has them.
-PORTABLE_OPS: tuple[str, ...] = LINEAR_GROUP
+#: Numeric ops whose reference is plain torch that runs on every device (dense matmul, the greedy argmax
+#: of API 1.6): strict mode does not require them, the conformance kit checks them when a backend has them.
+PORTABLE_OPS: tuple[str, ...] = (*LINEAR_GROUP, "argmax")
 #: Fused ops (API 1.3) -> the ops each one fuses. A backend may implement a fused op; where the selected
 #: backend does not, or where the ops it fuses do not all come from the one backend that implements it
 #: natively (a native rope_and_write_kv_cache writes its own backend's cache layout, a native

@@ -56,9 +56,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROJECT_NAME = "accel_models"
 #: Minor version of the hookspec API (1.1: capture_graph; 1.2: prepare_linear and linear; 1.3: the fused
-#: ops rope_and_write_kv_cache and act_and_mul_linear; 1.4: decoder_layer_decode; 1.5: moe_decoder_layer_decode).
+#: ops rope_and_write_kv_cache and act_and_mul_linear; 1.4: decoder_layer_decode; 1.5: moe_decoder_layer_decode;
+#: 1.6: argmax, the greedy token of each logits row).
 #: Backends declare only the major version.
-HOOKSPEC_API_MINOR_VERSION = 5
+HOOKSPEC_API_MINOR_VERSION = 6
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: The marker backends put on their op implementations: ``@accel_models.hookimpl``.
@@ -474,6 +475,33 @@ def accel_linear(
         tolerance of x's dtype, for ``prepared`` from :func:`accel_prepare_linear` and for None.
 
     Added in API 1.2 (backends written for earlier versions fall back to the reference: ``F.linear``).
+    """
+
+
+# ----------------------------------------------------------------------------------------------------
+# Greedy sampling (API 1.6)
+# ----------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def accel_argmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The index of the maximum of each row (a greedy decode step's token ids), written into ``out``.
+
+    Args:
+        x: ``[num_rows, num_cols]`` float (logits; the backend's float dtypes, as for the other ops),
+            ``num_cols >= 1``; any strides.
+        out: ``[num_rows]`` int64, contiguous, on ``x``'s device: written, nothing else is. It may be a view
+            of a larger persistent buffer (the runtime's greedy decode graphs pass the first rows of their
+            input-ids buffer, so the next step reads the ids where they were written).
+
+    Returns:
+        ``out``, holding ``torch.argmax(x, dim=-1)`` exactly: the **first** index of a row's maximum; a
+        NaN counts as larger than every number (the row's first NaN wins); ``-0.0`` and ``0.0`` are equal.
+
+    Optional in strict mode: the reference (pure torch, a few reductions) runs on every device. A native
+    one exists to do it in one launch: the runtime captures it at the end of every greedy decode graph.
+
+    Added in API 1.6.
     """
 
 

@@ -13,7 +13,8 @@ replay needs only the usual host-to-device copy of the step's inputs.
 
 Each size is captured twice: the step returning its logits (for sampling on the host or with a
 temperature), and a *greedy* step that also takes the argmax of every row inside the graph and writes the
-ids into the input-ids buffer, where the next decode step of the same sequences reads them. A greedy step
+ids (the backend's ``argmax`` op, API 1.6) into the input-ids buffer, where the next decode step of the
+same sequences reads them. A greedy step
 (every row at temperature 0, no logprobs, penalties or active min_tokens) then costs one graph launch on the
 device: no argmax kernels launched one by one after the graph and no device copy of the sampled ids into
 the next step's inputs (their launches left ~10-30 us of gaps per step on an H200). The greedy graph keeps no
@@ -118,16 +119,14 @@ class DecodeGraphs:
     def _capture_greedy(self, size: int, inputs: Any, pool: Any) -> None:
         """The greedy variant of size ``size`` (see the module docstring); on failure the size keeps only
         its plain graph (greedy steps then sample after it), with a warning saying why."""
-        from accel_models.runtime.sampler import argmax_rows
-
-        ids = self.buffers.dev["input_ids"]
+        ids = self.buffers.dev["input_ids"][:size]
+        argmax = self.runner.ops.argmax  # the backend's (one launch on CUDA), else the reference's reductions
 
         def greedy_step(inputs: Any = inputs) -> torch.Tensor:
             logits = self.runner.execute(inputs.input_ids, inputs.positions, inputs.attn_metadata, None,
                                          float_logits=False)
-            tokens = argmax_rows(logits).to(ids.dtype)
-            ids[:size].copy_(tokens)  # the next step's inputs, read at the same address by its graph
-            return tokens
+            # written where the next step's graph reads its input ids (the same sequences in the same rows)
+            return argmax(x=logits, out=ids)
 
         try:
             graph = self.capture_graph(fn=greedy_step, device=self.buffers.device, pool=pool)

@@ -274,6 +274,37 @@ def check_fused_experts(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dty
     return _worst(("out", out, expect), op="fused_experts", dtype=dtype)
 
 
+def check_argmax(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
+    """Exact: every row's index equals ``torch.argmax`` of the same rounded values in float64 (first maximum,
+    NaN the largest, -0.0 == 0.0), and ``out``'s neighbours in its buffer are untouched."""
+    g = _gen(case["seed"])
+    rows, cols = case["rows"], case["cols"]
+    x64 = _rand(g, rows, cols, scale=3.0)
+    if case["ties"]:  # a few distinct values: many rows have their maximum more than once
+        x64 = x64.round()
+    if case["special"]:  # NaN, infinities and signed zeros at random places
+        for value in (float("nan"), float("inf"), float("-inf"), -0.0, 0.0):
+            n = int(torch.randint(0, max(1, rows * cols // 50) + 1, (1,), generator=g))
+            at = torch.randint(0, rows * cols, (n,), generator=g)
+            x64.view(-1)[at] = value
+    x, xr = _pair(x64, dtype, device, noncontig=case["noncontig"])
+    buf = torch.full((rows + 2,), -7, dtype=torch.int64, device=device)
+    out = buf[1 : rows + 1]
+    res = ops.argmax(x=x, out=out)
+    if res.data_ptr() != out.data_ptr() or tuple(res.shape) != (rows,):
+        return CheckResult(float("inf"), "argmax must return out (its results written into it)")
+    got = buf.cpu()
+    want = xr.argmax(dim=-1)
+    if got[0] != -7 or got[-1] != -7:
+        return CheckResult(float("inf"), "argmax wrote outside out (the entries around it in its buffer)")
+    bad = (got[1:-1] != want).nonzero()
+    if bad.numel():
+        r = int(bad[0])
+        return CheckResult(float("inf"), f"row {r}: index {int(got[r + 1])} (value {float(xr[r, int(got[r + 1])])}) "
+                           f"!= torch.argmax {int(want[r])} (value {float(xr[r, int(want[r])])})")
+    return CheckResult(0.0, f"{rows} rows x {cols}: every index exact")
+
+
 def check_dynamic_int8_quant(case: dict, ops: OpTable, ref: OpTable, dtype: torch.dtype, device: Any) -> CheckResult:
     g = _gen(case["seed"])
     x64 = _rand(g, case["m"], case["k"])
@@ -565,6 +596,7 @@ CHECKS = {
     "paged_attention": check_paged_attention,
     "moe_topk": check_moe_topk,
     "fused_experts": check_fused_experts,
+    "argmax": check_argmax,
     "dynamic_int8_quant": check_dynamic_int8_quant,
     "int8_scaled_mm": check_int8_scaled_mm,
     "linear": check_linear,

@@ -45,6 +45,8 @@ def strategy_for(op: str, ops: OpTable, quick: bool, dtype: torch.dtype = torch.
         return S.moe_topk_cases(quick=quick)
     if op == "fused_experts":
         return S.fused_experts_cases(quick=quick)
+    if op == "argmax":
+        return S.argmax_cases(quick=quick)
     if op == "linear":
         return S.linear_cases(quick=quick)
     if op == "rope_and_write_kv_cache":

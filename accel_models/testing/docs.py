@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from accel_models import hookspecs
-from accel_models.backends import COMPOSITE_OPS, KV_CACHE_GROUP, LINEAR_GROUP
+from accel_models.backends import COMPOSITE_OPS, KV_CACHE_GROUP, LINEAR_GROUP, PORTABLE_OPS
 from accel_models.testing.tolerances import tolerance_table_markdown
 
 BEGIN = "<!-- BEGIN GENERATED: python -m accel_models.testing.docs -->"
@@ -23,7 +23,9 @@ def hookspec_reference() -> str:
         sig = str(inspect.signature(fn)).replace("'", "")
         op = name[len("accel_"):]
         group = (" (KV-cache group)" if op in KV_CACHE_GROUP else " (linear group)" if op in LINEAR_GROUP
-                 else " (fused op: optional, composite without it)" if op in COMPOSITE_OPS else "")
+                 else " (fused op: optional, composite without it)" if op in COMPOSITE_OPS
+                 else " (portable: optional, the reference's torch runs on every device)" if op in PORTABLE_OPS
+                 else "")
         parts.append(f"### `{name}`{group}\n\n```python\n{name}{sig}\n```\n\n{inspect.getdoc(fn)}\n")
     return "\n".join(parts)
 

@@ -114,6 +114,18 @@ def moe_topk_cases(draw, quick: bool = False):
 
 
 @st.composite
+def argmax_cases(draw, quick: bool = False):
+    return {
+        "rows": draw(st.integers(1, 9 if quick else 80)),
+        "cols": draw(st.sampled_from([1, 7, 300, 4096, 4097, 32000] if quick else [1, 7, 300, 4096, 4097, 32000, 128256])),
+        "ties": draw(st.booleans()),
+        "special": draw(st.booleans()),
+        "noncontig": draw(st.booleans()),
+        "seed": draw(_seed()),
+    }
+
+
+@st.composite
 def fused_experts_cases(draw, quick: bool = False):
     experts = draw(st.sampled_from([1, 4, 8, 60] if not quick else [1, 4, 8]))
     return {

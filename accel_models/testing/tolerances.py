@@ -34,6 +34,7 @@ OP_FACTORS: dict[str, float] = {
     "paged_attention": 4.0,
     "moe_topk": 2.0,
     "fused_experts": 8.0,
+    "argmax": 1.0,  # (exact: its check compares indices, not values)
     "dynamic_int8_quant": 1.0,
     "int8_scaled_mm": 1.0,
     "linear": 4.0,  # reductions over k up to 1000 (inputs of unit scale, weights scaled by k**-0.5)

@@ -174,3 +174,17 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nda
             if bias is not None:
                 out[r, i] += float(bias[i])
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def argmax(x: np.ndarray) -> list[int]:
+    """Per row: the first index of the maximum, a NaN larger than any number (the first NaN wins)."""
+    out = []
+    for row in x:
+        best = 0
+        for j in range(1, len(row)):
+            if math.isnan(row[best]):
+                break
+            if math.isnan(row[j]) or row[j] > row[best]:
+                best = j
+        out.append(best)
+    return out

@@ -541,6 +541,12 @@ BAD_INPUTS = [
     ("paged_attention", _attn_kwargs(query_start_loc=torch.tensor([0, 2], dtype=_i32)), "query_start_loc"),
     ("paged_attention", _attn_kwargs(max_seq_len=17), "block_table"),
     ("paged_attention", _attn_kwargs(seq_lens=torch.tensor([1, 9], dtype=_i32)), "max_seq_len"),
+    ("argmax", dict(x=torch.ones(2, 4, dtype=torch.int64), out=torch.zeros(2, dtype=torch.int64)), "x"),
+    ("argmax", dict(x=_f(2, 3, 4), out=torch.zeros(2, dtype=torch.int64)), "x"),
+    ("argmax", dict(x=_f(2, 0), out=torch.zeros(2, dtype=torch.int64)), "x"),
+    ("argmax", dict(x=_f(2, 4), out=torch.zeros(2, dtype=torch.int32)), "out"),
+    ("argmax", dict(x=_f(2, 4), out=torch.zeros(3, dtype=torch.int64)), "out"),
+    ("argmax", dict(x=_f(2, 4), out=torch.zeros(2, 2, dtype=torch.int64)[:, 0]), "out"),
     ("moe_topk", _topk_kwargs(scoring_func="relu"), "scoring_func"),
     ("moe_topk", _topk_kwargs(top_k=9), "top_k"),
     ("moe_topk", _topk_kwargs(router_logits=_f(3, 8).long()), "router_logits"),
@@ -619,3 +625,21 @@ def test_float64_stays_float64_and_on_the_input_device(ops):
     x = torch.randn(3, 5, dtype=torch.float64)
     assert ops.rms_norm(x=x, weight=torch.ones(5, dtype=torch.float64), eps=1e-6).dtype == torch.float64
     assert math.isfinite(float(ops.silu_and_mul(x=x[:, :4]).sum()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 5000), seed=st.integers(0, 2**16), specials=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_argmax_matches_naive_first_maximum(ops, rows, cols, seed, specials, dtype):
+    """API 1.6 argmax against a Python loop: ties (rounded values), NaN (the first wins), infinities and
+    signed zeros (equal); only ``out`` is written and returned."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g, dtype=torch.float64) * 2).round()
+    if specials:
+        for v in (float("nan"), float("inf"), float("-inf"), -0.0, 0.0):
+            x.view(-1)[torch.randint(0, rows * cols, (1 + rows * cols // 40,), generator=g)] = v
+    x = x.to(dtype)
+    buf = torch.full((rows + 1,), -1, dtype=torch.int64)
+    res = ops.argmax(x=x, out=buf[:rows])
+    assert res.data_ptr() == buf.data_ptr() and buf[rows] == -1
+    assert buf[:rows].tolist() == naive.argmax(x.double().numpy())

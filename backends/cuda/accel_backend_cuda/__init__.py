@@ -198,6 +198,17 @@ def accel_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 @hookimpl
+def accel_argmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One launch: a program per (row, 4096 columns) packs each element into an order-preserving int64 key
+    and ``atomic_max``-es the chunk's best into the row's word; the row's last program stores the index."""
+    _check_tensors(x=x, out=out)
+    rows = argcheck.check_argmax(x, out, FLOATS, NAME)
+    if rows:
+        _kernels().argmax_rows(x, out)
+    return out
+
+
+@hookimpl
 def accel_fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

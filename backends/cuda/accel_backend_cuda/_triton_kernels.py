@@ -162,6 +162,76 @@ def rms_norm(x2: torch.Tensor, residual2: torch.Tensor | None, weight: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------
+# Greedy argmax (API 1.6)
+# ----------------------------------------------------------------------------------------------------
+
+#: argmax's columns per program (one load of BLOCK elements: 8 KB of bf16 logits)
+ARGMAX_BLOCK = 4096
+_INT64_MIN = -(2**63)
+#: per device: the argmax's packed-key and arrival words ([rows] int64 and int32), at rest INT64_MIN and 0
+_ARGMAX_STATE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_ARGMAX_OLD: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown words a captured graph may still use
+
+
+def argmax_state(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The argmax's words for at least ``rows`` rows on ``device``, allocated (or grown) outside any graph
+    capture: None inside one before they exist. Every launch leaves them at rest (the last program of a row
+    resets its two words), so one set serves every launch and every graph of the stream."""
+    st = _ARGMAX_STATE.get(device)
+    if st is None or st[0].numel() < rows:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if st is not None:
+            _ARGMAX_OLD.append(st)
+        n = max(64, triton.next_power_of_2(rows))
+        st = (torch.full((n,), _INT64_MIN, dtype=torch.int64, device=device),
+              torch.zeros(n, dtype=torch.int32, device=device))
+        _ARGMAX_STATE[device] = st
+    return st
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, out_ptr, key_ptr, cnt_ptr, cols, stride_r, stride_c, chunks, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    """Program (row, chunk): the chunk's maximum as one int64 key, ``order(value) * 2**32 + (2**32 - 1 - col)``
+    (order: the float's bits made monotone as signed ints, NaN above +inf, -0.0 as 0.0), so the largest key
+    is the row's first maximal column; ``atomic_max`` into the row's key; the last chunk of the row to
+    arrive (an acq_rel counter) takes the key, stores the column and puts both words back at rest."""
+    _pdl_enter(PDL)
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < cols
+    v = tl.load(x_ptr + row.to(tl.int64) * stride_r + offs.to(tl.int64) * stride_c, mask=ok, other=0.0)
+    v = v.to(tl.float32)
+    v = tl.where(v == 0.0, 0.0, v)  # -0.0 compares equal to 0.0: one key for both
+    b = v.to(tl.int32, bitcast=True)
+    o = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)  # negative floats: larger magnitude, smaller key
+    o = tl.where(v != v, 0x7FFFFFFF, o)  # NaN (either sign) above +inf (0x7F800000)
+    key = o.to(tl.int64) * 4294967296 + (4294967295 - offs.to(tl.int64))
+    key = tl.where(ok, key, -9223372036854775807 - 1)
+    tl.atomic_max(key_ptr + row, tl.max(key, 0), sem="relaxed", scope="gpu")
+    arrived = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel", scope="gpu")
+    if arrived == chunks - 1:
+        final = tl.atomic_xchg(key_ptr + row, -9223372036854775807 - 1, sem="acq_rel", scope="gpu")
+        tl.store(out_ptr + row, 4294967295 - (final & 4294967295))
+        tl.atomic_xchg(cnt_ptr + row, 0, sem="relaxed", scope="gpu")
+
+
+def argmax_rows(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[r] = argmax(x[r])`` (first maximum, NaN the largest) in one launch of rows x chunks programs;
+    x [rows, cols] with any strides, out [rows] int64 contiguous. Inside a graph capture whose words were
+    never allocated (no eager run before it), torch's reductions instead."""
+    rows, cols = x.shape
+    st = argmax_state(x.device, rows)
+    if st is None:
+        return out.copy_(x.argmax(dim=-1))
+    chunks = triton.cdiv(cols, ARGMAX_BLOCK)
+    _argmax_kernel[(rows, chunks)](x, out, st[0], st[1], cols, x.stride(0), x.stride(1), chunks,
+                                   BLOCK=ARGMAX_BLOCK, num_warps=4, PDL=PDL, launch_pdl=PDL)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Gated activations
 # ----------------------------------------------------------------------------------------------------
 

@@ -285,6 +285,16 @@ def accel_paged_attention(
 
 
 @hookimpl
+def accel_argmax(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """torch's argmax, computed as the runtime's ``argmax_rows`` (the same indices; per-chunk maxima first,
+    which parallelizes a vocabulary-long row far better on a device than one long reduction)."""
+    from accel_models.runtime.sampler import argmax_rows
+
+    argcheck.check_argmax(x, out)
+    return out.copy_(argmax_rows(x))
+
+
+@hookimpl
 def accel_moe_topk(
     router_logits: torch.Tensor,
     top_k: int,

@@ -844,3 +844,43 @@ def test_moe_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, mon
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
     (rep,) = [r for r in report.ops if r.op == "moe_decoder_layer_decode"]
     assert rep.native and rep.cases > 0 and ran and all(ran)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_argmax_is_torch_argmax_across_chunks(dtype, kernels, monkeypatch):
+    """The packed-key argmax (API 1.6) against torch.argmax: first maximum across chunks, NaN the largest
+    (first NaN wins), -0.0 equal to 0.0, -inf rows, strided rows; repeated launches (the words go back to
+    rest)."""
+    monkeypatch.setattr(kernels, "ARGMAX_BLOCK", 64)  # several chunks at interpreter-sized rows
+    g = torch.Generator().manual_seed(7)
+    cols = 300  # 5 chunks, the last partial
+    x = torch.randn(9, cols, generator=g).to(dtype)
+    x[1, [70, 10, 250]] = 50.0  # a tie across chunks: the first column wins
+    x[2, [130, 200]] = float("nan")  # NaN wins over any number, the first NaN
+    x[2, 5] = float("inf")
+    x[3] = -torch.rand(cols, generator=g).to(dtype) - 1
+    x[3, 140], x[3, 7], x[3, 299] = 0.0, -0.0, 0.0  # -0.0 == 0.0: the first of them
+    x[4] = float("-inf")
+    x[5, 299] = 100.0  # the maximum in the partial last chunk
+    x[6] = 0.25  # a constant row
+    # a NaN with the sign bit set is a NaN too (written as bits: conversions may drop a NaN's sign)
+    bits = {torch.float32: (torch.int32, -4194304), torch.bfloat16: (torch.int16, -64), torch.float16: (torch.int16, -512)}
+    x.view(bits[dtype][0])[7, 100] = bits[dtype][1]
+    x[7, 200] = float("inf")
+    want = x.argmax(dim=-1)
+    assert torch.signbit(x[7, 100]) and want[7] == 100
+    assert want[3] == 7 and want[1] == 10 and want[2] == 130
+    for _ in range(2):
+        out = torch.full((9,), -5, dtype=torch.int64)
+        assert C.accel_argmax(x=x, out=out) is out
+        assert out.tolist() == want.tolist()
+    wide = torch.randn(4, 2 * cols, generator=g).to(dtype)
+    xs = wide[:, ::2]  # column stride 2
+    out = torch.zeros(4, dtype=torch.int64)
+    C.accel_argmax(x=xs, out=out)
+    assert out.tolist() == xs.argmax(dim=-1).tolist()
+    buf = torch.full((6,), 123, dtype=torch.int64)  # a view of a larger buffer: only its rows are written
+    C.accel_argmax(x=x[:3], out=buf[:3])
+    assert buf.tolist() == want[:3].tolist() + [123, 123, 123]
+    st = kernels.argmax_state(x.device, 9)
+    assert (st[0] == kernels._INT64_MIN).all() and (st[1] == 0).all()  # at rest for the next launch

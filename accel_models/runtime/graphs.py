@@ -14,11 +14,11 @@ replay needs only the usual host-to-device copy of the step's inputs.
 Each size is captured twice: the step returning its logits (for sampling on the host or with a
 temperature), and a *greedy* step that also takes the argmax of every row inside the graph and writes the
 ids (the backend's ``argmax`` op, API 1.6) into the input-ids buffer, where the next decode step of the
-same sequences reads them. A greedy step
-(every row at temperature 0, no logprobs, penalties or active min_tokens) then costs one graph launch on the
-device: no argmax kernels launched one by one after the graph and no device copy of the sampled ids into
-the next step's inputs (their launches left ~10-30 us of gaps per step on an H200). The greedy graph keeps no
-logits (they are an intermediate of its capture), so it adds only its ids to the graphs' memory.
+same sequences reads them. A greedy step (every row at temperature 0, no logprobs, penalties or active
+min_tokens) then costs one graph launch on the device: no argmax kernels launched after the graph and no
+copy of the sampled ids into the next step's inputs (on an H200 that took 21-55 us off every step,
+docs/BENCHMARKS.md "Session 13"). The greedy graph keeps no logits (they are an intermediate of its
+capture), so it adds only its ids to the graphs' memory.
 
 Prefill, chunked and mixed steps, steps wanting prompt logprobs, and batches larger than the largest
 captured size run eagerly.

@@ -76,12 +76,12 @@ def graph_time(fn, reps: int = 20) -> float:
 
 
 def copy_bw() -> float:
-    n = 1 << 29
-    a = torch.randn(n, device=DEV, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    t = graph_time(lambda: b.copy_(a))
-    del a, b
-    return 4 * n / t
+    """The floor's bandwidth: bench_decode.py's (read + write of a 1 GiB copy, event-timed, median), so
+    every script's floor uses one figure. (A graph-timed copy here read 2.72 TB/s on the H200 where that
+    one reads 4.1-4.2: session 12's bench_moe_decode floors were 1.5x too long.)"""
+    from bench_decode import copy_bandwidth
+
+    return copy_bandwidth()
 
 
 # ----------------------------------------------------------------------------------------------------

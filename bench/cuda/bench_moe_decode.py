@@ -7,7 +7,8 @@ against the sorted grouped GEMM, and write the chosen config.
   1 to 128 pairs, both slot kinds) against the reference backend in float64 (fresh random inputs each case);
   inside a CUDA graph replayed with new routing (the split counters must reset; replays = eager, bitwise).
 * sweep: the Mixtral-small layer (16 experts top-2, hidden 2048, intermediate 1024, bf16) at 1 and 8 tokens,
-  gate/up tiles with the down tiles fixed, then down tiles with the best gate/up tiles.
+  gate/up tiles with the down tiles fixed, then down tiles with the best gate/up tiles (``--sweep-tokens``
+  sets the token counts scored).
 * compare: the best tiles (``--no-sweep``: the defaults) against the old path (``max_pairs`` 0) at 1-64
   tokens (``--tokens``), the decode path with each ``--rows`` dot tile side by side (``none``: all the
   launch's pairs in one masked tile, the path before session 12). Weights rotate over 6
@@ -178,14 +179,21 @@ def main() -> int:
                     help="dot row tiles (config 'rows') to compare side by side: pow2 >= 16, or none (one masked "
                          "tile of all the launch's pairs, the path before session 12)")
     ap.add_argument("--tokens", default="1,2,4,8,16,32,64", help="token counts (top-2: pairs = 2 x tokens)")
+    ap.add_argument("--sweep-tokens", default="1,8",
+                    help="token counts the tile sweep scores (the sum of their times); e.g. 8,16,64 for the "
+                         "batches that reach fused_experts (batch 1 runs in the persistent MoE layer)")
     args = ap.parse_args()
     try:
         rows_list = [None if r.strip().lower() == "none" else int(r) for r in args.rows.split(",")]
         tokens_list = [int(t) for t in args.tokens.split(",")]
+        sweep_tokens = tuple(int(t) for t in args.sweep_tokens.split(","))
     except ValueError:
-        ap.error(f"--rows takes pow2 integers or 'none', --tokens integers: got {args.rows!r}, {args.tokens!r}")
-    if any(r is not None and (r < 16 or r & (r - 1)) for r in rows_list) or any(t < 1 for t in tokens_list):
-        ap.error(f"--rows: powers of two >= 16 or none; --tokens: positive (got {args.rows!r}, {args.tokens!r})")
+        ap.error(f"--rows takes pow2 integers or 'none', --tokens and --sweep-tokens integers: got {args.rows!r}, "
+                 f"{args.tokens!r}, {args.sweep_tokens!r}")
+    if (any(r is not None and (r < 16 or r & (r - 1)) for r in rows_list) or any(t < 1 for t in tokens_list)
+            or any(t < 1 for t in sweep_tokens)):
+        ap.error(f"--rows: powers of two >= 16 or none; --tokens, --sweep-tokens: positive (got {args.rows!r}, "
+                 f"{args.tokens!r}, {args.sweep_tokens!r})")
     args.out.mkdir(parents=True, exist_ok=True)
     default = {"max_pairs": C.MOE_DECODE_CONFIG["max_pairs"], "rows": C.MOE_DECODE_CONFIG["rows"],
                "up": dict(C.MOE_DECODE_CONFIG["up"]), "down": dict(C.MOE_DECODE_CONFIG["down"])}
@@ -219,16 +227,21 @@ def main() -> int:
 
     ups = [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3), dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4),
            dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3), dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-           dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=2)]
+           dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=2),
+           dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3), dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=5),
+           dict(BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=6), dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=4),
+           dict(BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)]
     downs = [dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3), dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=4),
              dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3), dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
-             dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)]
+             dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3),
+             dict(BLOCK_N=32, BLOCK_K=512, num_warps=4, num_stages=2), dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=2),
+             dict(BLOCK_N=64, BLOCK_K=256, num_warps=8, num_stages=2), dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+             dict(BLOCK_N=32, BLOCK_K=128, num_warps=8, num_stages=4)]
     if args.quick:
         ups, downs = ups[:2], downs[:2]
     if args.no_sweep:
         best_up, best_down = default["up"], default["down"]
     else:
-        sweep_tokens = (1, 8)
         score = lambda up, down: sum(t(up, down, n)[0] for n in sweep_tokens)  # noqa: E731
         best_up = min(ups, key=lambda u: score(u, default["down"]))
         best_down = min(downs, key=lambda d: score(best_up, d))

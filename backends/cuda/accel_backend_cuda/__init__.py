@@ -557,14 +557,17 @@ def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 #: H100 sweep (docs/cuda-notes.md "fused_experts decode path"): it beat the sorted grouped GEMM at every
 #: measured size of the Mixtral-small layer, 2 to 128 pairs. H200, session 12 (compact 16-row dot tiles):
 #: 68 us against 124 at 128 pairs, 93 against 154 at 256 (bench/cuda/results/moe-decode-h200-s12); above
-#: 256 unmeasured, so the sorted path keeps those (prefill).
+#: 256 unmeasured, so the sorted path keeps those (prefill). Tiles: session 13's H200 sweep at 8/16/64
+#: tokens with the 16-row tiles (bench_moe_decode.py --sweep-tokens 8,16,64; 48.5 / 58.7 us at 16 / 64
+#: tokens against 57.5 / 67.1 with the H100's 32-row tiles, 43.3 against 41.1 at 8; Mixtral batch 16 / 64
+#: end to end 1.342 / 1.661 ms against 1.473 / 1.762).
 MOE_DECODE_CONFIG: dict[str, Any] = {
     "max_pairs": 256,
     # rows of the dot tile an expert's pairs go through (BLOCK_R, a chunk loop above it); None: one tile of
     # all the launch's pairs (BLOCK_M), masked, as before session 12
     "rows": 16,
-    "up": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-    "down": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    "up": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
 }
 
 

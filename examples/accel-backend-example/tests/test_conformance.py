@@ -21,11 +21,12 @@ def test_everything_else_falls_back_to_the_reference():
     ops = accel_models.resolve_ops("example")
     assert ops.providers["rms_norm"] == "example"
     assert ops.providers["silu_and_mul"] == "example"
-    # graph capture (a backend-level hook) and dense matmul (torch's own, on every device) are not fallbacks
-    # fused ops (API 1.3-1.5) are composites of the table's own ops, not fallbacks either
+    # graph capture (a backend-level hook), dense matmul and the greedy argmax (API 1.6; torch's own, on
+    # every device) are not fallbacks; fused ops (API 1.3-1.5) are composites of the table's own ops
     assert set(ops.fallbacks) == set(ops.providers) - {"rms_norm", "silu_and_mul", "capture_graph", "prepare_linear", "linear",
-                                                       "rope_and_write_kv_cache", "act_and_mul_linear",
+                                                       "argmax", "rope_and_write_kv_cache", "act_and_mul_linear",
                                                        "decoder_layer_decode", "moe_decoder_layer_decode"}
+    assert ops.providers["argmax"] == "reference"
     assert ops.providers["linear"] == "reference"
 
 

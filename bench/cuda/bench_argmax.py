@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,26 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def graph_us(fn, calls: int = 20, replays: int = 30) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(ts)
+    """Device time of one call of ``fn`` in a CUDA graph of ``calls`` calls (_timing.graph_us)."""
+    from _timing import graph_us as timed
+
+    return timed(lambda: [fn() for _ in range(calls)], calls, replays)
 
 
 def cases(rows: int, cols: int, gen: torch.Generator) -> list[torch.Tensor]:

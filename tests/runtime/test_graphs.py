@@ -143,6 +143,36 @@ def test_greedy_graph_ids_feed_the_next_overlapped_step(fake, llama_dir):
         assert got == want and g.greedy_replays == before
 
 
+def test_greedy_graphs_through_preemption_and_an_abort_in_flight(fake, llama_dir):
+    """A KV cache too small for the batch (requests preempted and recomputed, so rows and padded sizes
+    change between overlapped steps) and an abort while the next step, with the aborted row, is already
+    launched: tokens equal the eager engine's, every block comes back."""
+    want = _eager_tokens(llama_dir, PROMPTS, greedy(20))
+    fake()
+    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=32 << 10, graph_batch_sizes=[1, 2, 4, 8],
+             async_scheduling=True) as llm:
+        g = llm.graphs
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(20))]
+        assert got == want
+        assert llm.scheduler.num_preemptions > 0 and g.greedy_replays > 0 and llm.overlapped_steps > 0
+        assert llm.kv.num_free_blocks == llm.num_blocks
+    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 2, 4, 8],
+             async_scheduling=True) as llm:
+        for i in range(3):
+            llm.add_request(f"r{i}", PROMPTS[i], greedy(16))
+        tokens: dict[str, list[int]] = {}
+        aborted_at = None
+        while llm.has_unfinished_requests():
+            for o in llm.step():
+                tokens[o.request_id] = o.outputs[0].token_ids
+            if aborted_at is None and len(tokens.get("r1", [])) == 5:
+                assert llm._inflight is not None and llm._inflight.ids_on_device  # r1's row is on its way
+                aborted_at = list(tokens["r1"])
+                llm.abort("r1")
+        assert tokens["r1"] == aborted_at and tokens["r0"] == want[0][:16] and tokens["r2"] == want[2][:16]
+        assert llm.graphs.greedy_replays > 10 and llm.kv.num_free_blocks == llm.num_blocks
+
+
 def test_steps_needing_logits_replay_the_plain_graph(fake, llama_dir):
     """logprobs, a temperature, or min_tokens still masking: the graph that returns logits, sampled after."""
     fake()

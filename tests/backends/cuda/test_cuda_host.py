@@ -384,6 +384,16 @@ def test_moe_decode_plan_only_for_few_pairs():
     assert C.moe_decode_plan(max_pairs, 16, 2048, 1024, config=cfg)["BLOCK_R"] == full["BLOCK_M"]
     cfg = {"moe_decode": {**C.MOE_DECODE_CONFIG, "rows": 20}}
     assert C.moe_decode_plan(max_pairs, 16, 2048, 1024, config=cfg)["BLOCK_R"] == 32  # a pow2 tile
+    # few pairs take the "small" tiles, more the wide ones (the H200 sweep of session 13); without "small",
+    # every size takes the wide ones
+    small = C.MOE_DECODE_CONFIG["small"]
+    for pairs in (2, small["max_pairs"]):
+        p = C.moe_decode_plan(pairs, 16, 2048, 1024)
+        assert p["up"]["BLOCK_N"] == small["up"]["BLOCK_N"] and p["down"]["BLOCK_N"] == small["down"]["BLOCK_N"]
+    wide = C.moe_decode_plan(small["max_pairs"] + 1, 16, 2048, 1024)
+    assert wide["up"] == C.MOE_DECODE_CONFIG["up"] and wide["down"] == C.MOE_DECODE_CONFIG["down"]
+    cfg = {"moe_decode": {k: v for k, v in C.MOE_DECODE_CONFIG.items() if k != "small"}}
+    assert C.moe_decode_plan(2, 16, 2048, 1024, config=cfg)["up"] == C.MOE_DECODE_CONFIG["up"]
 
 
 @given(pairs=st.integers(1, C.MOE_DECODE_CONFIG["max_pairs"]), num_local=st.integers(1, 300),

@@ -569,7 +569,8 @@ MOE_DECODE_CONFIG: dict[str, Any] = {
     "up": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "down": {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
     # up to this many pairs, the earlier (narrower) tiles: at 8 tokens (16 pairs) they took 41.1 us against
-    # the wide tiles' 43.3 in the same session-13 call (standalone; sizes below 8 tokens were not re-swept)
+    # the wide tiles' 43.3 in the same session-13 call; end to end Mixtral batch 2/4/8 0.815/0.937/1.160 ms
+    # against 0.867/0.987/1.186 with the wide tiles (bench/cuda/results/decode-h200-s13/small-tiles)
     "small": {"max_pairs": 16, "up": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
               "down": {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}},
 }

@@ -18,6 +18,7 @@ from accel_models.backends import (
     KV_CACHE_GROUP,
     LINEAR_GROUP,
     OP_NAMES,
+    PORTABLE_OPS,
     PRIMITIVE_OPS,
     BackendError,
     list_backends,
@@ -62,7 +63,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
     names = [b.name for b in backends]
     rows = []
     for op in OP_NAMES:
-        row = [op + (" *" if op in KV_CACHE_GROUP else " +" if op in LINEAR_GROUP else "")]
+        row = [op + (" *" if op in KV_CACHE_GROUP else " +" if op in LINEAR_GROUP
+                     else " ~" if op in PORTABLE_OPS else "")]
         for b in backends:
             row.append("native" if op in b.ops else "composite" if op in COMPOSITE_OPS else "fallback")
         rows.append(row)
@@ -72,6 +74,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
     print(_table(["op", *names], rows))
     print("\n* KV-cache group: these four ops always come from one backend (fallback moves them together).")
     print("+ linear group: both from one backend; their fallback is the device's own torch matmul (F.linear).")
+    print("~ portable: the reference's plain torch runs on the backend's device (not a fallback in strict mode).")
     print(f"{', '.join(COMPOSITE_OPS)}: fused ops (API 1.3-1.5); 'composite' = the same backend's own ops called "
           "in turn (no fallback; for the whole-layer ops: the layer runs op by op), also bound where a native "
           "one's backend does not provide every op it fuses.")

@@ -16,8 +16,8 @@ temperature), and a *greedy* step that also takes the argmax of every row inside
 ids (the backend's ``argmax`` op, API 1.6) into the input-ids buffer, where the next decode step of the
 same sequences reads them. A greedy step (every row at temperature 0, no logprobs, penalties or active
 min_tokens) then costs one graph launch on the device: no argmax kernels launched after the graph and no
-copy of the sampled ids into the next step's inputs (on an H200 that took 21-55 us off every step,
-docs/BENCHMARKS.md "Session 13"). The greedy graph keeps no logits (they are an intermediate of its
+copy of the sampled ids into the next step's inputs (on an H200 that took 19-55 us off every step in
+two runs, docs/BENCHMARKS.md "Session 13"). The greedy graph keeps no logits (they are an intermediate of its
 capture), so it adds only its ids to the graphs' memory.
 
 Prefill, chunked and mixed steps, steps wanting prompt logprobs, and batches larger than the largest
@@ -130,7 +130,7 @@ class DecodeGraphs:
 
         try:
             graph = self.capture_graph(fn=greedy_step, device=self.buffers.device, pool=pool)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # a failed capture, or an argmax declining these logits
             logger.warning("greedy decode graph of batch %d not captured (greedy steps sample after the "
                            "graph): %s", size, exc)
             return

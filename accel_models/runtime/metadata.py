@@ -73,6 +73,7 @@ class InputBuffers:
             nbytes += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 8) * 8
         # input_ids come first: a step whose ids are already on the device (written there by the previous
         # step's greedy graph) copies only the bytes after them
+        assert offsets["input_ids"] == 0, "input_ids must be the first buffer (keep_device_ids skips a prefix)"
         self._ids_nbytes = offsets["positions"]
         # Two host staging buffers on a device (one on the CPU, where the host arrays are the inputs): with
         # overlapped steps (the LLM's async_scheduling) the host fills one while the copy of the other may

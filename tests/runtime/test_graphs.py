@@ -33,9 +33,9 @@ class FakeGraph:
 
 
 def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = False,
-                      fail_greedy: bool = False) -> types.ModuleType:
+                      fail_greedy: type[Exception] | None = None) -> types.ModuleType:
     """``fail_at``: the n-th capture raises (plain and greedy captures alternate, largest size first);
-    ``fail_greedy``: every greedy capture (the step returning ids, not logits) raises."""
+    ``fail_greedy``: every greedy capture (the step returning ids, not logits) raises this."""
     mod = types.ModuleType("fake_graph_backend")
 
     def backend_info():
@@ -50,8 +50,8 @@ def make_fake_backend(log: list, *, fail_at: int | None = None, decline: bool = 
         log.append(("capture", pool, kind, out.shape[0]))
         if fail_at is not None and sum(1 for e in log if isinstance(e, tuple)) == fail_at:
             raise RuntimeError("operation not permitted when stream is capturing")
-        if fail_greedy and kind == "greedy":
-            raise RuntimeError("argmax not capturable here")
+        if fail_greedy is not None and kind == "greedy":
+            raise fail_greedy("argmax not capturable here")
         return FakeGraph(fn, None, log)
 
     mod.accel_backend_info = hookimpl(backend_info)
@@ -118,6 +118,12 @@ def _eager_tokens(llama_dir, prompts, params):
         return [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
 
 
+def _async_graph_llm(llama_dir, kv_cache_memory: int = 4 << 20) -> LLM:
+    """The fake graph backend with async scheduling, graphs of 1, 2, 4 and 8 sequences."""
+    return LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=kv_cache_memory,
+               graph_batch_sizes=[1, 2, 4, 8], async_scheduling=True)
+
+
 def test_greedy_graph_ids_feed_the_next_overlapped_step(fake, llama_dir):
     """With async scheduling the next step is launched before this one's ids reach the host: its input ids
     are the ones the greedy graph wrote into the input-ids buffer (no copy, the host-to-device copy skips
@@ -127,8 +133,7 @@ def test_greedy_graph_ids_feed_the_next_overlapped_step(fake, llama_dir):
              for i, w in enumerate(want)]
     want_stop = [w[: w.index(w[2 + i % 3]) + 1] for i, w in enumerate(want)]
     fake()
-    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 2, 4, 8],
-             async_scheduling=True) as llm:
+    with _async_graph_llm(llama_dir) as llm:
         g = llm.graphs
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(8))]
         assert got == want
@@ -149,15 +154,13 @@ def test_greedy_graphs_through_preemption_and_an_abort_in_flight(fake, llama_dir
     launched: tokens equal the eager engine's, every block comes back."""
     want = _eager_tokens(llama_dir, PROMPTS, greedy(20))
     fake()
-    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=32 << 10, graph_batch_sizes=[1, 2, 4, 8],
-             async_scheduling=True) as llm:
+    with _async_graph_llm(llama_dir, kv_cache_memory=32 << 10) as llm:
         g = llm.graphs
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(20))]
         assert got == want
         assert llm.scheduler.num_preemptions > 0 and g.greedy_replays > 0 and llm.overlapped_steps > 0
         assert llm.kv.num_free_blocks == llm.num_blocks
-    with LLM(llama_dir, backend=NAME, max_num_seqs=8, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 2, 4, 8],
-             async_scheduling=True) as llm:
+    with _async_graph_llm(llama_dir) as llm:
         for i in range(3):
             llm.add_request(f"r{i}", PROMPTS[i], greedy(16))
         tokens: dict[str, list[int]] = {}
@@ -192,9 +195,10 @@ def test_steps_needing_logits_replay_the_plain_graph(fake, llama_dir):
         assert g.greedy_replays > 0
 
 
-def test_a_failing_greedy_capture_keeps_the_plain_graphs(fake, llama_dir, caplog):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])  # a failed capture; an argmax declining the logits
+def test_a_failing_greedy_capture_keeps_the_plain_graphs(fake, llama_dir, caplog, error):
     want = _eager_tokens(llama_dir, PROMPTS[:3], greedy(4))
-    fake(fail_greedy=True)
+    fake(fail_greedy=error)
     with LLM(llama_dir, backend=NAME, max_num_seqs=4, kv_cache_memory=4 << 20, graph_batch_sizes=[1, 4],
              async_scheduling=True) as llm:
         g = llm.graphs

@@ -176,7 +176,9 @@ _ARGMAX_OLD: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown words a ca
 def argmax_state(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The argmax's words for at least ``rows`` rows on ``device``, allocated (or grown) outside any graph
     capture: None inside one before they exist. Every launch leaves them at rest (the last program of a row
-    resets its two words), so one set serves every launch and every graph of the stream."""
+    resets its two words), so one set serves every launch and every graph of the stream. Launches on two
+    streams of one device at once would share the words (as the persistent layer's barrier words are
+    shared): the runtime issues every step on one stream."""
     st = _ARGMAX_STATE.get(device)
     if st is None or st[0].numel() < rows:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -1,14 +1,16 @@
 """Decode-sized kernels of the CUDA backend (issue 11): check, then time against cuBLAS / the old plan.
 
     python bench/cuda/bench_small_m.py --out DIR [--sections verify,attn,linear] [--sweep [--wide]]
-                                       [--ms 1,16,64] [--shapes qkv_proj,down_proj]
+                                       [--ms 1,16,64] [--shapes qkv_proj,down_proj] [--head-sizes 64,128]
 
 * ``verify``  the small-M linear kernel (bf16 and float32, odd shapes, splits, bias, strided weight rows;
               in a CUDA graph replayed 20 times: the split counters must reset) and decode attention
               through the split-K paths (fused merge and second-kernel merge) against float64.
-* ``attn``    decode paged attention at the Llama-1B shape (32/8 heads, d128, block 16), batch 1/16/64,
-              contexts 129-248 (the benchmark's), graph-captured with max_seq_len 256 as the runtime does:
-              the old plan (split only above 256 keys) against split-K chunk sizes and merge variants.
+* ``attn``    decode paged attention with 32/8 heads, block 16, head size 128 (Llama-8B's; ``--head-sizes 64``
+              is Llama-1B's), batch 1/4/16/64, contexts 129-248 (the benchmark's), graph-captured with
+              max_seq_len 256 as the runtime does: the default plan against the old one (split only above
+              256 keys), the merge kernel and the loop without prefetch; ``--sweep``: split-K chunk sizes,
+              merges, tiles, warps and stages with and without the prefetching loop.
 * ``linear``  the Llama-1B decode projections and LM head at M = 1, 16, 64: cuBLAS (F.linear) against a
               sweep of the small-M kernel's configs. Weights rotate over copies > 100 MB so L2 does not
               serve them; each time is a CUDA graph of one call per copy, median of replays, per call.
@@ -37,6 +39,7 @@ RES: dict = {"failures": []}
 DEV = "cuda"
 SWEEP = False  # --sweep: the config sweeps that chose the defaults (first H100 run of issue 11)
 WIDE = False  # --wide: sweep the wider tiles for 17-64 rows instead (session 10)
+HEAD_SIZES: tuple[int, ...] = (128,)  # --head-sizes: the attention section's head sizes
 MS: tuple[int, ...] = ()  # --ms: the row counts of the linear section (default 1, 16; with --sweep 1, 16, 64)
 SHAPE_NAMES: tuple[str, ...] = ()  # --shapes: a subset of SHAPES
 
@@ -221,29 +224,31 @@ def attention_check(C, R, seq, gen, max_seq_len):
 
 def section_attn(C, K, bw: float) -> dict:
     rows = []
-    heads, kv_heads, d = 32, 8, 128
+    heads, kv_heads = 32, 8
     base = dict(K.CONFIG["attn_decode"])
     variants = {
         "old (split above 256 keys)": dict(split_keys=256, split_below=2),
         "default (CONFIG)": dict(),
         "default, merge kernel": dict(_fused=False),
+        "default, no prefetch": dict(prefetch_below=0),
     } if not SWEEP else {
-        "old (split above 256 keys)": dict(split_keys=256, split_below=2),
-        "split 64 fused": dict(split_keys=64),
-        "split 128 fused": dict(split_keys=128),
-        "split 64 two-kernel": dict(split_keys=64, _fused=False),
-        "split 32 (TILE_N 32) fused": dict(split_keys=32, TILE_N=32),
-        "split 64, below 4x SMs": dict(split_keys=64, split_below=4),
-        "split 64, below 4x, target 8": dict(split_keys=64, split_below=4, split_target=8),
-        "split 64, 3 stages": dict(split_keys=64, num_stages=3),
-        "TILE_N 32 3 stages, below 4x": dict(split_keys=32, TILE_N=32, num_stages=3, split_below=4),
+        "old (split above 256 keys), no prefetch": dict(split_keys=256, split_below=2, prefetch_below=0),
+        "split 64 fused, no prefetch": dict(split_keys=64, prefetch_below=0),
+        "split 64 two-kernel, no prefetch": dict(split_keys=64, _fused=False, prefetch_below=0),
+        "split 64, 3 stages, no prefetch": dict(split_keys=64, num_stages=3, prefetch_below=0),
+        "default (CONFIG)": dict(),
+        # session 14: the hand-pipelined decode loop (next tile's keys/values in flight) everywhere
+        **{f"prefetch {el} elems w{nw} s{st}": dict(prefetch_below=1e9, prefetch_splits=1, prefetch_elems=el,
+                                                       prefetch_warps=nw, prefetch_stages=st)
+           for el, nw, st in ((2048, 4, 1), (4096, 4, 1), (4096, 4, 2), (4096, 8, 1), (8192, 4, 1), (8192, 8, 1),
+                              (8192, 8, 2))},
     }
-    for batch in (1, 4, 16, 64):
+    for d, batch in itertools.product(HEAD_SIZES, (1, 4, 16, 64)):
         gen = torch.Generator().manual_seed(batch)
         seq = torch.randint(129, 249, (batch,), generator=gen).tolist()
         kv_bytes = sum(seq) * kv_heads * d * 2 * 2
         copies = max(1, min(16, math.ceil(200e6 / max(kv_bytes * 1.0, 1))))
-        caches, meta = build_cache(C, seq, gen, copies=copies)
+        caches, meta = build_cache(C, seq, gen, d=d, copies=copies)
         q = torch.randn(batch, heads, d, generator=gen).to(torch.bfloat16).to(DEV)
         for name, v in variants.items():
             v = dict(v)
@@ -263,9 +268,9 @@ def section_attn(C, K, bw: float) -> dict:
                 t = float("nan")
                 RES["failures"].append(f"attn {name} b={batch}: {type(exc).__name__}: {exc}")
             floor = kv_bytes / bw
-            rows.append({"batch": batch, "variant": name, "us": t * 1e6, "floor_us": floor * 1e6,
+            rows.append({"head_size": d, "batch": batch, "variant": name, "us": t * 1e6, "floor_us": floor * 1e6,
                          "x_floor": t / floor, "splits": plan.num_splits, "tile_n": plan.tile_n})
-            log(f"  attn b={batch:2d} {name:32s} {t * 1e6:7.2f} us  ({t / floor:5.2f}x floor, "
+            log(f"  attn d={d} b={batch:2d} {name:40s} {t * 1e6:7.2f} us  ({t / floor:5.2f}x floor, "
                 f"splits {plan.num_splits})")
         del caches
     K.CONFIG["attn_decode"] = base
@@ -329,15 +334,22 @@ def section_linear(C, K, bw: float, quick: bool) -> dict:
             res["best"] = ok[:5]
             # the plan the backend would use today
             plan = C.linear_plan(m, n, k, sms, K.CONFIG)
+            if plan is None:  # below min_bytes / above max_m: what the small-M kernel would do there
+                lin = {**C.LINEAR_CONFIG, **(K.CONFIG.get("linear") or {}), "min_bytes": 0, "max_m": 64}
+                plan = C.linear_plan(m, n, k, sms, {"linear": lin})
+                res["plan_is_cublas"] = True
             if plan is not None:
                 res["plan"] = plan
                 res["plan_us"] = graph_time(lambda: [K.linear_small_m(x, w, None, plan) for w in ws]) / copies * 1e6
+                late = {**plan, "W_EARLY": 0}  # session 14: the first weight tile after the PDL wait, as before
+                res["plan_w_late_us"] = graph_time(lambda: [K.linear_small_m(x, w, None, late) for w in ws]) / copies * 1e6
             rows.append(res)
             b = ok[0] if ok else None
             res["cublas_us_again"] = graph_time(lambda: [F.linear(x, w) for w in ws]) / copies * 1e6
             log(f"  {name:13s} m={m:2d} floor {floor * 1e6:7.1f} us  cuBLAS {t_cub * 1e6:7.1f} us"
                 + (f"  best {b['us']:7.1f} us {b['cfg']}" if b else "")
-                + (f"  plan {res['plan_us']:7.1f} us {res['plan']}" if "plan_us" in res else "")
+                + (f"  {'small-M' if res.get('plan_is_cublas') else 'plan'} {res['plan_us']:7.1f} us "
+                   f"(first weights after the wait {res['plan_w_late_us']:7.1f}) {res['plan']}" if "plan_us" in res else "")
                 + f"  cuBLAS again {res['cublas_us_again']:7.1f}")
         del ws
     return {"rows": rows}
@@ -350,10 +362,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="sweep attention variants and linear configs")
     ap.add_argument("--wide", action="store_true", help="with --sweep: the wide tiles for 17-64 rows")
+    ap.add_argument("--head-sizes", default="128", help="head sizes of the attention section, e.g. 64,128")
     ap.add_argument("--ms", default="", help="row counts of the linear section, e.g. 32,64")
     ap.add_argument("--shapes", default="", help="a subset of the linear shapes, e.g. qkv_proj,down_proj")
     args = ap.parse_args()
-    global SWEEP, WIDE, MS, SHAPE_NAMES
+    global SWEEP, WIDE, MS, SHAPE_NAMES, HEAD_SIZES
     SWEEP, WIDE = args.sweep, args.wide
     try:
         MS = tuple(int(v) for v in args.ms.split(",") if v)
@@ -362,6 +375,12 @@ def main() -> int:
     if any(m < 1 for m in MS):
         ap.error(f"--ms row counts must be positive; got {args.ms!r}")
     SHAPE_NAMES = tuple(v for v in args.shapes.split(",") if v)
+    try:
+        HEAD_SIZES = tuple(int(v) for v in args.head_sizes.split(",") if v)
+    except ValueError:
+        ap.error(f"--head-sizes takes comma-separated sizes, e.g. 64,128; got {args.head_sizes!r}")
+    if not HEAD_SIZES or any(h < 16 or h & (h - 1) for h in HEAD_SIZES):
+        ap.error(f"--head-sizes: powers of two from 16; got {args.head_sizes!r}")
     unknown = sorted(set(SHAPE_NAMES) - set(SHAPES))
     if unknown:  # a misspelt shape would otherwise measure nothing and report no failure
         ap.error(f"--shapes: unknown {', '.join(unknown)}; the shapes are {', '.join(SHAPES)}")

@@ -368,6 +368,9 @@ class AttentionPlan:
     #: every sequence has at most one query token (max_query_len == 1): one program per sequence, found
     #: by its index instead of a search over query_start_loc
     decode: bool = False
+    #: the decode loop with the next tile's keys and values in flight while one is attended (config
+    #: ``prefetch``; see ``_paged_attention_kernel``)
+    prefetch: bool = False
 
 
 def _pow2(n: int) -> int:
@@ -387,7 +390,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     if config is None:
         config = {
             "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
-                            "split_below": 0.5, "split_target": 4},
+                            "split_below": 0.5, "split_target": 4, "prefetch_below": 1.0,
+                            "prefetch_elems": 8192, "prefetch_warps": 8, "prefetch_stages": 1},
             "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
         }
     group = num_heads // num_kv_heads
@@ -422,9 +426,22 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
     if splits > 1:
         per_split = num_tokens * num_heads * (head_pad + 2) * 4
         splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
+    # The hand-pipelined key loop (next tile's keys and values in flight) where each SM has at most about
+    # one program: there a program's chain of dependent loads is the kernel's time. With more programs
+    # than SMs the plain loop's higher occupancy hides it better (session 14: batch 16 x 8 KV heads 6.3 us
+    # against 8.4 at head size 64; batch 64 16.2-22 against 14.2). Wider tiles there (fewer round trips).
+    warps = cfg["num_warps"]
+    prefetch = (decode_like and busy <= cfg.get("prefetch_below", 0.0) * num_sms
+                and (splits == 1 or bool(cfg.get("prefetch_splits", 0))))
+    if prefetch:
+        tile_n = max(16, min(128, cfg.get("prefetch_elems", 8192) // head_pad))
+        warps = cfg.get("prefetch_warps", warps)
+        num_stages = cfg.get("prefetch_stages", num_stages)
+        while smem() > SMEM_BUDGET and tile_n > 16:
+            tile_n //= 2
     return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,
-                         num_q_programs=num_q_programs, num_splits=splits, num_warps=cfg["num_warps"],
-                         num_stages=num_stages, decode=decode)
+                         num_q_programs=num_q_programs, num_splits=splits, num_warps=warps,
+                         num_stages=num_stages, decode=decode, prefetch=prefetch)
 
 
 @hookimpl
@@ -680,6 +697,9 @@ LINEAR_CONFIG: dict[str, Any] = {
     # M = 1 it computed 16x the activations and held a 16 x BLOCK_K float32 tile per program)
     "act_fma_m": 4,
     "act_fma": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    # each program's first weight tile requested before the programmatic-dependent-launch wait, so it
+    # overlaps the previous kernel's tail (weights are not written during a forward)
+    "w_early": 1,
 }
 
 
@@ -704,7 +724,7 @@ def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | N
     split = max(1, min(-(-cfg["target"] * num_sms // tiles), k // max(cfg["min_k"], block_k)))
     return {"BLOCK_M": _pow2(m) if fma else max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
             "SPLIT_K": split, "USE_DOT": 0 if fma else 1, "num_warps": tile["num_warps"],
-            "num_stages": tile["num_stages"]}
+            "num_stages": tile["num_stages"], "W_EARLY": int(bool(cfg.get("w_early", 0)))}
 
 
 @hookimpl

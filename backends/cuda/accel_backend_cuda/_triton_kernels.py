@@ -33,9 +33,12 @@ CONFIG: dict[str, dict[str, int]] = {
     # split_keys: the fewest keys per split-K chunk; split_below / split_target: split when the busy programs
     # are fewer than split_below x SMs, aiming at split_target x SMs programs (attention_plan)
     # (H100, issue 11: splitting short decode contexts pays only while the programs leave most SMs idle;
-    # 32-key tiles and splits at batch 1 measured the same as these, within the +-2.5% between runs)
+    # 32-key tiles and splits at batch 1 measured the same as these, within the +-2.5% between runs).
+    # prefetch_*: the prefetching key loop while the busy programs are at most prefetch_below x SMs (and
+    # unsplit unless prefetch_splits), with tiles of prefetch_elems keys x head elements (H200, session 14)
     "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
-                    "split_below": 0.5, "split_target": 4},
+                    "split_below": 0.5, "split_target": 4, "prefetch_below": 1.0, "prefetch_elems": 8192,
+                    "prefetch_warps": 8, "prefetch_stages": 1, "prefetch_splits": 0},
     "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
     "moe_small": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "moe_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
@@ -444,6 +447,26 @@ def _find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax(s, offs_n, n_ok, q_pos, m_i, l_i, scale, soft_cap, window, USE_WINDOW: tl.constexpr,
+                    USE_CAP: tl.constexpr, LIB: tl.constexpr):
+    """One online-softmax step over a key tile's raw scores ``s`` [rows, keys]: scale, soft cap, the causal
+    (and window) mask, the new running max and sum. Returns the probabilities (unnormalized), the factor
+    that rescales the running output, the new max and the new sum."""
+    s = s * scale
+    if USE_CAP:
+        s = soft_cap * _tanh(s / soft_cap, LIB)
+    vis = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
+    if USE_WINDOW:
+        vis = vis & (offs_n[None, :] > q_pos[:, None] - window)
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
     scale, soft_cap, window, num_seqs, num_tokens, num_heads, head_size, num_splits,
@@ -452,7 +475,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
-    LIB: tl.constexpr, PDL: tl.constexpr = False, DECODE: tl.constexpr = False,
+    LIB: tl.constexpr, PDL: tl.constexpr = False, DECODE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     _pdl_enter(PDL)
     # program: (query block of one sequence, KV head, KV split). Its BLOCK_M rows are BLOCK_Q query
@@ -466,6 +489,7 @@ def _paged_attention_kernel(
         b = pid
         q_start = tl.load(qsl_ptr + b)
         q_len = tl.load(qsl_ptr + b + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + b)  # with the offsets, not after them: one round trip, not two
         qb = 0
     else:
         b = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
@@ -473,7 +497,8 @@ def _paged_attention_kernel(
         q_len = tl.load(qsl_ptr + b + 1) - q_start
         qb = pid - (q_start // BLOCK_Q + b)
     if qb * BLOCK_Q < q_len:
-        seq_len = tl.load(seq_lens_ptr + b)
+        if not DECODE:
+            seq_len = tl.load(seq_lens_ptr + b)
         ctx = seq_len - q_len  # position of the sequence's first query token
 
         offs_m = tl.arange(0, BLOCK_M)
@@ -511,37 +536,73 @@ def _paged_attention_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
         kv_base = kv_ptr + kvh.to(tl.int64) * kv_stride_h
         bt_row = bt_ptr + b.to(tl.int64) * bt_stride
-        for t in range(t0, t1):
-            offs_n = t * TILE_N + tl.arange(0, TILE_N)
-            n_ok = offs_n < k_hi
+        if PREFETCH:
+            # Software pipeline by hand (decode: each program is a chain of dependent loads, so its time is
+            # their latency, not their bytes): while tile t is attended, tile t + 1's keys and values are
+            # in flight (through block numbers loaded one iteration earlier) and tile t + 2's block
+            # numbers too, so a tile costs at most one memory round trip instead of three (block table,
+            # keys, then values after the softmax). Tiles past the split's last are fully masked (no access).
+            offs_t = tl.arange(0, TILE_N)
+            hi = tl.minimum(k_hi, t1 * TILE_N)  # this split's keys end here
+            offs_n = t0 * TILE_N + offs_t
+            n_ok = offs_n < hi
             blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
             kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
             k = tl.load(kv_base + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-            k = k.to(q.dtype)
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee")
-            else:
-                s = tl.dot(q, k)
-            s = s * scale
-            if USE_CAP:
-                s = soft_cap * _tanh(s / soft_cap, LIB)
-            vis = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
-            if USE_WINDOW:
-                vis = vis & (offs_n[None, :] > q_pos[:, None] - window)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
-            if IEEE:
-                pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(q.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            nx = offs_n + TILE_N
+            nx_ok = nx < hi
+            blk_x = tl.load(bt_row + nx // BLOCK_SIZE, mask=nx_ok, other=0).to(tl.int64)
+            for t in range(t0, t1):
+                offs_n = t * TILE_N + offs_t
+                n_ok = offs_n < k_hi
+                nx = offs_n + TILE_N
+                nx_ok = nx < hi
+                off_x = blk_x * kv_stride_blk + (nx % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+                k_x = tl.load(kv_base + off_x[None, :] + offs_d[:, None], mask=nx_ok[None, :] & d_ok[:, None],
+                              other=0.0)
+                v_x = tl.load(kv_base + kv_stride_kv + off_x[:, None] + offs_d[None, :],
+                              mask=nx_ok[:, None] & d_ok[None, :], other=0.0)
+                ny = nx + TILE_N
+                ny_ok = ny < hi
+                blk_x = tl.load(bt_row + ny // BLOCK_SIZE, mask=ny_ok, other=0).to(tl.int64)
+                if IEEE:
+                    s = tl.dot(q, k.to(q.dtype), input_precision="ieee")
+                else:
+                    s = tl.dot(q, k.to(q.dtype))
+                p, alpha, m_new, l_i = _online_softmax(s, offs_n, n_ok, q_pos, m_i, l_i, scale, soft_cap, window,
+                                                       USE_WINDOW, USE_CAP, LIB)
+                if IEEE:
+                    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+                k = k_x
+                v = v_x
+        else:
+            for t in range(t0, t1):
+                offs_n = t * TILE_N + tl.arange(0, TILE_N)
+                n_ok = offs_n < k_hi
+                blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+                kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+                k = tl.load(kv_base + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+                k = k.to(q.dtype)
+                if IEEE:
+                    s = tl.dot(q, k, input_precision="ieee")
+                else:
+                    s = tl.dot(q, k)
+                p, alpha, m_new, l_i = _online_softmax(s, offs_n, n_ok, q_pos, m_i, l_i, scale, soft_cap, window,
+                                                       USE_WINDOW, USE_CAP, LIB)
+                v = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + offs_d[None, :],
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)
+                if IEEE:
+                    pv = tl.dot(p.to(q.dtype), v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(q.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
 
         if SPLIT:
             # partial results [split, token, head]: unnormalized acc, running max and sum
@@ -644,7 +705,7 @@ def paged_attention(query, kv_cache, block_table, seq_lens, query_start_loc, sca
         USE_CAP=bool(logits_soft_cap), SPLIT=split, FUSED_MERGE=cnt is not None,
         NUM_SPLITS=triton.next_power_of_2(plan.num_splits) if cnt is not None else 1, IEEE=_tl_dtype_ieee(query.dtype),
         LIB=LIBDEVICE, num_warps=plan.num_warps, num_stages=plan.num_stages, PDL=PDL, launch_pdl=PDL,
-        DECODE=plan.decode)
+        DECODE=plan.decode, PREFETCH=plan.prefetch)
     if split and cnt is None:
         _merge_splits_kernel[(num_tokens, num_heads)](
             part_acc, part_ml, out, num_tokens, num_heads, head_size, plan.num_splits, out.stride(0),
@@ -1097,11 +1158,30 @@ def dynamic_int8_quant(x2: torch.Tensor):
 
 
 @triton.jit
+def _small_m_step(acc, w, x_rows, kk, k_ok, m_ok, K, xdt: tl.constexpr, ACT: tl.constexpr, USE_DOT: tl.constexpr,
+                  IEEE: tl.constexpr, LIB: tl.constexpr):
+    """One k tile of the small-M linear: x's columns ``kk`` (activated when ACT >= 0) times the weight tile
+    ``w`` [BLOCK_N, BLOCK_K], accumulated into ``acc`` (the dot's [M, N] or the FMA path's [M, N, K])."""
+    x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if ACT >= 0:  # x holds the gates; the ups sit K columns further
+        u = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x = (_activation(x.to(tl.float32), ACT, LIB) * u.to(tl.float32)).to(xdt)
+    if USE_DOT:
+        if IEEE:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            return tl.dot(x, tl.trans(w), acc)
+    else:
+        return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
 def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, x_stride,
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False,
+                           W_EARLY: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -1111,8 +1191,9 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
-    no intermediate is written."""
-    _pdl_enter(PDL)
+    no intermediate is written.
+
+    W_EARLY: the first weight tile is loaded before the PDL wait (weights are read-only during a forward)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1127,24 +1208,25 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if W_EARLY:
+        # The first weight tile is requested before the PDL wait: no kernel of a forward writes weights,
+        # so its DRAM round trip overlaps the previous kernel's tail instead of following it.
+        kk = k_lo + offs_k
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
+        _pdl_enter(PDL)
+        acc = _small_m_step(acc, w, x_rows, kk, kk < k_hi, m_ok, K, x_ptr.dtype.element_ty, ACT, USE_DOT, IEEE, LIB)
+        k_first = k_lo + BLOCK_K
+    else:
+        _pdl_enter(PDL)
+        k_first = k_lo
+    for k0 in range(k_first, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_hi
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if ACT >= 0:  # x holds the gates; the ups sit K columns further
-            u = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            x = (_activation(x.to(tl.float32), ACT, LIB) * u.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        if USE_DOT:
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        else:
-            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc = _small_m_step(acc, w, x_rows, kk, k_ok, m_ok, K, x_ptr.dtype.element_ty, ACT, USE_DOT, IEEE, LIB)
     if not USE_DOT:
-        acc = tl.sum(acc3, axis=2)
+        acc = tl.sum(acc, axis=2)
     out_mask = m_ok[:, None] & n_ok[None, :]
     mn = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT:
@@ -1188,7 +1270,7 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
-    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages). ``act`` >= 0: x2 is
+    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages, W_EARLY). ``act`` >= 0: x2 is
     [M, 2 K] = [gate | up] and the product reads ``act(gate) * up`` (0 silu, 1 gelu, 2 gelu tanh)."""
     m = x2.shape[0]
     n, k = weight.shape
@@ -1210,7 +1292,8 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL,
+        W_EARLY=bool(cfg.get("W_EARLY", 0)))
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,

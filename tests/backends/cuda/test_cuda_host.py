@@ -314,6 +314,20 @@ def test_plan_splits_only_when_the_gpu_would_idle():
     assert capped.num_splits == max(1, (1 << 16) // (4 * 32 * 130 * 4))
 
 
+@pytest.mark.parametrize("head_size, tile_n", [(64, 128), (128, 64), (256, 32)])
+def test_plan_prefetches_where_each_sm_has_one_program(head_size, tile_n):
+    kw = dict(num_heads=32, num_kv_heads=8, head_size=head_size, max_query_len=1, num_sms=132, max_seq_len=256)
+    b16 = C.attention_plan(num_tokens=16, num_seqs=16, **kw)  # 128 programs on 132 SMs: latency-bound
+    assert b16.prefetch and b16.num_splits == 1 and b16.num_warps == 8 and b16.num_stages == 1
+    assert b16.tile_n == tile_n  # 8192 key x head elements a tile
+    b64 = C.attention_plan(num_tokens=64, num_seqs=64, **kw)  # 512 programs: the plain loop, as before
+    assert not b64.prefetch and b64.tile_n == 64 and b64.num_warps == 4 and b64.num_stages == 2
+    b1 = C.attention_plan(num_tokens=1, num_seqs=1, **kw)  # split: the plain loop (measured faster there)
+    assert b1.num_splits > 1 and not b1.prefetch
+    prefill = C.attention_plan(num_tokens=64, num_seqs=1, **{**kw, "max_query_len": 64})
+    assert not prefill.prefetch
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_size", [64, 128, 256])
 @pytest.mark.parametrize("max_query_len", [1, 512])

@@ -138,9 +138,13 @@ def _attention(q_lens, seq_lens, heads, kv_heads, head_size, block_size, window=
     ids=["decode-gqa", "mixed-window-cap", "group7-chunked", "long-decode-split", "short-decode-split",
          "graph-plan-split"],
 )
-@pytest.mark.parametrize("fused_merge", [True, False], ids=["merge-in-kernel", "merge-kernel"])
-def test_paged_attention(case, fused_merge, kernels, monkeypatch):
+@pytest.mark.parametrize("fused_merge, prefetch", [(True, True), (False, True), (True, False)],
+                         ids=["merge-in-kernel", "merge-kernel", "no-prefetch"])
+def test_paged_attention(case, fused_merge, prefetch, kernels, monkeypatch):
+    # prefetch: every decode-like case on the hand-pipelined key loop, split or not, or none on it
     monkeypatch.setattr(kernels, "FUSED_MERGE", fused_merge)
+    knobs = {"prefetch_below": 1e9, "prefetch_splits": 1} if prefetch else {"prefetch_below": 0}
+    monkeypatch.setitem(kernels.CONFIG, "attn_decode", {**kernels.CONFIG["attn_decode"], **knobs})
     got, exp = _attention(**case)
     assert got.shape == exp.shape and torch.isfinite(got).all()
     assert rel(got, exp) < 2e-6
@@ -162,13 +166,14 @@ def test_decode_cases_are_split(seq_lens, plan_len, kernels):
 @pytest.mark.parametrize("m, n, k, bias, split_k, dot", [
     (1, 37, 70, False, 1, 1), (3, 40, 130, True, 3, 1), (7, 33, 300, True, 4, 0), (16, 64, 96, False, 2, 1),
     (12, 5, 257, True, 1, 0)])
-def test_linear_small_m(m, n, k, bias, split_k, dot, kernels):
+@pytest.mark.parametrize("w_early", [1, 0], ids=["w-early", "w-in-loop"])
+def test_linear_small_m(m, n, k, bias, split_k, dot, w_early, kernels):
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k + 3, generator=g)[:, :k]  # rows with a stride > k
     b = torch.randn(n, generator=g) if bias else None
     cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
-               num_warps=4, num_stages=2)
+               num_warps=4, num_stages=2, W_EARLY=w_early)  # W_EARLY: the first k tile peeled off the loop
     got = kernels.linear_small_m(x, w, b, cfg)
     exp = x.to(F64) @ w.to(F64).T + (b.to(F64) if bias else 0)
     assert got.shape == (m, n) and rel(got, exp) < 1e-6
@@ -457,13 +462,15 @@ def _act64(x, activation):
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("m, n, k, split_k, dot, bias", [(1, 37, 70, 1, 1, False), (3, 40, 130, 3, 1, True),
                                                          (7, 33, 300, 4, 0, True), (16, 20, 96, 2, 1, False)])
-def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, split_k, dot, bias, kernels):
+@pytest.mark.parametrize("w_early", [1, 0], ids=["w-early", "w-in-loop"])
+def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, split_k, dot, bias, w_early,
+                                                           kernels):
     g = torch.Generator().manual_seed(m * 100 + k)
     x = torch.randn(m, 2 * k + 5, generator=g)[:, 5:] * 2  # rows with a stride > 2k
     w = torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
     cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
-               num_warps=4, num_stages=2)
+               num_warps=4, num_stages=2, W_EARLY=w_early)
     act = {"silu": 0, "gelu": 1, "gelu_tanh": 2}[activation]
     got = kernels.linear_small_m(x, w, b, cfg, act)
     exp = _act64(x, activation) @ w.to(F64).T + (b.to(F64) if bias else 0)

@@ -341,15 +341,13 @@ def section_linear(C, K, bw: float, quick: bool) -> dict:
             if plan is not None:
                 res["plan"] = plan
                 res["plan_us"] = graph_time(lambda: [K.linear_small_m(x, w, None, plan) for w in ws]) / copies * 1e6
-                late = {**plan, "W_EARLY": 0}  # session 14: the first weight tile after the PDL wait, as before
-                res["plan_w_late_us"] = graph_time(lambda: [K.linear_small_m(x, w, None, late) for w in ws]) / copies * 1e6
             rows.append(res)
             b = ok[0] if ok else None
             res["cublas_us_again"] = graph_time(lambda: [F.linear(x, w) for w in ws]) / copies * 1e6
             log(f"  {name:13s} m={m:2d} floor {floor * 1e6:7.1f} us  cuBLAS {t_cub * 1e6:7.1f} us"
                 + (f"  best {b['us']:7.1f} us {b['cfg']}" if b else "")
-                + (f"  {'small-M' if res.get('plan_is_cublas') else 'plan'} {res['plan_us']:7.1f} us "
-                   f"(first weights after the wait {res['plan_w_late_us']:7.1f}) {res['plan']}" if "plan_us" in res else "")
+                + (f"  {'small-M' if res.get('plan_is_cublas') else 'plan'} {res['plan_us']:7.1f} us {res['plan']}"
+                   if "plan_us" in res else "")
                 + f"  cuBLAS again {res['cublas_us_again']:7.1f}")
         del ws
     return {"rows": rows}

@@ -697,9 +697,6 @@ LINEAR_CONFIG: dict[str, Any] = {
     # M = 1 it computed 16x the activations and held a 16 x BLOCK_K float32 tile per program)
     "act_fma_m": 4,
     "act_fma": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
-    # each program's first weight tile requested before the programmatic-dependent-launch wait, so it
-    # overlaps the previous kernel's tail (weights are not written during a forward)
-    "w_early": 1,
 }
 
 
@@ -724,7 +721,7 @@ def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | N
     split = max(1, min(-(-cfg["target"] * num_sms // tiles), k // max(cfg["min_k"], block_k)))
     return {"BLOCK_M": _pow2(m) if fma else max(16, _pow2(m)), "BLOCK_N": block_n, "BLOCK_K": block_k,
             "SPLIT_K": split, "USE_DOT": 0 if fma else 1, "num_warps": tile["num_warps"],
-            "num_stages": tile["num_stages"], "W_EARLY": int(bool(cfg.get("w_early", 0)))}
+            "num_stages": tile["num_stages"]}
 
 
 @hookimpl
@@ -849,6 +846,23 @@ def decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, to
     ``_triton_kernels.MAX_PERSISTENT_WIDTH`` (wider ones would spill the kernel's registers)."""
     if hidden_states.dim() != 2 or hidden_states.shape[0] != 1:
         return f"one token per call (hidden_states is {tuple(hidden_states.shape)})"
+    why = _attention_half_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache)
+    if why:
+        return why
+    limit = _kernels().MAX_PERSISTENT_WIDTH
+    down = weights["w2"] if "w2" in weights else weights["down"]
+    widths = {"hidden": hidden_states.shape[-1], "attention": num_heads * head_size, "intermediate": down.shape[-1]}
+    for what, width in widths.items():
+        if width > limit[what]:
+            return f"{what} width {width} exceeds {limit[what]} (the kernel's register tiles would spill)"
+    return None
+
+
+def _attention_half_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
+                                num_heads: int, num_kv_heads: int, rotary_dim: int,
+                                kv_cache: torch.Tensor) -> str | None:
+    """Why the fused rotary + attention work items (the persistent layer's phase 1, and
+    ``_triton_kernels.rope_attention_rows``) do not take this layer (None: they do)."""
     if rotary_dim != head_size:
         return f"partial rotary (rotary_dim {rotary_dim} != head_size {head_size})"
     if head_size not in (32, 64, 128, 256):
@@ -860,13 +874,44 @@ def decoder_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, to
             return f"weight {name} is {w.dtype}, contiguous={w.is_contiguous()}"
     if kv_cache.dtype != hidden_states.dtype:
         return f"KV cache dtype {kv_cache.dtype} != {hidden_states.dtype}"
-    limit = _kernels().MAX_PERSISTENT_WIDTH
-    down = weights["w2"] if "w2" in weights else weights["down"]
-    widths = {"hidden": hidden_states.shape[-1], "attention": num_heads * head_size, "intermediate": down.shape[-1]}
-    for what, width in widths.items():
-        if width > limit[what]:
-            return f"{what} width {width} exceeds {limit[what]} (the kernel's register tiles would spill)"
     return None
+
+
+def rows_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
+                           num_heads: int, num_kv_heads: int, rotary_dim: int, kv_cache: torch.Tensor) -> str | None:
+    """Why :func:`decoder_layer_rows` does not run this decode layer of 2+ tokens (None: it does): one
+    token (the persistent kernel's), ``CONFIG["rows_attention"]["enabled"]`` off, or what the fused
+    rotary + attention launch does not take (partial rotary, an odd head size, a cache of another dtype)."""
+    if hidden_states.dim() != 2 or hidden_states.shape[0] < 2:
+        return f"two or more tokens per call (hidden_states is {tuple(hidden_states.shape)})"
+    if not _kernels().CONFIG["rows_attention"]["enabled"]:
+        return "CONFIG['rows_attention']['enabled'] is off"
+    return _attention_half_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
+                                       kv_cache)
+
+
+def decoder_layer_rows(hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                       input_norm_weight: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+                       post_norm_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor, num_heads: int,
+                       num_kv_heads: int, is_neox: bool, scale: float, kv_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                       max_seq_len: int, feed_forward: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step of T >= 2 sequences through a Llama-style layer as this backend's ops run it, except
+    that rotary, the KV-cache write and attention are one launch (``_triton_kernels.rope_attention_rows``:
+    no rotated q/k round trip through memory, one launch fewer a layer). ``feed_forward(x)`` is the MLP or
+    the MoE block on the post-attention-normed rows. Returns ``(hidden_out, residual_out)``."""
+    if residual is None:
+        residual, x = hidden_states, accel_rms_norm(x=hidden_states, weight=input_norm_weight, eps=eps)
+    else:
+        x, residual = accel_fused_add_rms_norm(x=hidden_states, residual=residual, weight=input_norm_weight, eps=eps)
+    qkv = accel_linear(x=x, weight=qkv_weight, bias=None, prepared=None)
+    att = _kernels().rope_attention_rows(
+        _rows("qkv", qkv), positions, slot_mapping, block_table if block_table.stride(-1) == 1 else block_table.contiguous(),
+        seq_lens, cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, scale,
+        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device))
+    o = accel_linear(x=att, weight=o_weight, bias=None, prepared=None)
+    x, residual = accel_fused_add_rms_norm(x=o, residual=residual, weight=post_norm_weight, eps=eps)
+    return feed_forward(x), residual
 
 
 def _check_decoder_layer_shapes(hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -947,19 +992,30 @@ def accel_decoder_layer_decode(
     is_neox: bool, scale: float, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_table: torch.Tensor,
     seq_lens: torch.Tensor, max_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One decode token through the persistent layer kernel (:func:`decoder_layer_decode`); None (the
-    layer runs op by op) for more tokens, partial rotary, odd head sizes or dtypes, or
-    ``ACCEL_CUDA_PERSISTENT=0``."""
+    """One decode token through the persistent layer kernel (:func:`decoder_layer_decode`); 2+ tokens
+    through :func:`decoder_layer_rows` (the ops, with rotary and attention in one launch); None (the layer
+    runs op by op) for partial rotary, odd head sizes or dtypes, or ``ACCEL_CUDA_PERSISTENT=0``."""
     if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
         return None
     weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
                "gate_up": gate_up_weight, "down": down_weight}
     _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
                                 slot_mapping, block_table, seq_lens)
-    if rotary_dim != cos_sin_cache.shape[-1] or decoder_layer_unsupported(
-            hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache) is not None:
-        return None
     if hidden_states.device.type != "cuda" and not _interpret():
+        return None
+    if rotary_dim != cos_sin_cache.shape[-1]:
+        return None
+    if rows_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
+                              kv_cache) is None:
+        def mlp(x: torch.Tensor) -> torch.Tensor:
+            gate_up = accel_linear(x=x, weight=gate_up_weight, bias=None, prepared=None)
+            return accel_act_and_mul_linear(x=gate_up, weight=down_weight, bias=None, prepared=None, activation="silu")
+
+        return decoder_layer_rows(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
+                                  post_norm_weight, eps, cos_sin_cache, num_heads, num_kv_heads, is_neox, scale,
+                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, mlp)
+    if decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
+                                 kv_cache) is not None:
         return None
     return decoder_layer_decode(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
                                 post_norm_weight, gate_up_weight, down_weight, eps, cos_sin_cache, num_heads,
@@ -1036,18 +1092,34 @@ def accel_moe_decoder_layer_decode(
     block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One decode token of a Mixtral layer through the persistent kernel (:func:`moe_decoder_layer_decode`);
-    None (the layer runs op by op) where :func:`moe_decoder_layer_unsupported` says why, for more tokens,
-    or with ``ACCEL_CUDA_PERSISTENT=0``."""
+    2+ tokens through :func:`decoder_layer_rows` (router, top-k and fused_experts as the MoE block); None
+    (the layer runs op by op) where :func:`moe_decoder_layer_unsupported` says why, or with
+    ``ACCEL_CUDA_PERSISTENT=0``."""
     if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
         return None
     weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
                "router": router_weight, "w13": w13, "w2": w2}
     _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
                                 slot_mapping, block_table, seq_lens)
-    if rotary_dim != cos_sin_cache.shape[-1] or moe_decoder_layer_unsupported(
-            hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache, top_k) is not None:
-        return None
     if hidden_states.device.type != "cuda" and not _interpret():
+        return None
+    if rotary_dim != cos_sin_cache.shape[-1]:
+        return None
+    if rows_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
+                              kv_cache) is None:
+        def moe(x: torch.Tensor) -> torch.Tensor:
+            logits = accel_linear(x=x, weight=router_weight, bias=None, prepared=None)
+            weights_, ids = accel_moe_topk(router_logits=logits, top_k=top_k, scoring_func="softmax",
+                                           renormalize=renormalize, num_expert_group=None, topk_group=None,
+                                           e_score_correction_bias=None, routed_scaling_factor=1.0)
+            return accel_fused_experts(hidden_states=x, w13=w13, w2=w2, topk_weights=weights_, topk_ids=ids,
+                                       activation="silu", expert_map=None)
+
+        return decoder_layer_rows(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
+                                  post_norm_weight, eps, cos_sin_cache, num_heads, num_kv_heads, is_neox, scale,
+                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, moe)
+    if moe_decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache,
+                                     top_k) is not None:
         return None
     return moe_decoder_layer_decode(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
                                     post_norm_weight, router_weight, w13, w2, top_k, renormalize, eps, cos_sin_cache,

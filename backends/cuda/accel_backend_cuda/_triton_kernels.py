@@ -1158,30 +1158,11 @@ def dynamic_int8_quant(x2: torch.Tensor):
 
 
 @triton.jit
-def _small_m_step(acc, w, x_rows, kk, k_ok, m_ok, K, xdt: tl.constexpr, ACT: tl.constexpr, USE_DOT: tl.constexpr,
-                  IEEE: tl.constexpr, LIB: tl.constexpr):
-    """One k tile of the small-M linear: x's columns ``kk`` (activated when ACT >= 0) times the weight tile
-    ``w`` [BLOCK_N, BLOCK_K], accumulated into ``acc`` (the dot's [M, N] or the FMA path's [M, N, K])."""
-    x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-    if ACT >= 0:  # x holds the gates; the ups sit K columns further
-        u = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        x = (_activation(x.to(tl.float32), ACT, LIB) * u.to(tl.float32)).to(xdt)
-    if USE_DOT:
-        if IEEE:
-            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            return tl.dot(x, tl.trans(w), acc)
-    else:
-        return acc + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-
-
-@triton.jit
 def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, k_per_split, x_stride,
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False,
-                           W_EARLY: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -1191,9 +1172,8 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
-    no intermediate is written.
-
-    W_EARLY: the first weight tile is loaded before the PDL wait (weights are read-only during a forward)."""
+    no intermediate is written."""
+    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1208,25 +1188,24 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     if USE_DOT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if W_EARLY:
-        # The first weight tile is requested before the PDL wait: no kernel of a forward writes weights,
-        # so its DRAM round trip overlaps the previous kernel's tail instead of following it.
-        kk = k_lo + offs_k
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk < k_hi)[None, :], other=0.0)
-        _pdl_enter(PDL)
-        acc = _small_m_step(acc, w, x_rows, kk, kk < k_hi, m_ok, K, x_ptr.dtype.element_ty, ACT, USE_DOT, IEEE, LIB)
-        k_first = k_lo + BLOCK_K
-    else:
-        _pdl_enter(PDL)
-        k_first = k_lo
-    for k0 in range(k_first, k_hi, BLOCK_K):
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_hi
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _small_m_step(acc, w, x_rows, kk, k_ok, m_ok, K, x_ptr.dtype.element_ty, ACT, USE_DOT, IEEE, LIB)
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if ACT >= 0:  # x holds the gates; the ups sit K columns further
+            u = tl.load(x_rows + K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = (_activation(x.to(tl.float32), ACT, LIB) * u.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        if USE_DOT:
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        else:
+            acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     if not USE_DOT:
-        acc = tl.sum(acc, axis=2)
+        acc = tl.sum(acc3, axis=2)
     out_mask = m_ok[:, None] & n_ok[None, :]
     mn = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT:
@@ -1270,7 +1249,7 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
-    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages, W_EARLY). ``act`` >= 0: x2 is
+    (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages). ``act`` >= 0: x2 is
     [M, 2 K] = [gate | up] and the product reads ``act(gate) * up`` (0 silu, 1 gelu, 2 gelu tanh)."""
     m = x2.shape[0]
     n, k = weight.shape
@@ -1292,8 +1271,7 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL,
-        W_EARLY=bool(cfg.get("W_EARLY", 0)))
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,
@@ -1762,6 +1740,79 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
                         NUM_SPLITS, GROUP_PAD, D)
             _stamp(trace_ptr, pid, 12, TRACE)
             tl.atomic_xchg(cnt_ptr + g, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+
+
+@triton.jit
+def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
+                                part_ml_ptr, cnt_ptr, num_splits, scale, qkv_stride, bt_stride, cs_stride,
+                                kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+                                NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
+                                TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                                IS_NEOX: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+    """Rotary + KV-cache write + decode attention of T sequences (one new token each) in one launch: program
+    (item = KV head x split, sequence b) is the persistent layer's phase-1 work item on row b of the qkv
+    GEMM's output (:func:`_decoder_attention`): the group's queries and the new key rotated in registers,
+    the new key and value stored at the slot, attention over the cached keys, the new token folded in from
+    registers, the split-K merge by the last split to arrive. The item's first key tile, cos and sin are
+    requested before the PDL wait (earlier steps wrote them; the previous kernel, the qkv GEMM, does not).
+    Partials ``[T, num_splits, NQ, D]`` / ``[T, num_splits, NQ, 2]``, counters ``[T, NKV]``."""
+    item = tl.program_id(0)  # a sequence's items are neighbours in launch order (one block-table row)
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    bt_b = bt_ptr + b64 * bt_stride
+    c, s, kt1, kt2, v, n_ok = _attention_first_tile(pos_ptr + b, seq_ptr + b, bt_b, cs_ptr, kv_ptr, item,
+                                                    NKV * num_splits, num_splits, cs_stride, kv_stride_kv,
+                                                    kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N,
+                                                    BLOCK_SIZE, IS_NEOX)
+    _pdl_enter(PDL)
+    part = b64 * num_splits * NQ
+    _decoder_attention(qkv_ptr + b64 * qkv_stride, seq_ptr + b, slot_ptr + b, bt_b, kv_ptr, att_ptr + b64 * NQ * D,
+                       part_acc_ptr + part * D, part_ml_ptr + part * 2, cnt_ptr + b * NKV, item, num_splits, scale,
+                       kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, c, s, kt1, kt2, v, n_ok, att_ptr, 0,
+                       NQ, NKV, D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, False)
+
+
+def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        kv_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, is_neox: bool,
+                        max_seq_len: int, num_sms: int) -> torch.Tensor:
+    """``rope_and_write_kv_cache`` then decode ``paged_attention`` for T sequences with one new token each,
+    in one launch (:func:`_rope_attention_rows_kernel`). ``qkv`` ``[T, (NQ + 2 NKV) D]`` (unit stride on
+    its rows), full-width rotary, the cache in this backend's layout and the model's dtype. Returns the
+    attention output ``[T, NQ D]``; the new keys and values are stored at ``slot_mapping`` (a negative slot
+    is skipped). The split count: programs (T x KV heads) below ``split_below`` x SMs split the keys up to
+    ``split_target`` x SMs programs (``CONFIG["rows_attention"]``)."""
+    cfg = CONFIG["rows_attention"]
+    t = qkv.shape[0]
+    head_size, block_size = kv_cache.shape[4], kv_cache.shape[3]
+    dev, dt = qkv.device, qkv.dtype
+    tile_n = cfg["TILE_N"]
+    busy = t * num_kv_heads
+    splits = 1
+    if busy < cfg["split_below"] * num_sms:
+        splits = max(1, min(cfg["max_splits"], triton.cdiv(int(cfg["split_target"] * num_sms), busy),
+                            triton.cdiv(max(max_seq_len - 1, 1), tile_n)))
+    cnt = counters(dev, t * num_kv_heads) if splits > 1 else None
+    if cnt is None:
+        splits = 1
+    att = torch.empty((t, num_heads * head_size), dtype=dt, device=dev)
+    part_acc = torch.empty((t, splits, num_heads, head_size), dtype=torch.float32, device=dev)
+    part_ml = torch.empty((t, splits, num_heads, 2), dtype=torch.float32, device=dev)
+    st = kv_cache.stride()
+    _rope_attention_rows_kernel[(num_kv_heads * splits, t)](
+        qkv, positions, seq_lens, slot_mapping, block_table, cos_sin_cache, kv_cache, att, part_acc, part_ml,
+        cnt if cnt is not None else seq_lens, splits, float(scale), qkv.stride(0), block_table.stride(0),
+        cos_sin_cache.stride(0), st[0], st[1], st[2], st[3], NQ=num_heads, NKV=num_kv_heads, D=head_size,
+        GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), TILE_N=tile_n, BLOCK_SIZE=block_size,
+        NUM_SPLITS=triton.next_power_of_2(splits), IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
+        num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
+    return att
+
+
+#: decode layers of 2+ tokens (accel_backend_cuda.decoder_layer_rows): the fused rotary + attention launch.
+#: enabled: 0 = those layers run op by op (the model's path: rotary, then paged attention).
+CONFIG["rows_attention"] = {"enabled": 1, "TILE_N": 64, "num_warps": 4, "split_below": 1.0, "split_target": 2,
+                            "max_splits": 16}
 
 
 @triton.jit

@@ -166,14 +166,13 @@ def test_decode_cases_are_split(seq_lens, plan_len, kernels):
 @pytest.mark.parametrize("m, n, k, bias, split_k, dot", [
     (1, 37, 70, False, 1, 1), (3, 40, 130, True, 3, 1), (7, 33, 300, True, 4, 0), (16, 64, 96, False, 2, 1),
     (12, 5, 257, True, 1, 0)])
-@pytest.mark.parametrize("w_early", [1, 0], ids=["w-early", "w-in-loop"])
-def test_linear_small_m(m, n, k, bias, split_k, dot, w_early, kernels):
+def test_linear_small_m(m, n, k, bias, split_k, dot, kernels):
     g = torch.Generator().manual_seed(m * 1000 + k)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k + 3, generator=g)[:, :k]  # rows with a stride > k
     b = torch.randn(n, generator=g) if bias else None
     cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
-               num_warps=4, num_stages=2, W_EARLY=w_early)  # W_EARLY: the first k tile peeled off the loop
+               num_warps=4, num_stages=2)
     got = kernels.linear_small_m(x, w, b, cfg)
     exp = x.to(F64) @ w.to(F64).T + (b.to(F64) if bias else 0)
     assert got.shape == (m, n) and rel(got, exp) < 1e-6
@@ -462,15 +461,13 @@ def _act64(x, activation):
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("m, n, k, split_k, dot, bias", [(1, 37, 70, 1, 1, False), (3, 40, 130, 3, 1, True),
                                                          (7, 33, 300, 4, 0, True), (16, 20, 96, 2, 1, False)])
-@pytest.mark.parametrize("w_early", [1, 0], ids=["w-early", "w-in-loop"])
-def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, split_k, dot, bias, w_early,
-                                                           kernels):
+def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, split_k, dot, bias, kernels):
     g = torch.Generator().manual_seed(m * 100 + k)
     x = torch.randn(m, 2 * k + 5, generator=g)[:, 5:] * 2  # rows with a stride > 2k
     w = torch.randn(n, k, generator=g) / k**0.5
     b = torch.randn(n, generator=g) if bias else None
     cfg = dict(BLOCK_M=16 if dot else C._pow2(m), BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k, USE_DOT=dot,
-               num_warps=4, num_stages=2, W_EARLY=w_early)
+               num_warps=4, num_stages=2)
     act = {"silu": 0, "gelu": 1, "gelu_tanh": 2}[activation]
     got = kernels.linear_small_m(x, w, b, cfg, act)
     exp = _act64(x, activation) @ w.to(F64).T + (b.to(F64) if bias else 0)
@@ -673,8 +670,8 @@ def test_decoder_layer_decode_refuses_what_it_does_not_compute():
 
 
 def test_decoder_layer_decode_hook_declines_what_it_does_not_fuse(kernels, monkeypatch):
-    """None (the layer runs op by op) for two tokens, partial rotary, widths past MAX_PERSISTENT_WIDTH and
-    ACCEL_CUDA_PERSISTENT=0; nothing written to the cache."""
+    """None (the layer runs op by op) for two tokens with the rows path off, partial rotary, widths past
+    MAX_PERSISTENT_WIDTH and ACCEL_CUDA_PERSISTENT=0; nothing written to the cache."""
     w, cache, table, slot, pos, cs, hid, res, *_ = _decoder_layer_case(0, 4, True, True)
     args = dict(residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"], o_weight=w["o"],
                 post_norm_weight=w["post_norm"], gate_up_weight=w["gate_up"], down_weight=w["down"], eps=1e-5,
@@ -685,7 +682,9 @@ def test_decoder_layer_decode_hook_declines_what_it_does_not_fuse(kernels, monke
     two = dict(args, hidden_states=torch.cat([hid, hid]), residual=torch.cat([res, res]), positions=pos.repeat(2),
                slot_mapping=torch.tensor([slot, slot + 1]), block_table=table[None, :].repeat(2, 1),
                seq_lens=torch.tensor([5, 5], dtype=torch.int32))
-    assert C.accel_decoder_layer_decode(**two) is None
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 0})
+    assert C.accel_decoder_layer_decode(**two) is None  # (on, two tokens take decoder_layer_rows: tested below)
+    monkeypatch.undo()
     assert C.accel_decoder_layer_decode(**dict(args, rotary_dim=16, cos_sin_cache=cs[:, :16])) is None
     monkeypatch.setitem(kernels.MAX_PERSISTENT_WIDTH, "intermediate", 64)  # this case's 96 is then too wide
     assert C.accel_decoder_layer_decode(**args) is None
@@ -765,6 +764,91 @@ def test_moe_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, ha
     assert rel(wrong, e_out) > 1e-2
 
 
+def _rows_case(seed, n_olds, has_res, moe=False, block_size=16, hidden=64, heads=4, kv_heads=2, head_size=32):
+    """Several sequences (cached lengths ``n_olds``) in one cache: _decoder_layer_case's (or
+    _moe_layer_case's) weights, each sequence's own random blocks, one new token each."""
+    w = (_moe_layer_case(seed, 1, True) if moe else _decoder_layer_case(seed, 1, True, True))[0]
+    g = torch.Generator().manual_seed(seed + 7)
+    blocks = [-(-(n + 1) // block_size) for n in n_olds]
+    num_blocks = sum(blocks) + 3
+    perm = torch.randperm(num_blocks, generator=g)
+    table = torch.zeros(len(n_olds), max(blocks) + 1, dtype=torch.int32)
+    cache = torch.full((2, num_blocks, kv_heads, block_size, head_size), float("nan"))
+    pasts, slots, i = [], [], 0
+    for b, n in enumerate(n_olds):
+        table[b, : blocks[b]] = perm[i : i + blocks[b]]
+        i += blocks[b]
+        pk, pv = torch.randn(n, kv_heads, head_size, generator=g), torch.randn(n, kv_heads, head_size, generator=g)
+        for p in range(n):
+            cache[0, table[b, p // block_size], :, p % block_size] = pk[p]
+            cache[1, table[b, p // block_size], :, p % block_size] = pv[p]
+        pasts.append((pk, pv))
+        slots.append(int(table[b, n // block_size]) * block_size + n % block_size)
+    pos = torch.tensor([n + 3 for n in n_olds])  # positions need not equal the cache index
+    cs = torch.randn(max(n_olds) + 8, head_size, generator=g)
+    hid = torch.randn(len(n_olds), hidden, generator=g)
+    res = torch.randn(len(n_olds), hidden, generator=g) if has_res else None
+    return w, cache, table, torch.tensor(slots), pos, cs, hid, res, pasts
+
+
+def _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe=False, top_k=2):
+    ff = (dict(router_weight=w["router"], w13=w["w13"], w2=w["w2"], top_k=top_k, renormalize=True) if moe
+          else dict(gate_up_weight=w["gate_up"], down_weight=w["down"]))
+    return dict(hidden_states=hid, residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"],
+                o_weight=w["o"], post_norm_weight=w["post_norm"], **ff, eps=1e-5, cos_sin_cache=cs, num_heads=4,
+                num_kv_heads=2, head_size=32, rotary_dim=32, is_neox=True, scale=32**-0.5, kv_cache=cache,
+                slot_mapping=slots, block_table=table, seq_lens=torch.tensor([n + 1 for n in n_olds], dtype=torch.int32),
+                max_seq_len=256)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("n_olds, has_res, overrides", [
+    ([36, 0, 17], True, dict(split_below=0)),  # no split: one item per (sequence, KV head); a first token
+    # 16 splits of one 16-key tile: three sequences with partials (5, 3, 3 active splits), one direct store
+    ([70, 5, 40, 33], False, dict(split_below=1e9, split_target=1e3, TILE_N=16)),
+    ([150, 3], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, max_splits=4)),  # more tiles than splits
+])
+def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides):
+    """Decode steps of 2+ sequences through the hook (decoder_layer_rows: the layer's ops with rotary, the
+    KV write and attention in one launch) against the float64 layer of each row, the new keys and values
+    at each slot, the cached ones untouched, the split counters back at zero."""
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], **overrides})
+    w, cache, table, slots, pos, cs, hid, res, pasts = _rows_case(len(n_olds) + 10 * moe, n_olds, has_res, moe)
+    hook = C.accel_moe_decoder_layer_decode if moe else C.accel_decoder_layer_decode
+    ran = []
+    real = kernels.rope_attention_rows
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: ran.append(1) or real(*a))
+    out, res_out = hook(**_rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe))
+    assert ran and out.shape == hid.shape and res_out.shape == hid.shape
+    for b, n in enumerate(n_olds):
+        r = res[b : b + 1] if has_res else None
+        if moe:
+            e_out, e_res, e_k, e_v, _ = _moe_layer_ref(w, hid[b : b + 1], r, pos[b : b + 1], cs, *pasts[b], 2, True)
+        else:
+            e_out, e_res, e_k, e_v = _decoder_layer_ref(w, hid[b : b + 1], r, pos[b : b + 1], cs, *pasts[b], 4, 2,
+                                                        32, True, 1e-5, 32**-0.5)
+        assert rel(out[b : b + 1], e_out) < 1e-5 and rel(res_out[b : b + 1], e_res) < 1e-6, b
+        blk, off = divmod(int(slots[b]), 16)
+        assert rel(cache[0, blk, :, off], e_k) < 1e-6 and rel(cache[1, blk, :, off], e_v) < 1e-6
+        for p in range(n):
+            assert torch.equal(cache[0, table[b, p // 16], :, p % 16], pasts[b][0][p])
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
+
+
+def test_decoder_layer_rows_declines_what_it_does_not_compute(kernels, monkeypatch):
+    """The rows path off (CONFIG), partial rotary, a cache of another dtype: None, nothing written."""
+    w, cache, table, slots, pos, cs, hid, res, _ = _rows_case(3, [9, 20], True)
+    args = _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, [9, 20])
+    before = cache.nan_to_num(7.0)
+    assert C.accel_decoder_layer_decode(**dict(args, rotary_dim=16, cos_sin_cache=cs[:, :16])) is None
+    assert C.accel_decoder_layer_decode(**dict(args, kv_cache=cache.double())) is None
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 0})
+    assert C.accel_decoder_layer_decode(**args) is None
+    assert torch.equal(cache.nan_to_num(7.0), before)
+    why = C.rows_layer_unsupported(hid, {"qkv": w["qkv"]}, 32, 4, 2, 32, cache)
+    assert why and "rows_attention" in why
+
+
 def test_moe_tiles(kernels):
     cfg = kernels.CONFIG["decoder_layer"]
     # Mixtral small: 16 experts of 1024 at hidden 2048: the router in one tile, 8-row gate/up, 16-row down tiles
@@ -776,8 +860,9 @@ def test_moe_tiles(kernels):
 
 def test_moe_decoder_layer_decode_refuses_and_declines(kernels, monkeypatch):
     """Shapes that do not fit the layer: a ValueError naming the argument (from the function and the hook);
-    what the kernel does not compute (two tokens, top_k past the experts or past 8, more than 256 experts,
-    ACCEL_CUDA_PERSISTENT=0): the function's ValueError says why, the hook declines (None); nothing written."""
+    what the kernel does not compute (two tokens with the rows path off, top_k past the experts or past 8, more
+    than 256 experts, ACCEL_CUDA_PERSISTENT=0): the function's ValueError says why, the hook declines (None);
+    nothing written."""
     w, cache, table, slot, pos, cs, hid, res, *_ = _moe_layer_case(0, 4, True)
     args = dict(hidden_states=hid, residual=res, positions=pos, input_norm_weight=w["input_norm"], qkv_weight=w["qkv"],
                 o_weight=w["o"], post_norm_weight=w["post_norm"], router_weight=w["router"], w13=w["w13"], w2=w["w2"],
@@ -805,7 +890,9 @@ def test_moe_decoder_layer_decode_refuses_and_declines(kernels, monkeypatch):
     two = dict(hook, hidden_states=torch.cat([hid, hid]), residual=torch.cat([res, res]), positions=pos.repeat(2),
                slot_mapping=torch.tensor([slot, slot + 1]), block_table=table[None, :].repeat(2, 1),
                seq_lens=torch.tensor([5, 5], dtype=torch.int32))
-    assert C.accel_moe_decoder_layer_decode(**two) is None
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 0})
+    assert C.accel_moe_decoder_layer_decode(**two) is None  # (on: decoder_layer_rows, tested above)
+    monkeypatch.undo()
     monkeypatch.setenv("ACCEL_CUDA_PERSISTENT", "0")
     assert C.accel_moe_decoder_layer_decode(**hook) is None
     assert torch.equal(cache.nan_to_num(7.0), before), "nothing may be written on bad or declined input"
@@ -825,17 +912,19 @@ def test_decoder_layer_tiles_shrink_with_the_width(kernels):
 
 def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeypatch):
     """The hook (API 1.4) through the conformance kit: one-token cases run the kernel (a phase per launch),
-    two-token cases are declined (None) and the kit sees nothing written."""
+    cases of more tokens decoder_layer_rows (the ops, rotary + attention in one launch)."""
     from accel_models.testing import run_conformance
 
-    ran = []
+    ran, rows = [], []
     real = kernels.decoder_layer_decode
     monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a, **k: ran.append(1) or real(*a, **k))
+    real_rows = kernels.rope_attention_rows
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: rows.append(1) or real_rows(*a))
     report = run_conformance("cuda", ops=["decoder_layer_decode"], allow_unavailable=True, device="cpu", quick=True,
                              max_examples=6, dtypes=(torch.float32,))
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
     (rep,) = [r for r in report.ops if r.op == "decoder_layer_decode"]
-    assert rep.native and rep.cases > 0 and ran
+    assert rep.native and rep.cases > 0 and ran and rows
 
 
 def test_moe_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeypatch):

@@ -880,12 +880,20 @@ def _attention_half_unsupported(hidden_states: torch.Tensor, weights: dict[str, 
 def rows_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch.Tensor], head_size: int,
                            num_heads: int, num_kv_heads: int, rotary_dim: int, kv_cache: torch.Tensor) -> str | None:
     """Why :func:`decoder_layer_rows` does not run this decode layer of 2+ tokens (None: it does): one
-    token (the persistent kernel's), ``CONFIG["rows_attention"]["enabled"]`` off, or what the fused
-    rotary + attention launch does not take (partial rotary, an odd head size, a cache of another dtype)."""
+    token (the persistent kernel's), ``CONFIG["rows_attention"]["enabled"]`` off, too few tokens (programs
+    = tokens x KV heads at most ``min_programs`` x SMs: there the paged kernel's prefetching loop wins), or
+    what the fused rotary + attention launch does not take (partial rotary, an odd head size, a cache of
+    another dtype)."""
     if hidden_states.dim() != 2 or hidden_states.shape[0] < 2:
         return f"two or more tokens per call (hidden_states is {tuple(hidden_states.shape)})"
-    if not _kernels().CONFIG["rows_attention"]["enabled"]:
+    cfg = _kernels().CONFIG["rows_attention"]
+    if not cfg["enabled"]:
         return "CONFIG['rows_attention']['enabled'] is off"
+    programs = hidden_states.shape[0] * num_kv_heads
+    sms = _num_sms(hidden_states.device)
+    if programs <= cfg.get("min_programs", 0.0) * sms:
+        return (f"{programs} attention programs ({hidden_states.shape[0]} tokens x {num_kv_heads} KV heads) fill at "
+                f"most CONFIG['rows_attention']['min_programs'] x {sms} SMs")
     return _attention_half_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                                        kv_cache)
 

@@ -812,7 +812,8 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
     """Decode steps of 2+ sequences through the hook (decoder_layer_rows: the layer's ops with rotary, the
     KV write and attention in one launch) against the float64 layer of each row, the new keys and values
     at each slot, the cached ones untouched, the split counters back at zero."""
-    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], **overrides})
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention",
+                        {**kernels.CONFIG["rows_attention"], "min_programs": 0, **overrides})
     w, cache, table, slots, pos, cs, hid, res, pasts = _rows_case(len(n_olds) + 10 * moe, n_olds, has_res, moe)
     hook = C.accel_moe_decoder_layer_decode if moe else C.accel_decoder_layer_decode
     ran = []
@@ -836,13 +837,19 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
 
 
 def test_decoder_layer_rows_declines_what_it_does_not_compute(kernels, monkeypatch):
-    """The rows path off (CONFIG), partial rotary, a cache of another dtype: None, nothing written."""
+    """The rows path off (CONFIG), too few programs for it, partial rotary, a cache of another dtype: None,
+    nothing written."""
     w, cache, table, slots, pos, cs, hid, res, _ = _rows_case(3, [9, 20], True)
     args = _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, [9, 20])
     before = cache.nan_to_num(7.0)
+    # 2 tokens x 2 KV heads = 4 programs: not more than min_programs (1.0) x the interpreter's 4 "SMs"
+    assert C.accel_decoder_layer_decode(**args) is None
+    assert "min_programs" in C.rows_layer_unsupported(hid, {}, 32, 4, 2, 32, cache)
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "min_programs": 0})
     assert C.accel_decoder_layer_decode(**dict(args, rotary_dim=16, cos_sin_cache=cs[:, :16])) is None
     assert C.accel_decoder_layer_decode(**dict(args, kv_cache=cache.double())) is None
-    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 0})
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 0,
+                                                           "min_programs": 0})
     assert C.accel_decoder_layer_decode(**args) is None
     assert torch.equal(cache.nan_to_num(7.0), before)
     why = C.rows_layer_unsupported(hid, {"qkv": w["qkv"]}, 32, 4, 2, 32, cache)
@@ -920,6 +927,7 @@ def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeyp
     monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a, **k: ran.append(1) or real(*a, **k))
     real_rows = kernels.rope_attention_rows
     monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: rows.append(1) or real_rows(*a))
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "min_programs": 0})
     report = run_conformance("cuda", ops=["decoder_layer_decode"], allow_unavailable=True, device="cpu", quick=True,
                              max_examples=6, dtypes=(torch.float32,))
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
@@ -931,15 +939,18 @@ def test_moe_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, mon
     """The MoE hook (API 1.5) through the conformance kit, as the dense one above."""
     from accel_models.testing import run_conformance
 
-    ran = []
+    ran, rows = [], []
     real = kernels.decoder_layer_decode
     monkeypatch.setattr(kernels, "decoder_layer_decode",
                         lambda *a, **k: ran.append(k.get("moe") is not None) or real(*a, **k))
+    real_rows = kernels.rope_attention_rows
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: rows.append(1) or real_rows(*a))
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "min_programs": 0})
     report = run_conformance("cuda", ops=["moe_decoder_layer_decode"], allow_unavailable=True, device="cpu",
                              quick=True, max_examples=6, dtypes=(torch.float32,))
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops]
     (rep,) = [r for r in report.ops if r.op == "moe_decoder_layer_decode"]
-    assert rep.native and rep.cases > 0 and ran and all(ran)
+    assert rep.native and rep.cases > 0 and ran and all(ran) and rows
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

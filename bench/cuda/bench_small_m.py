@@ -40,6 +40,7 @@ DEV = "cuda"
 SWEEP = False  # --sweep: the config sweeps that chose the defaults (first H100 run of issue 11)
 WIDE = False  # --wide: sweep the wider tiles for 17-64 rows instead (session 10)
 HEAD_SIZES: tuple[int, ...] = (128,)  # --head-sizes: the attention section's head sizes
+ATTN_BATCHES: tuple[int, ...] = (1, 4, 16, 64)  # --attn-batches: its batch sizes
 MS: tuple[int, ...] = ()  # --ms: the row counts of the linear section (default 1, 16; with --sweep 1, 16, 64)
 SHAPE_NAMES: tuple[str, ...] = ()  # --shapes: a subset of SHAPES
 
@@ -242,8 +243,13 @@ def section_attn(C, K, bw: float) -> dict:
                                                        prefetch_warps=nw, prefetch_stages=st)
            for el, nw, st in ((2048, 4, 1), (4096, 4, 1), (4096, 4, 2), (4096, 8, 1), (8192, 4, 1), (8192, 8, 1),
                               (8192, 8, 2))},
+        # the plain loop's tiles, warps and stages (no prefetch; session 14's ncu: batch 64 at 0.55 waves)
+        **{f"plain TILE_N {tn} w{nw} s{st}": dict(prefetch_below=0, TILE_N=tn, split_keys=max(64, tn), num_warps=nw,
+                                                    num_stages=st)
+           for tn, nw, st in ((32, 4, 3), (64, 2, 2), (64, 8, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 1),
+                              (256, 8, 2))},
     }
-    for d, batch in itertools.product(HEAD_SIZES, (1, 4, 16, 64)):
+    for d, batch in itertools.product(HEAD_SIZES, ATTN_BATCHES):
         gen = torch.Generator().manual_seed(batch)
         seq = torch.randint(129, 249, (batch,), generator=gen).tolist()
         kv_bytes = sum(seq) * kv_heads * d * 2 * 2
@@ -361,10 +367,11 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="sweep attention variants and linear configs")
     ap.add_argument("--wide", action="store_true", help="with --sweep: the wide tiles for 17-64 rows")
     ap.add_argument("--head-sizes", default="128", help="head sizes of the attention section, e.g. 64,128")
+    ap.add_argument("--attn-batches", default="1,4,16,64", help="batch sizes of the attention section")
     ap.add_argument("--ms", default="", help="row counts of the linear section, e.g. 32,64")
     ap.add_argument("--shapes", default="", help="a subset of the linear shapes, e.g. qkv_proj,down_proj")
     args = ap.parse_args()
-    global SWEEP, WIDE, MS, SHAPE_NAMES, HEAD_SIZES
+    global SWEEP, WIDE, MS, SHAPE_NAMES, HEAD_SIZES, ATTN_BATCHES
     SWEEP, WIDE = args.sweep, args.wide
     try:
         MS = tuple(int(v) for v in args.ms.split(",") if v)
@@ -379,6 +386,12 @@ def main() -> int:
         ap.error(f"--head-sizes takes comma-separated sizes, e.g. 64,128; got {args.head_sizes!r}")
     if not HEAD_SIZES or any(h < 16 or h & (h - 1) for h in HEAD_SIZES):
         ap.error(f"--head-sizes: powers of two from 16; got {args.head_sizes!r}")
+    try:
+        ATTN_BATCHES = tuple(int(v) for v in args.attn_batches.split(",") if v)
+    except ValueError:
+        ap.error(f"--attn-batches takes comma-separated batch sizes, e.g. 16,64; got {args.attn_batches!r}")
+    if not ATTN_BATCHES or min(ATTN_BATCHES) < 1:
+        ap.error(f"--attn-batches: positive batch sizes; got {args.attn_batches!r}")
     unknown = sorted(set(SHAPE_NAMES) - set(SHAPES))
     if unknown:  # a misspelt shape would otherwise measure nothing and report no failure
         ap.error(f"--shapes: unknown {', '.join(unknown)}; the shapes are {', '.join(SHAPES)}")

@@ -20,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -903,7 +904,8 @@ def decoder_layer_rows(hidden_states: torch.Tensor, residual: torch.Tensor | Non
                        post_norm_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor, num_heads: int,
                        num_kv_heads: int, is_neox: bool, scale: float, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                       max_seq_len: int, feed_forward: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                       max_seq_len: int,
+                       feed_forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step of T >= 2 sequences through a Llama-style layer as this backend's ops run it, except
     that rotary, the KV-cache write and attention are one launch (``_triton_kernels.rope_attention_rows``:
     no rotated q/k round trip through memory, one launch fewer a layer). ``feed_forward(x)`` is the MLP or

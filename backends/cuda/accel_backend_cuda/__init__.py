@@ -370,7 +370,7 @@ class AttentionPlan:
     #: by its index instead of a search over query_start_loc
     decode: bool = False
     #: the decode loop with the next tile's keys and values in flight while one is attended (config
-    #: ``prefetch``; see ``_paged_attention_kernel``)
+    #: ``prefetch_*``; see ``_paged_attention_kernel``)
     prefetch: bool = False
 
 
@@ -429,8 +429,9 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         splits = max(1, min(splits, workspace_limit_bytes // max(per_split, 1)))
     # The hand-pipelined key loop (next tile's keys and values in flight) where each SM has at most about
     # one program: there a program's chain of dependent loads is the kernel's time. With more programs
-    # than SMs the plain loop's higher occupancy hides it better (session 14: batch 16 x 8 KV heads 6.3 us
-    # against 8.4 at head size 64; batch 64 16.2-22 against 14.2). Wider tiles there (fewer round trips).
+    # than SMs the plain loop (its 2-stage pipeline, shorter per-tile code) measured faster (session 14:
+    # batch 16 x 8 KV heads 6.3 us against 8.4 at head size 64; batch 64 16.2-22 against 14.2). Wider
+    # tiles there (fewer round trips).
     warps = cfg["num_warps"]
     prefetch = (decode_like and busy <= cfg.get("prefetch_below", 0.0) * num_sms
                 and (splits == 1 or bool(cfg.get("prefetch_splits", 0))))

@@ -328,6 +328,27 @@ def test_plan_prefetches_where_each_sm_has_one_program(head_size, tile_n):
     assert not prefill.prefetch
 
 
+def test_rows_layer_takes_batches_whose_attention_programs_exceed_the_sms(monkeypatch):
+    """decoder_layer_rows (rotary + attention in one launch) from more than min_programs x SMs programs
+    (tokens x KV heads): on a 132-SM H200 with 8 KV heads batch 17 and up; batch 16 stays op by op (there
+    the paged kernel's prefetching loop measured faster); one token is the persistent kernel's."""
+    pytest.importorskip("triton", reason="the CUDA backend's kernels need Triton")
+    monkeypatch.setattr(C, "_num_sms", lambda device: 132)
+    cache = torch.empty(2, 4, 8, 16, 64, dtype=torch.bfloat16)
+    w = {"qkv": torch.empty(3072, 2048, dtype=torch.bfloat16)}
+
+    def why(tokens, kv_heads=8, **kw):
+        hid = torch.empty(tokens, 2048, dtype=torch.bfloat16)
+        return C.rows_layer_unsupported(hid, w, kw.get("head_size", 64), 32, kv_heads, kw.get("rotary_dim", 64),
+                                        kw.get("cache", cache))
+
+    assert why(17) is None and why(64) is None
+    assert "min_programs" in why(16) and "two or more tokens" in why(1)
+    assert why(64, kv_heads=2) is not None  # 128 programs: op by op
+    assert "partial rotary" in why(64, rotary_dim=32)
+    assert "KV cache dtype" in why(64, cache=cache.float())
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 @pytest.mark.parametrize("head_size", [64, 128, 256])
 @pytest.mark.parametrize("max_query_len", [1, 512])

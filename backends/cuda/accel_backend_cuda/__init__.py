@@ -994,6 +994,22 @@ def decoder_layer_decode(
         num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device), persistent)
 
 
+def _whole_layer_may_run(hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                         weights: dict[str, torch.Tensor], num_heads: int, num_kv_heads: int, head_size: int,
+                         rotary_dim: int, cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                         block_table: torch.Tensor, seq_lens: torch.Tensor) -> bool:
+    """The whole-layer hooks' common gate: False (decline) with ``ACCEL_CUDA_PERSISTENT=0``, off a GPU
+    (outside the interpreter) or for a cos/sin cache that is not ``rotary_dim`` wide; a ValueError naming
+    the argument whose shape does not fit the layer (:func:`_check_decoder_layer_shapes`)."""
+    if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
+        return False
+    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                slot_mapping, block_table, seq_lens)
+    if hidden_states.device.type != "cuda" and not _interpret():
+        return False
+    return rotary_dim == cos_sin_cache.shape[-1]
+
+
 @hookimpl
 def accel_decoder_layer_decode(
     hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -1006,15 +1022,10 @@ def accel_decoder_layer_decode(
     """One decode token through the persistent layer kernel (:func:`decoder_layer_decode`); 2+ tokens
     through :func:`decoder_layer_rows` (the ops, with rotary and attention in one launch); None (the layer
     runs op by op) for partial rotary, odd head sizes or dtypes, or ``ACCEL_CUDA_PERSISTENT=0``."""
-    if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
-        return None
     weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
                "gate_up": gate_up_weight, "down": down_weight}
-    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
-                                slot_mapping, block_table, seq_lens)
-    if hidden_states.device.type != "cuda" and not _interpret():
-        return None
-    if rotary_dim != cos_sin_cache.shape[-1]:
+    if not _whole_layer_may_run(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                rotary_dim, cos_sin_cache, slot_mapping, block_table, seq_lens):
         return None
     if rows_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                               kv_cache) is None:
@@ -1106,16 +1117,13 @@ def accel_moe_decoder_layer_decode(
     2+ tokens through :func:`decoder_layer_rows` (router, top-k and fused_experts as the MoE block); None
     (the layer runs op by op) where :func:`moe_decoder_layer_unsupported` says why, or with
     ``ACCEL_CUDA_PERSISTENT=0``."""
-    if os.environ.get("ACCEL_CUDA_PERSISTENT", "1") == "0":
-        return None
     weights = {"input_norm": input_norm_weight, "qkv": qkv_weight, "o": o_weight, "post_norm": post_norm_weight,
                "router": router_weight, "w13": w13, "w2": w2}
-    _check_decoder_layer_shapes(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
-                                slot_mapping, block_table, seq_lens)
-    if hidden_states.device.type != "cuda" and not _interpret():
+    if not _whole_layer_may_run(hidden_states, residual, positions, weights, num_heads, num_kv_heads, head_size,
+                                rotary_dim, cos_sin_cache, slot_mapping, block_table, seq_lens):
         return None
-    if rotary_dim != cos_sin_cache.shape[-1]:
-        return None
+    if not 1 <= top_k <= router_weight.shape[0]:
+        return None  # op by op, moe_topk says what is wrong (the rows path would have written the cache first)
     if rows_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                               kv_cache) is None:
         def moe(x: torch.Tensor) -> torch.Tensor:

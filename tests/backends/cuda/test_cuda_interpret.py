@@ -837,8 +837,8 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
 
 
 def test_decoder_layer_rows_declines_what_it_does_not_compute(kernels, monkeypatch):
-    """The rows path off (CONFIG), too few programs for it, partial rotary, a cache of another dtype: None,
-    nothing written."""
+    """The rows path off (CONFIG), too few programs for it, partial rotary, a cache of another dtype, a MoE
+    top_k outside 1..experts: None, nothing written."""
     w, cache, table, slots, pos, cs, hid, res, _ = _rows_case(3, [9, 20], True)
     args = _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, [9, 20])
     before = cache.nan_to_num(7.0)
@@ -854,6 +854,17 @@ def test_decoder_layer_rows_declines_what_it_does_not_compute(kernels, monkeypat
     assert torch.equal(cache.nan_to_num(7.0), before)
     why = C.rows_layer_unsupported(hid, {"qkv": w["qkv"]}, 32, 4, 2, 32, cache)
     assert why and "rows_attention" in why
+    # a top_k the router cannot give: declined before anything is written (op by op, moe_topk says why)
+    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "enabled": 1,
+                                                           "min_programs": 0})
+    w, cache, table, slots, pos, cs, hid, res, _ = _rows_case(4, [9, 20, 3], True, moe=True)
+    before = cache.nan_to_num(7.0)
+    for top_k in (0, 7):  # 6 experts
+        args = _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, [9, 20, 3], moe=True, top_k=top_k)
+        assert C.accel_moe_decoder_layer_decode(**args) is None
+    assert torch.equal(cache.nan_to_num(7.0), before)
+    out, _ = C.accel_moe_decoder_layer_decode(**dict(args, top_k=2))  # the same call runs with a valid top_k
+    assert out.shape == hid.shape and not torch.equal(cache.nan_to_num(7.0), before)
 
 
 def test_moe_tiles(kernels):

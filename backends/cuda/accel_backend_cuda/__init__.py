@@ -911,22 +911,15 @@ def decoder_layer_rows(hidden_states: torch.Tensor, residual: torch.Tensor | Non
     that rotary, the KV-cache write and attention are one launch (``_triton_kernels.rope_attention_rows``:
     no rotated q/k round trip through memory, one launch fewer a layer). ``feed_forward(x)`` is the MLP or
     the MoE block on the post-attention-normed rows. Returns ``(hidden_out, residual_out)``."""
-    kernels = _kernels()
-    cfg = kernels.CONFIG["rows_attention"]
-    if block_table.stride(-1) != 1:
-        block_table = block_table.contiguous()
-    if cfg.get("l2_kv"):  # the layer's cached keys and values asked of L2 while the norm and qkv run
-        kernels.kv_l2_prefetch(kv_cache, block_table, seq_lens, max_seq_len)
     if residual is None:
         residual, x = hidden_states, accel_rms_norm(x=hidden_states, weight=input_norm_weight, eps=eps)
     else:
         x, residual = accel_fused_add_rms_norm(x=hidden_states, residual=residual, weight=input_norm_weight, eps=eps)
     qkv = accel_linear(x=x, weight=qkv_weight, bias=None, prepared=None)
-    att = kernels.rope_attention_rows(
-        _rows("qkv", qkv), positions, slot_mapping, block_table, seq_lens,
-        cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, scale,
-        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device),
-        l2_weight=o_weight if cfg.get("l2_o") else None)
+    att = _kernels().rope_attention_rows(
+        _rows("qkv", qkv), positions, slot_mapping, block_table if block_table.stride(-1) == 1 else block_table.contiguous(),
+        seq_lens, cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, scale,
+        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device))
     o = accel_linear(x=att, weight=o_weight, bias=None, prepared=None)
     x, residual = accel_fused_add_rms_norm(x=o, residual=residual, weight=post_norm_weight, eps=eps)
     return feed_forward(x), residual

@@ -1744,21 +1744,18 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
 
 @triton.jit
 def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_ptr, kv_ptr, att_ptr, part_acc_ptr,
-                                part_ml_ptr, cnt_ptr, wpf_ptr, wpf_lines, num_splits, scale, qkv_stride, bt_stride,
-                                cs_stride, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
+                                part_ml_ptr, cnt_ptr, num_splits, scale, qkv_stride, bt_stride, cs_stride,
+                                kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
                                 NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                                 TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                                IS_NEOX: tl.constexpr, IEEE: tl.constexpr, WPF: tl.constexpr = 0,
-                                WPF_ELEMS: tl.constexpr = 64, PDL: tl.constexpr = False):
+                                IS_NEOX: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
     """Rotary + KV-cache write + decode attention of T sequences (one new token each) in one launch: program
     (item = KV head x split, sequence b) is the persistent layer's phase-1 work item on row b of the qkv
     GEMM's output (:func:`_decoder_attention`): the group's queries and the new key rotated in registers,
     the new key and value stored at the slot, attention over the cached keys, the new token folded in from
     registers, the split-K merge by the last split to arrive. The item's first key tile, cos and sin are
     requested before the PDL wait (earlier steps wrote them; the previous kernel, the qkv GEMM, does not).
-    Partials ``[T, num_splits, NQ, D]`` / ``[T, num_splits, NQ, 2]``, counters ``[T, NKV]``. WPF > 0: each
-    program also asks L2 for its WPF 128-byte lines of ``wpf_ptr`` (the o_proj weight, which the next
-    kernel reads; ``wpf_lines`` in all), before the PDL wait (weights are constant)."""
+    Partials ``[T, num_splits, NQ, D]`` / ``[T, num_splits, NQ, 2]``, counters ``[T, NKV]``."""
     item = tl.program_id(0)  # a sequence's items are neighbours in launch order (one block-table row)
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
@@ -1767,9 +1764,6 @@ def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_
                                                     NKV * num_splits, num_splits, cs_stride, kv_stride_kv,
                                                     kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N,
                                                     BLOCK_SIZE, IS_NEOX)
-    if WPF > 0:
-        ln = (b64 * tl.num_programs(0) + item) * WPF + tl.arange(0, WPF)
-        _prefetch_l2(wpf_ptr + ln * WPF_ELEMS, ln < wpf_lines, False)
     _pdl_enter(PDL)
     part = b64 * num_splits * NQ
     _decoder_attention(qkv_ptr + b64 * qkv_stride, seq_ptr + b, slot_ptr + b, bt_b, kv_ptr, att_ptr + b64 * NQ * D,
@@ -1781,14 +1775,13 @@ def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_
 def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, cos_sin_cache: torch.Tensor,
                         kv_cache: torch.Tensor, scale: float, num_heads: int, num_kv_heads: int, is_neox: bool,
-                        max_seq_len: int, num_sms: int, l2_weight: torch.Tensor | None = None) -> torch.Tensor:
+                        max_seq_len: int, num_sms: int) -> torch.Tensor:
     """``rope_and_write_kv_cache`` then decode ``paged_attention`` for T sequences with one new token each,
     in one launch (:func:`_rope_attention_rows_kernel`). ``qkv`` ``[T, (NQ + 2 NKV) D]`` (unit stride on
     its rows), full-width rotary, the cache in this backend's layout and the model's dtype. Returns the
     attention output ``[T, NQ D]``; the new keys and values are stored at ``slot_mapping`` (a negative slot
     is skipped). The split count: programs (T x KV heads) below ``split_below`` x SMs split the keys up to
-    ``split_target`` x SMs programs (``CONFIG["rows_attention"]``). ``l2_weight`` (contiguous): its lines
-    are asked of L2, spread over the programs (the next kernel's weight)."""
+    ``split_target`` x SMs programs (``CONFIG["rows_attention"]``)."""
     cfg = CONFIG["rows_attention"]
     t = qkv.shape[0]
     head_size, block_size = kv_cache.shape[4], kv_cache.shape[3]
@@ -1806,108 +1799,14 @@ def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping
     part_acc = torch.empty((t, splits, num_heads, head_size), dtype=torch.float32, device=dev)
     part_ml = torch.empty((t, splits, num_heads, 2), dtype=torch.float32, device=dev)
     st = kv_cache.stride()
-    wpf, wpf_lines, wpf_elems = 0, 0, 64
-    if l2_weight is not None and not INTERPRET and l2_weight.is_contiguous():
-        wpf_elems = max(1, 128 // l2_weight.element_size())
-        wpf_lines = triton.cdiv(l2_weight.numel(), wpf_elems)
-        wpf = triton.next_power_of_2(triton.cdiv(wpf_lines, num_kv_heads * splits * t))
     _rope_attention_rows_kernel[(num_kv_heads * splits, t)](
         qkv, positions, seq_lens, slot_mapping, block_table, cos_sin_cache, kv_cache, att, part_acc, part_ml,
-        cnt if cnt is not None else seq_lens, l2_weight if wpf else seq_lens, wpf_lines, splits, float(scale),
-        qkv.stride(0), block_table.stride(0),
+        cnt if cnt is not None else seq_lens, splits, float(scale), qkv.stride(0), block_table.stride(0),
         cos_sin_cache.stride(0), st[0], st[1], st[2], st[3], NQ=num_heads, NKV=num_kv_heads, D=head_size,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), TILE_N=tile_n, BLOCK_SIZE=block_size,
-        NUM_SPLITS=triton.next_power_of_2(splits), IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt), WPF=wpf,
-        WPF_ELEMS=wpf_elems, num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
+        NUM_SPLITS=triton.next_power_of_2(splits), IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
+        num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
     return att
-
-
-# ----------------------------------------------------------------------------------------------------
-# L2 prefetch: ask the L2 cache for lines a later kernel of the step will read (no registers held)
-# ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _prefetch_l2(ptrs, ok, EVICT_LAST: tl.constexpr):
-    """``prefetch.global.L2`` of each address where ``ok`` (predicated in the asm: a masked lane issues
-    nothing). Fire and forget: the program does not wait for the lines."""
-    if EVICT_LAST:
-        tl.inline_asm_elementwise(
-            "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;\n\t}",
-            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.inline_asm_elementwise(
-            "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, $2, 0;\n\t@p prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;\n\t}",
-            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _kv_l2_prefetch_kernel(kv_ptr, bt_ptr, seq_ptr, rec_ptr, bt_stride, kv_stride_kv, kv_stride_blk,
-                           BLOCK_SIZE: tl.constexpr, BPP: tl.constexpr, LINES: tl.constexpr,
-                           REGION_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, EVICT_LAST: tl.constexpr,
-                           RECORD: tl.constexpr, PDL: tl.constexpr = False):
-    """Program (sequence b, chunk c): the L2 prefetch of the keys and values of blocks ``c * BPP ..`` of
-    b's block-table row that hold its ``seq_len`` positions, each block's region (all KV heads, ``[heads,
-    block_size, head_size]`` contiguous) as REGION_LINES 128-byte lines. It reads only what earlier steps
-    wrote (block table, lengths), so its prefetches are issued before the PDL wait; the wait comes last, so
-    that this kernel's end still means the previous kernel's (the next kernel's PDL wait relies on it).
-    RECORD (tests, the interpreter): store the element offsets of the lines it would prefetch (-1 where
-    masked) to ``rec_ptr`` ``[T, chunks, 2, BPP, LINES]`` instead."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    b = tl.program_id(0)
-    c = tl.program_id(1)
-    seq_len = tl.load(seq_ptr + b)
-    j = c * BPP + tl.arange(0, BPP)
-    j_ok = j < tl.cdiv(seq_len, BLOCK_SIZE)
-    blk = tl.load(bt_ptr + b.to(tl.int64) * bt_stride + j, mask=j_ok, other=0).to(tl.int64)
-    ln = tl.arange(0, LINES)
-    ok = j_ok[:, None] & (ln < REGION_LINES)[None, :]
-    off = blk[:, None] * kv_stride_blk + (ln * LINE_ELEMS).to(tl.int64)[None, :]
-    for kv in tl.static_range(2):
-        if RECORD:
-            rec = rec_ptr + ((b * tl.num_programs(1) + c) * 2 + kv).to(tl.int64) * (BPP * LINES)
-            tl.store(rec + tl.arange(0, BPP)[:, None] * LINES + ln[None, :], tl.where(ok, off + kv * kv_stride_kv, -1))
-        else:
-            _prefetch_l2(kv_ptr + kv * kv_stride_kv + off, ok, EVICT_LAST)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-def kv_l2_prefetch_plan(kv_cache: torch.Tensor) -> tuple[int, int] | None:
-    """(lines per block region, elements per line) of the KV prefetch for this cache, or None where a block's
-    heads are not one contiguous region (then nothing is prefetched)."""
-    _, _, heads, block_size, head_size = kv_cache.shape
-    if kv_cache.stride()[2:] != (block_size * head_size, head_size, 1):
-        return None
-    es = kv_cache.element_size()
-    line_elems = max(1, 128 // es)
-    return triton.cdiv(heads * block_size * head_size, line_elems), line_elems
-
-
-def kv_l2_prefetch(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int,
-                   record: bool = False) -> torch.Tensor | None:
-    """Ask L2 for the keys and values of every sequence's blocks (``kv_cache`` ``[2, blocks, heads,
-    block_size, head_size]``, positions below ``seq_lens``; a graph captured for ``max_seq_len`` covers
-    every shorter context). ``record``: return the element offsets instead (tests). No-op (None) for a
-    cache whose block regions are not contiguous, or under the interpreter unless recording."""
-    plan = kv_l2_prefetch_plan(kv_cache)
-    if plan is None or (INTERPRET and not record) or seq_lens.shape[0] == 0:
-        return None
-    region_lines, line_elems = plan
-    cfg = CONFIG["rows_attention"]
-    block_size = kv_cache.shape[3]
-    bpp = cfg["l2_kv_blocks"]
-    chunks = triton.cdiv(triton.cdiv(max(max_seq_len, 1), block_size), bpp)
-    lines = triton.next_power_of_2(region_lines)
-    t = seq_lens.shape[0]
-    rec = torch.empty((t, chunks, 2, bpp, lines), dtype=torch.int64, device=kv_cache.device) if record else seq_lens
-    st = kv_cache.stride()
-    _kv_l2_prefetch_kernel[(t, chunks)](
-        kv_cache, block_table, seq_lens, rec, block_table.stride(0), st[0], st[1], BLOCK_SIZE=block_size, BPP=bpp,
-        LINES=lines, REGION_LINES=region_lines, LINE_ELEMS=line_elems, EVICT_LAST=cfg["l2_kv"] == 2,
-        RECORD=record, num_warps=4, PDL=PDL and not record, launch_pdl=PDL and not record)
-    return rec if record else None
 
 
 #: decode layers of 2+ tokens (accel_backend_cuda.decoder_layer_rows): the fused rotary + attention launch.
@@ -1916,7 +1815,7 @@ def kv_l2_prefetch(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: 
 #: prefetching loop is faster than these items (H200, session 14: batch 16 1.101 vs 1.087 ms Llama, 1.341
 #: vs 1.329 Mixtral; batch 64 1.265 vs 1.289 and 1.637 vs 1.659 for the fused launch).
 CONFIG["rows_attention"] = {"enabled": 1, "min_programs": 1.0, "TILE_N": 64, "num_warps": 4, "split_below": 1.0,
-                            "split_target": 2, "max_splits": 16, "l2_kv": 0, "l2_kv_blocks": 4, "l2_o": 0}
+                            "split_target": 2, "max_splits": 16}
 
 
 @triton.jit

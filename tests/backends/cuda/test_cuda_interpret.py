@@ -807,7 +807,6 @@ def _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe=False
     # 16 splits of one 16-key tile: three sequences with partials (5, 3, 3 active splits), one direct store
     ([70, 5, 40, 33], False, dict(split_below=1e9, split_target=1e3, TILE_N=16)),
     ([150, 3], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, max_splits=4)),  # more tiles than splits
-    ([21, 9], True, dict(l2_kv=1, l2_o=1)),  # the L2 prefetch options (no-ops in the interpreter) change nothing
 ])
 def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides):
     """Decode steps of 2+ sequences through the hook (decoder_layer_rows: the layer's ops with rotary, the
@@ -819,7 +818,7 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
     hook = C.accel_moe_decoder_layer_decode if moe else C.accel_decoder_layer_decode
     ran = []
     real = kernels.rope_attention_rows
-    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: ran.append(1) or real(*a))
     out, res_out = hook(**_rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe))
     assert ran and out.shape == hid.shape and res_out.shape == hid.shape
     for b, n in enumerate(n_olds):
@@ -835,39 +834,6 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
         for p in range(n):
             assert torch.equal(cache[0, table[b, p // 16], :, p % 16], pasts[b][0][p])
     assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
-
-
-@pytest.mark.parametrize("block_size, heads, head_size, dtype, bpp", [(16, 2, 32, torch.float32, 4),
-                                                                     (8, 3, 24, torch.bfloat16, 2)])
-def test_kv_l2_prefetch_asks_for_exactly_each_sequences_blocks(kernels, monkeypatch, block_size, heads, head_size,
-                                                               dtype, bpp):
-    """The KV prefetch (recorded instead of issued) covers every 128-byte line of the key and the value
-    region of each block holding one of a sequence's seq_len positions, once, and nothing else: no block
-    past the length (the table's unused entries are huge numbers, so reading one shows), no line past a
-    block's region."""
-    monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "l2_kv_blocks": bpp})
-    g = torch.Generator().manual_seed(block_size)
-    lens = [1, 2 * block_size + 1, 0, 6 * block_size, block_size]
-    cache = torch.zeros(2, 40, heads, block_size, head_size, dtype=dtype)
-    table = torch.full((len(lens), 8), 10**6, dtype=torch.int32)
-    perm = torch.randperm(40, generator=g).to(torch.int32)
-    for b, n in enumerate(lens):
-        used = -(-n // block_size)
-        table[b, :used] = perm[b * 8 : b * 8 + used]
-    rec = kernels.kv_l2_prefetch(cache, table, torch.tensor(lens, dtype=torch.int32), max_seq_len=7 * block_size,
-                                 record=True)
-    line = 128 // cache.element_size()
-    st = cache.stride()
-    for b, n in enumerate(lens):
-        got = sorted(int(x) for x in rec[b].flatten() if x >= 0)
-        want = sorted(kv * st[0] + int(table[b, j]) * st[1] + i
-                      for j in range(-(-n // block_size)) for kv in (0, 1)
-                      for i in range(0, heads * block_size * head_size, line))
-        assert got == want, b
-    # a cache whose heads of a block are not one contiguous region: nothing to prefetch
-    strided = torch.zeros(2, 40, heads, block_size, head_size + 8, dtype=dtype)[..., :head_size]
-    assert kernels.kv_l2_prefetch_plan(strided) is None
-    assert kernels.kv_l2_prefetch(strided, table, torch.tensor(lens, dtype=torch.int32), 64, record=True) is None
 
 
 def test_decoder_layer_rows_declines_what_it_does_not_compute(kernels, monkeypatch):
@@ -971,7 +937,7 @@ def test_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, monkeyp
     real = kernels.decoder_layer_decode
     monkeypatch.setattr(kernels, "decoder_layer_decode", lambda *a, **k: ran.append(1) or real(*a, **k))
     real_rows = kernels.rope_attention_rows
-    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a, **kw: rows.append(1) or real_rows(*a, **kw))
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: rows.append(1) or real_rows(*a))
     monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "min_programs": 0})
     report = run_conformance("cuda", ops=["decoder_layer_decode"], allow_unavailable=True, device="cpu", quick=True,
                              max_examples=6, dtypes=(torch.float32,))
@@ -989,7 +955,7 @@ def test_moe_decoder_layer_decode_passes_the_kit_in_the_interpreter(kernels, mon
     monkeypatch.setattr(kernels, "decoder_layer_decode",
                         lambda *a, **k: ran.append(k.get("moe") is not None) or real(*a, **k))
     real_rows = kernels.rope_attention_rows
-    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a, **kw: rows.append(1) or real_rows(*a, **kw))
+    monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: rows.append(1) or real_rows(*a))
     monkeypatch.setitem(kernels.CONFIG, "rows_attention", {**kernels.CONFIG["rows_attention"], "min_programs": 0})
     report = run_conformance("cuda", ops=["moe_decoder_layer_decode"], allow_unavailable=True, device="cpu",
                              quick=True, max_examples=6, dtypes=(torch.float32,))

@@ -248,6 +248,17 @@ def section_attn(C, K, bw: float) -> dict:
                                                     num_stages=st)
            for tn, nw, st in ((32, 4, 3), (64, 2, 2), (64, 8, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 1),
                               (256, 8, 2))},
+        # session 15: split-K forced where the programs already fill the SMs (split_target x SMs programs:
+        # at batch 64 x 8 KV heads, 4 / 8 / 12 give 2 / 3 / 4 splits), plain and prefetching loops
+        **{f"plain TILE_N {tn} w{nw} s{st} split target {tg}": dict(prefetch_below=0, TILE_N=tn, split_keys=tn,
+                                                                    num_warps=nw, num_stages=st, split_below=1e9,
+                                                                    split_target=tg)
+           for tn, nw, st, tg in ((64, 4, 2, 4), (64, 4, 2, 8), (64, 4, 2, 12), (64, 4, 1, 8), (128, 4, 2, 4),
+                                  (128, 4, 1, 4), (128, 8, 1, 4), (32, 4, 2, 8), (32, 4, 2, 12))},
+        **{f"prefetch {el} elems w{nw} split target {tg}": dict(prefetch_below=1e9, prefetch_splits=1, prefetch_elems=el,
+                                                                prefetch_warps=nw, prefetch_stages=1, split_below=1e9,
+                                                                split_keys=el // 64, split_target=tg)
+           for el, nw, tg in ((4096, 4, 4), (4096, 4, 8), (8192, 8, 4))},
     }
     for d, batch in itertools.product(HEAD_SIZES, ATTN_BATCHES):
         gen = torch.Generator().manual_seed(batch)

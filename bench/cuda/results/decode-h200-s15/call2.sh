@@ -13,13 +13,8 @@ rows = json.load(open(f"{O}/attn/results.json"))["attn"]["rows"]
 b64 = [r for r in rows if r["batch"] == 64 and r["us"] == r["us"]]
 best = min(b64, key=lambda r: r["us"])
 print("best b64", best)
-# rebuild the variant's config from bench_small_m's table
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("bsm", "bench/cuda/bench_small_m.py"); m = importlib.util.module_from_spec(spec)
-sys.argv = ["x"]; spec.loader.exec_module(m); m.SWEEP = True
-src = open("bench/cuda/bench_small_m.py").read()
 base = dict(k.CONFIG["attn_decode"]); rows_cfg = dict(k.CONFIG["rows_attention"])
-# variants are rebuilt by calling section_attn's dict expression is not importable: parse the name instead
+# the variant's config, from its name (bench_small_m's sweep table)
 name = best["variant"]; v = {}
 mt = re.match(r"plain TILE_N (\d+) w(\d+) s(\d+)(?: split target (\d+))?", name)
 mp = re.match(r"prefetch (\d+) elems w(\d+)(?: s(\d+))?(?: split target (\d+))?", name)

@@ -754,43 +754,6 @@ def accel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out.view(*x.shape[:-1], n)
 
 
-#: gate_up_act (the dense MLP's gate/up projection with the activation in the small-M kernel's epilogue, as
-#: the whole-layer hooks of 2+ tokens run it): enabled, the most rows and the fewest weight bytes it takes
-#: (above the linear's max_m too: then the ``wide`` tile, with its own SPLIT_K)
-GLU_CONFIG: dict[str, Any] = {
-    "enabled": 1, "max_m": 64, "min_bytes": 24 << 20,
-    "wide": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1},
-}
-
-
-def gate_up_act(x: torch.Tensor, gate_up_weight: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act_and_mul(linear(x, gate_up_weight))`` (``gate_up_weight`` ``[2 I, H]`` = ``[gate; up]``) in one
-    launch where :data:`GLU_CONFIG` takes it (the small-M kernel with both products of an output in one
-    program and the activation in its epilogue: no ``[T, 2 I]`` intermediate, no activation launch); else
-    this backend's linear then act_and_mul. Same rounding points either way."""
-    k = x.shape[-1]
-    n2 = gate_up_weight.shape[0]
-    m = x.numel() // k if k else 0
-    act = _ACT_CODES[activation]
-    plan = None
-    kern = _kernels()
-    glu = {**GLU_CONFIG, **(kern.CONFIG.get("glu") or {})}
-    if (glu["enabled"] and n2 % 2 == 0 and gate_up_weight.stride(-1) == 1 and gate_up_weight.stride(0) >= k
-            and x.dtype == gate_up_weight.dtype and (x.device.type == "cuda" or _interpret())):
-        cfg = {**LINEAR_CONFIG, **(kern.CONFIG.get("linear") or {})}
-        wide = m > cfg["max_m"]
-        cfg.update(max_m=glu["max_m"], min_bytes=glu["min_bytes"])
-        sms = _num_sms(x.device)
-        plan = linear_plan(m, n2, k, sms, {"linear": cfg}, x.element_size())
-        if plan is not None and wide:
-            tile = glu["wide"]
-            plan.update({n: tile[n] for n in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "SPLIT_K")})
-    if plan is None:
-        return _act(accel_linear(x=x, weight=gate_up_weight, bias=None, prepared=None), act)
-    out = kern.linear_small_m(_rows("x", x), gate_up_weight, None, plan, glu=act)
-    return out.view(*x.shape[:-1], n2 // 2)
-
-
 #: Weight bytes from which act_and_mul_linear takes the fused small-M kernel (None: the linear's
 #: ``min_bytes``). Below it, as for linear, the activation kernel and the linear (two launches).
 #: Off by default: on the H100 the fused kernel took 57.8 us at the Llama-1B down_proj (M = 1) against
@@ -928,36 +891,13 @@ def rows_layer_unsupported(hidden_states: torch.Tensor, weights: dict[str, torch
     cfg = _kernels().CONFIG["rows_attention"]
     if not cfg["enabled"]:
         return "CONFIG['rows_attention']['enabled'] is off"
-    if not cfg.get("layer_below") and not _rows_fused(hidden_states, num_kv_heads):
-        programs = hidden_states.shape[0] * num_kv_heads
+    programs = hidden_states.shape[0] * num_kv_heads
+    sms = _num_sms(hidden_states.device)
+    if programs <= cfg.get("min_programs", 0.0) * sms:
         return (f"{programs} attention programs ({hidden_states.shape[0]} tokens x {num_kv_heads} KV heads) fill at "
-                f"most CONFIG['rows_attention']['min_programs'] x {_num_sms(hidden_states.device)} SMs")
+                f"most CONFIG['rows_attention']['min_programs'] x {sms} SMs")
     return _attention_half_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                                        kv_cache)
-
-
-def _rows_fused(hidden_states: torch.Tensor, num_kv_heads: int) -> bool:
-    """Whether :func:`decoder_layer_rows` fuses rotary, the KV write and attention for these tokens: their
-    programs (tokens x KV heads) exceed ``CONFIG["rows_attention"]["min_programs"]`` x SMs. Below that, with
-    ``layer_below`` set, it runs the layer with the rotary and paged-attention ops (its MLP still through
-    :func:`gate_up_act`); without, the hook declines (the model runs the layer op by op)."""
-    cfg = _kernels().CONFIG["rows_attention"]
-    return hidden_states.shape[0] * num_kv_heads > cfg.get("min_programs", 0.0) * _num_sms(hidden_states.device)
-
-
-_DECODE_QSL: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _decode_query_starts(t: int, device: torch.device) -> torch.Tensor:
-    """``arange(t + 1)`` (int32) on ``device``: the query starts of t one-token sequences, made once per size
-    (outside a capture where the eager warm-up comes first; inside one it is a captured kernel)."""
-    key = (device, t)
-    qsl = _DECODE_QSL.get(key)
-    if qsl is None:
-        qsl = torch.arange(t + 1, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _DECODE_QSL[key] = qsl
-    return qsl
 
 
 def decoder_layer_rows(hidden_states: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -965,35 +905,21 @@ def decoder_layer_rows(hidden_states: torch.Tensor, residual: torch.Tensor | Non
                        post_norm_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor, num_heads: int,
                        num_kv_heads: int, is_neox: bool, scale: float, kv_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                       max_seq_len: int, feed_forward: Callable[[torch.Tensor], torch.Tensor],
-                       fused_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       max_seq_len: int,
+                       feed_forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A decode step of T >= 2 sequences through a Llama-style layer as this backend's ops run it, except
     that rotary, the KV-cache write and attention are one launch (``_triton_kernels.rope_attention_rows``:
     no rotated q/k round trip through memory, one launch fewer a layer). ``feed_forward(x)`` is the MLP or
-    the MoE block on the post-attention-normed rows. Returns ``(hidden_out, residual_out)``. Without
-    ``fused_attention``: the rotary + KV-write op and the paged-attention op (as the model's layer)."""
+    the MoE block on the post-attention-normed rows. Returns ``(hidden_out, residual_out)``."""
     if residual is None:
         residual, x = hidden_states, accel_rms_norm(x=hidden_states, weight=input_norm_weight, eps=eps)
     else:
         x, residual = accel_fused_add_rms_norm(x=hidden_states, residual=residual, weight=input_norm_weight, eps=eps)
     qkv = accel_linear(x=x, weight=qkv_weight, bias=None, prepared=None)
-    if fused_attention:
-        att = _kernels().rope_attention_rows(
-            _rows("qkv", qkv), positions, slot_mapping,
-            block_table if block_table.stride(-1) == 1 else block_table.contiguous(), seq_lens,
-            cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, scale,
-            num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device))
-    else:
-        t, d = qkv.shape[0], kv_cache.shape[4]
-        nq, nk = num_heads * d, num_kv_heads * d
-        q, k = accel_rope_and_write_kv_cache(
-            positions=positions, query=qkv[:, :nq].view(t, num_heads, d), key=qkv[:, nq : nq + nk].view(t, num_kv_heads, d),
-            value=qkv[:, nq + nk :].view(t, num_kv_heads, d), cos_sin_cache=cos_sin_cache, head_size=d, rotary_dim=d,
-            is_neox=is_neox, kv_cache=kv_cache, slot_mapping=slot_mapping)
-        att = accel_paged_attention(
-            query=q, kv_cache=kv_cache, block_table=block_table, seq_lens=seq_lens,
-            query_start_loc=_decode_query_starts(t, qkv.device), max_query_len=1, max_seq_len=max_seq_len,
-            scale=scale, sliding_window=None, logits_soft_cap=None).reshape(t, nq)
+    att = _kernels().rope_attention_rows(
+        _rows("qkv", qkv), positions, slot_mapping, block_table if block_table.stride(-1) == 1 else block_table.contiguous(),
+        seq_lens, cos_sin_cache if cos_sin_cache.stride(1) == 1 else cos_sin_cache.contiguous(), kv_cache, scale,
+        num_heads, num_kv_heads, is_neox, max_seq_len, _num_sms(hidden_states.device))
     o = accel_linear(x=att, weight=o_weight, bias=None, prepared=None)
     x, residual = accel_fused_add_rms_norm(x=o, residual=residual, weight=post_norm_weight, eps=eps)
     return feed_forward(x), residual
@@ -1104,12 +1030,12 @@ def accel_decoder_layer_decode(
     if rows_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                               kv_cache) is None:
         def mlp(x: torch.Tensor) -> torch.Tensor:
-            return accel_linear(x=gate_up_act(x, gate_up_weight, "silu"), weight=down_weight, bias=None, prepared=None)
+            gate_up = accel_linear(x=x, weight=gate_up_weight, bias=None, prepared=None)
+            return accel_act_and_mul_linear(x=gate_up, weight=down_weight, bias=None, prepared=None, activation="silu")
 
         return decoder_layer_rows(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
                                   post_norm_weight, eps, cos_sin_cache, num_heads, num_kv_heads, is_neox, scale,
-                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, mlp,
-                                  _rows_fused(hidden_states, num_kv_heads))
+                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, mlp)
     if decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim,
                                  kv_cache) is not None:
         return None
@@ -1210,8 +1136,7 @@ def accel_moe_decoder_layer_decode(
 
         return decoder_layer_rows(hidden_states, residual, positions, input_norm_weight, qkv_weight, o_weight,
                                   post_norm_weight, eps, cos_sin_cache, num_heads, num_kv_heads, is_neox, scale,
-                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, moe,
-                                  _rows_fused(hidden_states, num_kv_heads))
+                                  kv_cache, slot_mapping, block_table, seq_lens, max_seq_len, moe)
     if moe_decoder_layer_unsupported(hidden_states, weights, head_size, num_heads, num_kv_heads, rotary_dim, kv_cache,
                                      top_k) is not None:
         return None

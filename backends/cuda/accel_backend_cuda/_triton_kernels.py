@@ -1162,8 +1162,7 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
                            w_stride, o_stride, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                            NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, GLU: tl.constexpr = -1,
-                           PDL: tl.constexpr = False):
+                           ACT: tl.constexpr = -1, LIB: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program (n tile, k split): BLOCK_N weight rows over one K range of ``k_per_split`` (a multiple of
     BLOCK_K), all M (<= BLOCK_M) rows of x. With SPLIT, fp32 partials go to ``ws`` [splits, M, N] and the
     last split of an n tile to arrive (a counter per n tile; REDUCE) sums them in split order, adds the bias
@@ -1173,26 +1172,12 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     ACT >= 0 (act_and_mul_linear): x is ``[M, 2 K]`` = ``[gate | up]`` and the product's input column k is
     ``act(gate[k]) * up[k]`` (ACT as in :func:`_activation`), computed in float32 at the x load and rounded
     to x's dtype (the unfused path stores act_and_mul's output in that dtype before the GEMM reads it), so
-    no intermediate is written.
-
-    GLU >= 0 (gate_up_act): the weight is ``[2 N, K]`` = ``[gate; up]`` and the output ``[M, N]`` is
-    ``act(x . gate^T) * (x . up^T)``: a tile's BLOCK_N weight rows are BLOCK_N / 2 (gate, up) pairs,
-    interleaved (tile column j is output column ``j // 2``, gate for even j), so one program holds both
-    products of its outputs and applies the activation in its epilogue. Both products are rounded to the
-    dtype first (the unfused path stores the gate_up output), the activation is computed in float32 and
-    rounded once (as act_and_mul). Partials (SPLIT) are ``[splits, M, 2 N]`` in the interleaved order."""
+    no intermediate is written."""
     _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if GLU >= 0:
-        n_ok = offs_j // 2 < N
-        offs_n = offs_j // 2 + (offs_j % 2) * N  # weight (and bias) row of tile column j
-        NW = 2 * N  # columns of the partials
-    else:
-        n_ok = offs_j < N
-        offs_n = offs_j
-        NW = N
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
@@ -1222,9 +1207,9 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
     if not USE_DOT:
         acc = tl.sum(acc3, axis=2)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    mn = offs_m[:, None] * NW + offs_j[None, :]
+    mn = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT:
-        tl.store(ws_ptr + pid_k * M * NW + mn, acc, mask=out_mask)
+        tl.store(ws_ptr + pid_k * M * N + mn, acc, mask=out_mask)
         if REDUCE:
             tl.debug_barrier()  # every thread's partial stores precede the release below
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -1233,33 +1218,17 @@ def _linear_small_m_kernel(x_ptr, w_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, 
         if REDUCE and arrived == NUM_SPLITS - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for sp in tl.static_range(NUM_SPLITS):  # unrolled: every split's partial loads in flight at once
-                acc += tl.load(ws_ptr + sp * M * NW + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
-            _linear_store(acc, b_ptr, out_ptr, offs_m, m_ok, offs_j, offs_n, n_ok, N, o_stride, HAS_BIAS, GLU,
-                          BLOCK_M, BLOCK_N, LIB)
+                acc += tl.load(ws_ptr + sp * M * N + mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
     else:
-        _linear_store(acc, b_ptr, out_ptr, offs_m, m_ok, offs_j, offs_n, n_ok, N, o_stride, HAS_BIAS, GLU, BLOCK_M,
-                      BLOCK_N, LIB)
-
-
-@triton.jit
-def _linear_store(acc, b_ptr, out_ptr, offs_m, m_ok, offs_j, offs_n, n_ok, N, o_stride, HAS_BIAS: tl.constexpr,
-                  GLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LIB: tl.constexpr):
-    """The small-M kernel's epilogue: the bias, then the tile stored (GLU < 0), or ``act(gate) * up`` of its
-    BLOCK_N / 2 interleaved (gate, up) column pairs (GLU >= 0), each product rounded to the dtype first."""
-    dt = out_ptr.dtype.element_ty
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if GLU >= 0:
-        gate, up = tl.split(tl.reshape(acc.to(dt).to(tl.float32), [BLOCK_M, BLOCK_N // 2, 2]))
-        cols = offs_j // 2
-        cols = tl.max(tl.reshape(cols, [BLOCK_N // 2, 2]), axis=1)  # the tile's output columns
-        a = _activation(gate, GLU, LIB) * up
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + cols[None, :], a.to(dt),
-                 mask=m_ok[:, None] & (cols < N)[None, :])
-    else:
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + offs_j[None, :], acc.to(dt),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * o_stride + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -1278,15 +1247,12 @@ def _split_sum_kernel(ws_ptr, b_ptr, out_ptr, M, N, splits, o_stride, HAS_BIAS: 
 
 
 def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   cfg: dict[str, int], act: int = -1, glu: int = -1) -> torch.Tensor:
+                   cfg: dict[str, int], act: int = -1) -> torch.Tensor:
     """x2 [M, K] and weight [N, K], both with a unit stride on K; ``cfg`` from accel_backend_cuda.linear_plan
     (BLOCK_M >= M, BLOCK_N, BLOCK_K, SPLIT_K, USE_DOT, num_warps, num_stages). ``act`` >= 0: x2 is
-    [M, 2 K] = [gate | up] and the product reads ``act(gate) * up`` (0 silu, 1 gelu, 2 gelu tanh). ``glu``
-    >= 0: the weight is [2 N, K] = [gate; up] and the output [M, N] is ``act(x gate^T) * (x up^T)``."""
+    [M, 2 K] = [gate | up] and the product reads ``act(gate) * up`` (0 silu, 1 gelu, 2 gelu tanh)."""
     m = x2.shape[0]
     n, k = weight.shape
-    if glu >= 0:
-        n //= 2
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0 or n == 0:
         return out
@@ -1296,18 +1262,16 @@ def linear_small_m(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     splits = max(1, min(cfg["SPLIT_K"], triton.cdiv(k, bk)))
     k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per)
-    n_tiles = triton.cdiv(2 * n if glu >= 0 else n, cfg["BLOCK_N"])
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
     split = splits > 1
-    ws = torch.empty((splits, m, 2 * n if glu >= 0 else n), dtype=torch.float32, device=x2.device) if split else out
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=x2.device) if split else out
     cnt = counters(x2.device, n_tiles) if split else None
-    if glu >= 0 and split and cnt is None:  # no counter buffer: the gate_up product, then the activation kernel
-        return act_and_mul(linear_small_m(x2, weight, bias, cfg), glu)
     _linear_small_m_kernel[(n_tiles, splits)](
         x2, weight, bias if bias is not None else out, out, ws, cnt if cnt is not None else out, m, n, k, k_per,
         x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, SPLIT=split,
         REDUCE=cnt is not None, NUM_SPLITS=splits if cnt is not None else 1, USE_DOT=bool(cfg["USE_DOT"]),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, IEEE=_tl_dtype_ieee(x2.dtype), ACT=act,
-        LIB=LIBDEVICE, GLU=glu, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
+        LIB=LIBDEVICE, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=PDL, launch_pdl=PDL)
     if split and cnt is None:  # partials written, not reduced (no counter buffer): a second kernel sums them
         block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, block))](ws, bias if bias is not None else out, out, m, n, splits,
@@ -1851,7 +1815,7 @@ def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping
 #: prefetching loop is faster than these items (H200, session 14: batch 16 1.101 vs 1.087 ms Llama, 1.341
 #: vs 1.329 Mixtral; batch 64 1.265 vs 1.289 and 1.637 vs 1.659 for the fused launch).
 CONFIG["rows_attention"] = {"enabled": 1, "min_programs": 1.0, "TILE_N": 64, "num_warps": 4, "split_below": 1.0,
-                            "split_target": 2, "max_splits": 16, "layer_below": 0}
+                            "split_target": 2, "max_splits": 16}
 
 
 @triton.jit

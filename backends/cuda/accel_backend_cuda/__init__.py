@@ -392,7 +392,8 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         config = {
             "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
                             "split_below": 0.5, "split_target": 4, "prefetch_below": 1.0,
-                            "prefetch_elems": 8192, "prefetch_warps": 8, "prefetch_stages": 1},
+                            "prefetch_elems": 8192, "prefetch_warps": 8, "prefetch_stages": 1,
+                            "busy_elems": 8192},
             "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
         }
     group = num_heads // num_kv_heads
@@ -439,6 +440,13 @@ def attention_plan(*, num_tokens: int, num_seqs: int, num_heads: int, num_kv_hea
         tile_n = max(16, min(128, cfg.get("prefetch_elems", 8192) // head_pad))
         warps = cfg.get("prefetch_warps", warps)
         num_stages = cfg.get("prefetch_stages", num_stages)
+        while smem() > SMEM_BUDGET and tile_n > 16:
+            tile_n //= 2
+    elif decode and splits == 1 and busy > num_sms and cfg.get("busy_elems"):
+        # More programs than SMs (every one resident, short of loads in flight: session 14's ncu): the plain
+        # loop over tiles of busy_elems keys x head elements (H200, head size 64, sessions 14-15: 128-key
+        # tiles 11.7-11.8 us against 14.1-14.2 at batch 64, 8.1 against 9.7 at 32; wider heads keep theirs)
+        tile_n = max(tile_n, min(128, cfg["busy_elems"] // head_pad))
         while smem() > SMEM_BUDGET and tile_n > 16:
             tile_n //= 2
     return AttentionPlan(block_m=block_m, block_q=block_q, tile_n=tile_n, head_pad=head_pad,

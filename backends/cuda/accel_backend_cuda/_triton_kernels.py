@@ -35,10 +35,11 @@ CONFIG: dict[str, dict[str, int]] = {
     # (H100, issue 11: splitting short decode contexts pays only while the programs leave most SMs idle;
     # 32-key tiles and splits at batch 1 measured the same as these, within the +-2.5% between runs).
     # prefetch_*: the prefetching key loop while the busy programs are at most prefetch_below x SMs (and
-    # unsplit unless prefetch_splits), with tiles of prefetch_elems keys x head elements (H200, session 14)
+    # unsplit unless prefetch_splits), with tiles of prefetch_elems keys x head elements (H200, session 14);
+    # busy_elems: unsplit decode with more programs than SMs takes tiles of up to that many (session 15)
     "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
                     "split_below": 0.5, "split_target": 4, "prefetch_below": 1.0, "prefetch_elems": 8192,
-                    "prefetch_warps": 8, "prefetch_stages": 1, "prefetch_splits": 0},
+                    "prefetch_warps": 8, "prefetch_stages": 1, "prefetch_splits": 0, "busy_elems": 8192},
     "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3},
     "moe_small": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "moe_large": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},

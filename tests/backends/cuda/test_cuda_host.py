@@ -320,8 +320,16 @@ def test_plan_prefetches_where_each_sm_has_one_program(head_size, tile_n):
     b16 = C.attention_plan(num_tokens=16, num_seqs=16, **kw)  # 128 programs on 132 SMs: latency-bound
     assert b16.prefetch and b16.num_splits == 1 and b16.num_warps == 8 and b16.num_stages == 1
     assert b16.tile_n == tile_n  # 8192 key x head elements a tile
-    b64 = C.attention_plan(num_tokens=64, num_seqs=64, **kw)  # 512 programs: the plain loop, as before
-    assert not b64.prefetch and b64.tile_n == 64 and b64.num_warps == 4 and b64.num_stages == 2
+    b64 = C.attention_plan(num_tokens=64, num_seqs=64, **kw)  # 512 programs: the plain loop, 8192-element tiles
+    assert not b64.prefetch and b64.tile_n == max(64, tile_n) and b64.num_warps == 4 and b64.num_stages == 2
+    b17 = C.attention_plan(num_tokens=17, num_seqs=17, **kw)  # 136 programs: more than SMs
+    assert not b17.prefetch and b17.tile_n == b64.tile_n
+    old = C.attention_plan(num_tokens=64, num_seqs=64, **kw, config={
+        "attn_decode": {"BLOCK_M": 16, "TILE_N": 64, "num_warps": 4, "num_stages": 2, "split_keys": 64,
+                        "split_below": 0.5, "split_target": 4, "prefetch_below": 1.0, "prefetch_elems": 8192,
+                        "prefetch_warps": 8, "prefetch_stages": 1},
+        "attn_prefill": {"BLOCK_M": 64, "TILE_N": 32, "num_warps": 4, "num_stages": 3}})
+    assert old.tile_n == 64  # without busy_elems: the configured TILE_N
     b1 = C.attention_plan(num_tokens=1, num_seqs=1, **kw)  # split: the plain loop (measured faster there)
     assert b1.num_splits > 1 and not b1.prefetch
     prefill = C.attention_plan(num_tokens=64, num_seqs=1, **{**kw, "max_query_len": 64})

@@ -1619,6 +1619,15 @@ def _rope_offsets(D: tl.constexpr, IS_NEOX: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cs_ptr, cs_stride, D: tl.constexpr):
+    """The rotary cos and sin halves (float32 ``[D/2]``) of the position at ``pos_ptr``."""
+    i = tl.arange(0, D // 2)
+    pos = tl.load(pos_ptr)
+    return (tl.load(cs_ptr + pos * cs_stride + i).to(tl.float32),
+            tl.load(cs_ptr + pos * cs_stride + D // 2 + i).to(tl.float32))
+
+
+@triton.jit
 def _attention_first_tile(pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, item, n_items, num_splits, cs_stride,
                           kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, D: tl.constexpr,
                           TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr):
@@ -1627,13 +1636,9 @@ def _attention_first_tile(pos_ptr, seq_ptr, bt_ptr, cs_ptr, kv_ptr, item, n_item
     program loads it before the barrier that ends phase 0, so the loads wait with the barrier instead of
     after it. An item past ``n_items`` gets a fully masked tile."""
     dt = kv_ptr.dtype.element_ty  # the model's dtype too: the host declines a cache of another dtype
-    HALF: tl.constexpr = D // 2
     o1, o2 = _rope_offsets(D, IS_NEOX)
     d = tl.arange(0, D)
-    i = tl.arange(0, HALF)
-    pos = tl.load(pos_ptr)
-    c = tl.load(cs_ptr + pos * cs_stride + i).to(tl.float32)
-    s = tl.load(cs_ptr + pos * cs_stride + HALF + i).to(tl.float32)
+    c, s = _cos_sin(pos_ptr, cs_ptr, cs_stride, D)
     ok = item < n_items
     g = tl.where(ok, item // num_splits, 0)
     t0, t1, active, n_old = _split_tiles(tl.load(seq_ptr), item % num_splits, num_splits, TILE_N)
@@ -1663,18 +1668,33 @@ def _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt: tl.constex
 
 
 @triton.jit
+def _join_halves(y1, y2, ROWS: tl.constexpr, D: tl.constexpr, IS_NEOX: tl.constexpr):
+    """Whole heads ``[ROWS, D]`` from the two rotary halves ``[ROWS, D/2]`` (:func:`_rope_offsets`' order:
+    NeoX the first and second halves, GPT-J the even and odd elements)."""
+    pair = tl.join(y1, y2)  # [ROWS, D/2, 2]: element (i, 0) is y1's i-th, (i, 1) y2's
+    if IS_NEOX:
+        pair = tl.permute(pair, (0, 2, 1))  # [ROWS, 2, D/2]: y1's half, then y2's
+    return tl.reshape(pair, [ROWS, D])
+
+
+@triton.jit
 def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
                        item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
                        c, s, kt1, kt2, v, n_ok, trace_ptr, pid,
                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr, TRACE: tl.constexpr):
+                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr, TRACE: tl.constexpr, PIPE: tl.constexpr = 0):
     """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
     qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
     keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
     the last split of g to arrive (or a direct store when one split has every key: the other splits of
     g then do nothing more, and its merge counter is not touched). ``c``, ``s`` and the split's first
-    key/value tile (``kt1``, ``kt2``, ``v``, ``n_ok``) come from :func:`_attention_first_tile`."""
+    key/value tile (``kt1``, ``kt2``, ``v``, ``n_ok``) come from :func:`_attention_first_tile`.
+
+    PIPE > 0 (the rows kernel): the cached keys go through the paged kernel's loop instead, Triton's software
+    pipeline PIPE stages deep (``cp.async`` of the next tiles' block numbers, keys and values while one is
+    attended), the rotated query halves joined into whole heads so each tile is one dot; the given tile is
+    not used (the rows kernel passes zeros)."""
     dt = qkv_ptr.dtype.element_ty
     GROUP: tl.constexpr = NQ // NKV
     g = item // num_splits
@@ -1708,12 +1728,38 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D], dtype=tl.float32)
-    # the first tile as given (all masked when the split has none: it adds nothing), then the rest
-    m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)
-    for t in range(t0 + 1, t1):
-        kt1, kt2, v, n_ok = _kv_tile(kv_base, bt_ptr, t, n_old, kv_stride_kv, kv_stride_blk, kv_stride_tok, o1, o2,
-                                     d, dt, TILE_N, BLOCK_SIZE)
+    if PIPE > 0:
+        qh = _join_halves(y1, y2, GROUP_PAD, D, IS_NEOX)
+        for t in tl.range(t0, t1, num_stages=PIPE):
+            offs_n = t * TILE_N + tl.arange(0, TILE_N)
+            keys_ok = offs_n < n_old
+            blk = tl.load(bt_ptr + offs_n // BLOCK_SIZE, mask=keys_ok, other=0).to(tl.int64)
+            kv_off = blk * kv_stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * kv_stride_tok
+            kt = tl.load(kv_base + kv_off[None, :] + d[:, None], mask=keys_ok[None, :], other=0.0).to(dt)
+            if IEEE:
+                sc = tl.dot(qh, kt, input_precision="ieee")
+            else:
+                sc = tl.dot(qh, kt)
+            sc = tl.where(keys_ok[None, :], sc * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(sc - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + d[None, :], mask=keys_ok[:, None], other=0.0).to(dt)
+            if IEEE:
+                pv = tl.dot(p.to(dt), vt, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(dt), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+    else:
+        # the first tile as given (all masked when the split has none: it adds nothing), then the rest
         m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)
+        for t in range(t0 + 1, t1):
+            kt1, kt2, v, n_ok = _kv_tile(kv_base, bt_ptr, t, n_old, kv_stride_kv, kv_stride_blk, kv_stride_tok, o1,
+                                         o2, d, dt, TILE_N, BLOCK_SIZE)
+            m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)
     if sp == active - 1:  # the new token (always visible to itself)
         s_new = (tl.sum(y1.to(tl.float32) * ky1.to(tl.float32)[None, :], 1)
                  + tl.sum(y2.to(tl.float32) * ky2.to(tl.float32)[None, :], 1)) * scale
@@ -1749,28 +1795,34 @@ def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_
                                 kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
                                 NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                                 TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                                IS_NEOX: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False):
+                                IS_NEOX: tl.constexpr, IEEE: tl.constexpr, PIPE: tl.constexpr = 0,
+                                PDL: tl.constexpr = False):
     """Rotary + KV-cache write + decode attention of T sequences (one new token each) in one launch: program
     (item = KV head x split, sequence b) is the persistent layer's phase-1 work item on row b of the qkv
     GEMM's output (:func:`_decoder_attention`): the group's queries and the new key rotated in registers,
     the new key and value stored at the slot, attention over the cached keys, the new token folded in from
     registers, the split-K merge by the last split to arrive. The item's first key tile, cos and sin are
     requested before the PDL wait (earlier steps wrote them; the previous kernel, the qkv GEMM, does not).
-    Partials ``[T, num_splits, NQ, D]`` / ``[T, num_splits, NQ, 2]``, counters ``[T, NKV]``."""
+    Partials ``[T, num_splits, NQ, D]`` / ``[T, num_splits, NQ, 2]``, counters ``[T, NKV]``. PIPE > 0: the
+    cached keys through Triton's pipelined loop (:func:`_decoder_attention`), only cos/sin before the wait."""
     item = tl.program_id(0)  # a sequence's items are neighbours in launch order (one block-table row)
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     bt_b = bt_ptr + b64 * bt_stride
-    c, s, kt1, kt2, v, n_ok = _attention_first_tile(pos_ptr + b, seq_ptr + b, bt_b, cs_ptr, kv_ptr, item,
-                                                    NKV * num_splits, num_splits, cs_stride, kv_stride_kv,
-                                                    kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N,
-                                                    BLOCK_SIZE, IS_NEOX)
+    if PIPE > 0:  # the pipelined loop loads every tile itself
+        c, s = _cos_sin(pos_ptr + b, cs_ptr, cs_stride, D)
+        kt1, kt2, v, n_ok = 0, 0, 0, 0
+    else:
+        c, s, kt1, kt2, v, n_ok = _attention_first_tile(pos_ptr + b, seq_ptr + b, bt_b, cs_ptr, kv_ptr, item,
+                                                        NKV * num_splits, num_splits, cs_stride, kv_stride_kv,
+                                                        kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N,
+                                                        BLOCK_SIZE, IS_NEOX)
     _pdl_enter(PDL)
     part = b64 * num_splits * NQ
     _decoder_attention(qkv_ptr + b64 * qkv_stride, seq_ptr + b, slot_ptr + b, bt_b, kv_ptr, att_ptr + b64 * NQ * D,
                        part_acc_ptr + part * D, part_ml_ptr + part * 2, cnt_ptr + b * NKV, item, num_splits, scale,
                        kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, c, s, kt1, kt2, v, n_ok, att_ptr, 0,
-                       NQ, NKV, D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, False)
+                       NQ, NKV, D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, False, PIPE)
 
 
 def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -1806,7 +1858,7 @@ def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping
         cos_sin_cache.stride(0), st[0], st[1], st[2], st[3], NQ=num_heads, NKV=num_kv_heads, D=head_size,
         GROUP_PAD=max(16, triton.next_power_of_2(num_heads // num_kv_heads)), TILE_N=tile_n, BLOCK_SIZE=block_size,
         NUM_SPLITS=triton.next_power_of_2(splits), IS_NEOX=bool(is_neox), IEEE=_tl_dtype_ieee(dt),
-        num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
+        PIPE=int(cfg.get("pipe_stages", 0)), num_warps=cfg["num_warps"], PDL=PDL, launch_pdl=PDL)
     return att
 
 
@@ -1816,7 +1868,7 @@ def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping
 #: prefetching loop is faster than these items (H200, session 14: batch 16 1.101 vs 1.087 ms Llama, 1.341
 #: vs 1.329 Mixtral; batch 64 1.265 vs 1.289 and 1.637 vs 1.659 for the fused launch).
 CONFIG["rows_attention"] = {"enabled": 1, "min_programs": 1.0, "TILE_N": 64, "num_warps": 4, "split_below": 1.0,
-                            "split_target": 2, "max_splits": 16}
+                            "split_target": 2, "max_splits": 16, "pipe_stages": 0}
 
 
 @triton.jit

@@ -807,11 +807,20 @@ def _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe=False
     # 16 splits of one 16-key tile: three sequences with partials (5, 3, 3 active splits), one direct store
     ([70, 5, 40, 33], False, dict(split_below=1e9, split_target=1e3, TILE_N=16)),
     ([150, 3], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, max_splits=4)),  # more tiles than splits
+    # the cached keys through the pipelined loop (PIPE): no split; 16 splits; more tiles than splits; GPT-J
+    ([36, 0, 17], True, dict(split_below=0, pipe_stages=2)),
+    ([70, 5, 40, 33], False, dict(split_below=1e9, split_target=1e3, TILE_N=16, pipe_stages=2)),
+    ([150, 3], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, max_splits=4, pipe_stages=3)),
+    ([45, 20, 1], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, pipe_stages=2, is_neox=False)),
 ])
 def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides):
     """Decode steps of 2+ sequences through the hook (decoder_layer_rows: the layer's ops with rotary, the
     KV write and attention in one launch) against the float64 layer of each row, the new keys and values
     at each slot, the cached ones untouched, the split counters back at zero."""
+    overrides = dict(overrides)
+    neox = overrides.pop("is_neox", True)
+    if moe and not neox:
+        pytest.skip("the float64 MoE layer is NeoX-style only")
     monkeypatch.setitem(kernels.CONFIG, "rows_attention",
                         {**kernels.CONFIG["rows_attention"], "min_programs": 0, **overrides})
     w, cache, table, slots, pos, cs, hid, res, pasts = _rows_case(len(n_olds) + 10 * moe, n_olds, has_res, moe)
@@ -819,7 +828,7 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
     ran = []
     real = kernels.rope_attention_rows
     monkeypatch.setattr(kernels, "rope_attention_rows", lambda *a: ran.append(1) or real(*a))
-    out, res_out = hook(**_rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe))
+    out, res_out = hook(**dict(_rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe), is_neox=neox))
     assert ran and out.shape == hid.shape and res_out.shape == hid.shape
     for b, n in enumerate(n_olds):
         r = res[b : b + 1] if has_res else None
@@ -827,7 +836,7 @@ def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_o
             e_out, e_res, e_k, e_v, _ = _moe_layer_ref(w, hid[b : b + 1], r, pos[b : b + 1], cs, *pasts[b], 2, True)
         else:
             e_out, e_res, e_k, e_v = _decoder_layer_ref(w, hid[b : b + 1], r, pos[b : b + 1], cs, *pasts[b], 4, 2,
-                                                        32, True, 1e-5, 32**-0.5)
+                                                        32, neox, 1e-5, 32**-0.5)
         assert rel(out[b : b + 1], e_out) < 1e-5 and rel(res_out[b : b + 1], e_res) < 1e-6, b
         blk, off = divmod(int(slots[b]), 16)
         assert rel(cache[0, blk, :, off], e_k) < 1e-6 and rel(cache[1, blk, :, off], e_v) < 1e-6

@@ -707,7 +707,15 @@ LINEAR_CONFIG: dict[str, Any] = {
     # M = 1 it computed 16x the activations and held a 16 x BLOCK_K float32 tile per program)
     "act_fma_m": 4,
     "act_fma": {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    # more than max_m rows, up to wide["max_m"], for weights of wide["min_bytes"] .. wide["max_bytes"] only, on
+    # this tile and split (None: cuBLAS above max_m). For an A/B of Llama-1B's down_proj (33.5 MB) at batch
+    # 17-64, where cuBLAS runs a split-K GEMM plus a reduce kernel, neither with PDL; the tile is session 10's
+    # best for that shape at 64 rows in isolation (15.2 vs cuBLAS 15.0 us). Not measured end to end: off.
+    "wide": None,
 }
+#: the wide entry an A/B sets (bench/cuda/results/decode-h200-s15/call3.sh)
+WIDE_DOWN = {"max_m": 64, "min_bytes": 30 << 20, "max_bytes": 40 << 20, "BLOCK_N": 64, "BLOCK_K": 128,
+             "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
 
 
 def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | None = None,
@@ -722,6 +730,12 @@ def linear_plan(m: int, n: int, k: int, num_sms: int, config: dict[str, Any] | N
     ``act`` (act_and_mul_linear): up to ``act_fma_m`` rows, an FMA tile of ``pow2(m)`` rows instead.
     """
     cfg = {**LINEAR_CONFIG, **((config or {}).get("linear") or {})}
+    wide = cfg.get("wide")
+    if (m > cfg["max_m"] and wide and not act and m <= wide["max_m"]
+            and wide["min_bytes"] <= n * k * itemsize <= wide["max_bytes"]):
+        return {"BLOCK_M": max(16, _pow2(m)), "BLOCK_N": wide["BLOCK_N"], "BLOCK_K": wide["BLOCK_K"],
+                "SPLIT_K": max(1, min(wide["SPLIT_K"], k // wide["BLOCK_K"])), "USE_DOT": 1,
+                "num_warps": wide["num_warps"], "num_stages": wide["num_stages"]}
     if m < 1 or m > cfg["max_m"] or n * k * itemsize < cfg["min_bytes"]:
         return None
     fma = act and m <= cfg["act_fma_m"]

@@ -461,6 +461,14 @@ def test_moe_decode_plan_covers_the_pairs_and_fits_shared_memory(pairs, num_loca
 def test_linear_plan_small_m_only_for_large_weights():
     # cuBLAS for prefill-sized m and for the small weights that measured a tie (qkv / o_proj of a 1B model)
     assert C.linear_plan(64, 16384, 2048, 132) is None
+    # the wide entry (off by default): only its rows and its weight sizes (Llama-1B's down_proj, not gate_up)
+    wide = {"linear": {"wide": C.WIDE_DOWN}}
+    plan = C.linear_plan(64, 2048, 8192, 132, wide)
+    assert plan["BLOCK_M"] == 64 and plan["BLOCK_N"] == 64 and plan["SPLIT_K"] == 4 and plan["USE_DOT"] == 1
+    assert C.linear_plan(17, 2048, 8192, 132, wide)["BLOCK_M"] == 32
+    assert C.linear_plan(64, 16384, 2048, 132, wide) is None and C.linear_plan(65, 2048, 8192, 132, wide) is None
+    assert C.linear_plan(64, 2048, 8192, 132, wide, act=True) is None
+    assert C.linear_plan(16, 2048, 8192, 132, wide) == C.linear_plan(16, 2048, 8192, 132)  # up to max_m: as before
     assert C.linear_plan(1, 3072, 2048, 132) is None and C.linear_plan(1, 2048, 2048, 132) is None
     assert C.linear_plan(0, 16384, 2048, 132) is None
     up = C.linear_plan(1, 16384, 2048, 132)

@@ -475,6 +475,27 @@ def test_linear_small_m_with_the_activation_at_its_x_loads(activation, m, n, k, 
     assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
 
 
+def test_linear_hook_takes_the_wide_tile_for_rows_above_max_m_where_configured(kernels, monkeypatch):
+    """linear with the wide entry (17-64 rows of a weight in its byte range): the small-M kernel with a 32- or
+    64-row dot tile and split-K, against float64; outside the range (or without the entry) torch's linear."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 300, generator=g) / 300**0.5
+    monkeypatch.setitem(kernels.CONFIG, "linear", {"wide": dict(C.WIDE_DOWN, min_bytes=0, max_bytes=1 << 20,
+                                                                BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)})
+    launches = []
+    real = kernels.linear_small_m
+    monkeypatch.setattr(kernels, "linear_small_m", lambda *a, **kw: launches.append(a[3]) or real(*a, **kw))
+    for m in (17, 40, 64):
+        x = torch.randn(m, 300, generator=g)
+        got = C.accel_linear(x=x, weight=w, bias=None, prepared=None)
+        assert launches[-1]["BLOCK_M"] == (32 if m <= 32 else 64) and launches[-1]["SPLIT_K"] == 3
+        assert rel(got, x.to(F64) @ w.to(F64).T) < 2e-6, m
+    launches.clear()
+    C.accel_linear(x=torch.randn(65, 300, generator=g), weight=w, bias=None, prepared=None)
+    assert not launches  # more rows than the wide max_m: torch's linear
+    assert all(int(c.abs().sum()) == 0 for c in kernels._COUNTERS.values())
+
+
 def test_act_and_mul_linear_hook_fuses_decode_rows_and_matches_the_composite_elsewhere(kernels, monkeypatch):
     small = {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     monkeypatch.setitem(kernels.CONFIG, "linear", {**C.LINEAR_CONFIG, "min_bytes": 0, "min_k": 32, "small": small,

@@ -1654,6 +1654,12 @@ def _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt: tl.constex
         sc = tl.dot(y1, kt1, input_precision="ieee") + tl.dot(y2, kt2, input_precision="ieee")
     else:
         sc = tl.dot(y1, kt1) + tl.dot(y2, kt2)
+    return _softmax_step(sc, n_ok, v, m_i, l_i, acc, scale, dt, IEEE)
+
+
+@triton.jit
+def _softmax_step(sc, n_ok, v, m_i, l_i, acc, scale, dt: tl.constexpr, IEEE: tl.constexpr):
+    """The online-softmax update of a tile's raw scores ``sc`` [rows, keys] and its values ``v``."""
     sc = tl.where(n_ok[None, :], sc * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(sc, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -1740,19 +1746,8 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
                 sc = tl.dot(qh, kt, input_precision="ieee")
             else:
                 sc = tl.dot(qh, kt)
-            sc = tl.where(keys_ok[None, :], sc * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(sc - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(kv_base + kv_stride_kv + kv_off[:, None] + d[None, :], mask=keys_ok[:, None], other=0.0).to(dt)
-            if IEEE:
-                pv = tl.dot(p.to(dt), vt, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(dt), vt)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(sc, keys_ok, vt, m_i, l_i, acc, scale, dt, IEEE)
     else:
         # the first tile as given (all masked when the split has none: it adds nothing), then the rest
         m_i, l_i, acc = _attend_tile(y1, y2, kt1, kt2, v, n_ok, m_i, l_i, acc, scale, dt, IEEE)

@@ -832,16 +832,22 @@ def _rows_hook_args(w, cache, table, slots, pos, cs, hid, res, n_olds, moe=False
     ([36, 0, 17], True, dict(split_below=0, pipe_stages=2)),
     ([70, 5, 40, 33], False, dict(split_below=1e9, split_target=1e3, TILE_N=16, pipe_stages=2)),
     ([150, 3], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, max_splits=4, pipe_stages=3)),
-    ([45, 20, 1], True, dict(split_below=1e9, split_target=1e3, TILE_N=16, pipe_stages=2, is_neox=False)),
 ])
 def test_decoder_layer_rows_matches_float64_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides):
     """Decode steps of 2+ sequences through the hook (decoder_layer_rows: the layer's ops with rotary, the
     KV write and attention in one launch) against the float64 layer of each row, the new keys and values
     at each slot, the cached ones untouched, the split counters back at zero."""
-    overrides = dict(overrides)
-    neox = overrides.pop("is_neox", True)
-    if moe and not neox:
-        pytest.skip("the float64 MoE layer is NeoX-style only")
+    _check_rows_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides)
+
+
+def test_decoder_layer_rows_pipelined_gptj_matches_float64_layer(kernels, monkeypatch):
+    """The pipelined loop's whole heads from GPT-J-style (interleaved) rotary halves (dense: the float64 MoE
+    layer is NeoX-style only)."""
+    _check_rows_layer(kernels, monkeypatch, False, [45, 20, 1], True,
+                      dict(split_below=1e9, split_target=1e3, TILE_N=16, pipe_stages=2), neox=False)
+
+
+def _check_rows_layer(kernels, monkeypatch, moe, n_olds, has_res, overrides, neox=True):
     monkeypatch.setitem(kernels.CONFIG, "rows_attention",
                         {**kernels.CONFIG["rows_attention"], "min_programs": 0, **overrides})
     w, cache, table, slots, pos, cs, hid, res, pasts = _rows_case(len(n_olds) + 10 * moe, n_olds, has_res, moe)

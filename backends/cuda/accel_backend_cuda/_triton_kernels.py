@@ -1300,18 +1300,25 @@ SPIN_LIMIT = 1 << 20
 _BARRIERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+#: int64 words after the barrier's four: the persistent layer's per-KV-group ready flags (FLAGS; at most 63
+#: groups, one bit each of an int64 mask)
+MAX_READY_FLAGS = 64
+_MAX_FLAGS = tl.constexpr(MAX_READY_FLAGS)
+
+
 def barrier_state(device: torch.device, nprog: int) -> torch.Tensor | None:
     """Grid-barrier words of launches of ``nprog`` programs on ``device``, int64 ``[4]``, allocated once and
     outside any graph capture (None inside one before they exist). As int32 (``.view(torch.int32)``) words
     0-2 are the generation barrier's ``[arrived, generation, error]``; int64 word 2 is the counting
     barrier's arrival count (it only grows, by ``nprog`` per barrier: one buffer per grid size) and word 3
-    its error flag. A program that waited :data:`SPIN_LIMIT` polls sets its error word."""
+    its error flag. A program that waited :data:`SPIN_LIMIT` polls sets its error word. Words 4.. are the
+    ready flags of :func:`_o_proj_by_group` (:data:`MAX_READY_FLAGS`)."""
     key = (device, nprog)
     buf = _BARRIERS.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = torch.zeros(4, dtype=torch.int64, device=device)
+        buf = torch.zeros(4 + MAX_READY_FLAGS, dtype=torch.int64, device=device)
         _BARRIERS[key] = buf
     return buf
 
@@ -1686,10 +1693,11 @@ def _join_halves(y1, y2, ROWS: tl.constexpr, D: tl.constexpr, IS_NEOX: tl.conste
 @triton.jit
 def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr, cnt_ptr,
                        item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok,
-                       c, s, kt1, kt2, v, n_ok, trace_ptr, pid,
+                       c, s, kt1, kt2, v, n_ok, trace_ptr, pid, flag_ptr, epoch,
                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
                        TILE_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr, TRACE: tl.constexpr, PIPE: tl.constexpr = 0):
+                       IS_NEOX: tl.constexpr, IEEE: tl.constexpr, TRACE: tl.constexpr, PIPE: tl.constexpr = 0,
+                       FLAGS: tl.constexpr = False):
     """Work item (KV head g, split sp) of phase 1: the group's query heads and the new key rotated (from the
     qkv buffer), the new key and value stored at the slot (split 0), attention of the group over the cached
     keys of split sp's tiles, the new token folded in by the last active split, then the split-K merge by
@@ -1700,7 +1708,10 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
     PIPE > 0 (the rows kernel): the cached keys go through the paged kernel's loop instead, Triton's software
     pipeline PIPE stages deep (``cp.async`` of the next tiles' block numbers, keys and values while one is
     attended), the rotated query halves joined into whole heads so each tile is one dot; the given tile is
-    not used (the rows kernel passes zeros)."""
+    not used (the rows kernel passes zeros).
+
+    FLAGS (the persistent layer without a barrier after attention): the program that completes group g's
+    output (the direct store, or the merge) then stores ``epoch`` in ``flag_ptr[g]`` (release)."""
     dt = qkv_ptr.dtype.element_ty
     GROUP: tl.constexpr = NQ // NKV
     g = item // num_splits
@@ -1768,6 +1779,9 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
         if sp == 0:
             out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(att_ptr + head[:, None] * D + d[None, :], out.to(att_ptr.dtype.element_ty), mask=r_ok[:, None])
+            if FLAGS:
+                tl.debug_barrier()  # every thread's stores precede the release
+                tl.atomic_xchg(flag_ptr + g, epoch, sem="release", scope="gpu")
     else:
         idx = sp * NQ + head
         tl.store(part_acc_ptr + idx[:, None] * D + d[None, :], acc, mask=r_ok[:, None])
@@ -1780,6 +1794,9 @@ def _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part
             zero = tl.zeros([GROUP_PAD], dtype=tl.int64)
             _merge_rows(part_acc_ptr, part_ml_ptr, att_ptr, zero, head, r_ok, d, d < D, 1, NQ, active, 0, D,
                         NUM_SPLITS, GROUP_PAD, D)
+            if FLAGS:
+                tl.debug_barrier()  # every thread's stores precede the release
+                tl.atomic_xchg(flag_ptr + g, epoch, sem="release", scope="gpu")
             _stamp(trace_ptr, pid, 12, TRACE)
             tl.atomic_xchg(cnt_ptr + g, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
 
@@ -1817,7 +1834,7 @@ def _rope_attention_rows_kernel(qkv_ptr, pos_ptr, seq_ptr, slot_ptr, bt_ptr, cs_
     _decoder_attention(qkv_ptr + b64 * qkv_stride, seq_ptr + b, slot_ptr + b, bt_b, kv_ptr, att_ptr + b64 * NQ * D,
                        part_acc_ptr + part * D, part_ml_ptr + part * 2, cnt_ptr + b * NKV, item, num_splits, scale,
                        kv_stride_kv, kv_stride_blk, kv_stride_h, kv_stride_tok, c, s, kt1, kt2, v, n_ok, att_ptr, 0,
-                       NQ, NKV, D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, False, PIPE)
+                       cnt_ptr, 0, NQ, NKV, D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, False, PIPE)
 
 
 def rope_attention_rows(qkv: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
@@ -1993,6 +2010,56 @@ def _moe_down(act_ptr, w2_ptr, moe_ids_ptr, moe_wts_ptr, out_ptr, bar_ptr, trace
 
 
 @triton.jit
+def _o_proj_by_group(w, att_ptr, flag_ptr, epoch, err_ptr, o_ptr, w_o_ptr, pid, nprog, H, NQD: tl.constexpr,
+                     TN: tl.constexpr, NQD_PAD: tl.constexpr, R3: tl.constexpr, NKV: tl.constexpr, GD: tl.constexpr,
+                     POLL: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    """o_proj of this program's row tile ``w`` (loaded by the caller) without a grid barrier after attention:
+    the attention output's columns ``[g GD, (g + 1) GD)`` (KV group g) are added as soon as g's ready flag
+    holds ``epoch`` (volatile polls of all NKV flags; each pass loads the newly ready groups' columns,
+    ``.cg``, masked in x's layout, and adds their partial products), so the tile's products overlap the
+    slower groups' attention. POLL off (one phase per launch: the kernel boundary has ordered attention
+    before this): one group a pass, every group ready. More row tiles than programs: the later tiles once
+    every group is in. After SPIN_LIMIT polls the error word ``err_ptr`` is set."""
+    dt = o_ptr.dtype.element_ty
+    ALL: tl.constexpr = (1 << NKV) - 1
+    kg = tl.arange(0, _MAX_FLAGS)
+    if R3:
+        kx = (tl.arange(0, TN)[:, None, None] * 0 + tl.arange(0, NQD_PAD // 256)[None, :, None] * 256
+              + tl.arange(0, 256)[None, None, :])
+    else:
+        kx = tl.arange(0, NQD_PAD)
+    grp = (kx // GD).to(tl.int64)
+    acc = tl.zeros([TN], dtype=tl.float32)
+    done = tl.zeros([], dtype=tl.int64)
+    spins = 0
+    while (done != ALL) & (spins < SPIN_LIMIT):
+        if POLL:
+            f = tl.load(flag_ptr + kg, mask=kg < NKV, other=-1, volatile=True)
+            bits = tl.sum(tl.where((f == epoch) & (kg < NKV), tl.full([_MAX_FLAGS], 1, tl.int64) << kg.to(tl.int64), 0),
+                          axis=0)
+            new = bits & ~done
+        else:
+            rest = ALL & ~done
+            new = rest & (-rest)
+        if new != 0:
+            x = tl.load(att_ptr + kx, mask=(((new >> grp) & 1) != 0) & (kx < NQD), other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+            acc += _row_sums(w, x, R3)
+            done = done | new
+        spins += 1
+    if spins >= SPIN_LIMIT:
+        tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
+    rows = pid * TN + tl.arange(0, TN)
+    tl.store(o_ptr + rows, acc.to(dt), mask=rows < H)
+    if pid + nprog < tl.cdiv(H, TN):
+        x = _x_rows(att_ptr, NQD, TN, NQD_PAD, R3)
+        for u in range(pid + nprog, tl.cdiv(H, TN), nprog):
+            rows = u * TN + tl.arange(0, TN)
+            tl.store(o_ptr + rows, _row_sums(_weight_rows(w_o_ptr, u, H, NQD, TN, NQD_PAD, R3), x, R3).to(dt),
+                     mask=rows < H)
+
+
+@triton.jit
 def _decoder_layer_kernel(
     hid_ptr, res_ptr, pos_ptr, slot_ptr, bt_ptr, seq_ptr,
     w_in_ptr, w_qkv_ptr, w_o_ptr, w_post_ptr, w_gu_ptr, w_d_ptr, cs_ptr, kv_ptr,
@@ -2009,7 +2076,7 @@ def _decoder_layer_kernel(
     PDL: tl.constexpr = False, TRACE: tl.constexpr = False, SPLIT: tl.constexpr = True,
     DEPTH_QKV: tl.constexpr = 3, DEPTH_DOWN: tl.constexpr = 1, ROWS3: tl.constexpr = 0,
     MOE: tl.constexpr = False, E: tl.constexpr = 1, E_PAD: tl.constexpr = 1, RC: tl.constexpr = 1,
-    TOPK: tl.constexpr = 1, TOPK_PAD: tl.constexpr = 1, RENORM: tl.constexpr = False,
+    TOPK: tl.constexpr = 1, TOPK_PAD: tl.constexpr = 1, RENORM: tl.constexpr = False, FLAGS: tl.constexpr = False,
 ):
     """One decoder layer of a one-token decode, phases FIRST..LAST of DECODER_PHASES in one launch.
 
@@ -2042,6 +2109,11 @@ def _decoder_layer_kernel(
     H]``, TN_GU rows of one expert a tile: TN_GU divides I). Phase 4 is ``hid_out = sum_j w_j * (act_j @
     w2[e_j]^T)`` (``w_d`` is w2 ``[E, H, I]``; each expert's product rounded to the dtype, the weighted sum
     in float32, as fused_experts), the first expert's first tile requested during the barrier.
+
+    FLAGS (needs the split counting barrier): no grid barrier between attention and o_proj. The program that
+    completes a KV group's attention output stores the launch's epoch (the phase-0 barrier's round count,
+    which only grows, so the flags need no reset) in the group's ready flag (``bar_ptr[4 + g]``); o_proj
+    (:func:`_o_proj_by_group`) adds each group's columns as soon as its flag shows the epoch.
     """
     dt = hid_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -2074,10 +2146,12 @@ def _decoder_layer_kernel(
         _stamp(trace_ptr, pid, 2, TRACE)
     else:
         _pdl_enter(PDL)
+    epoch = tl.zeros([], dtype=tl.int64)
     if FIRST <= 1 and LAST >= 1:
         n_items = NKV * num_splits
         if FIRST < 1:
             tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+            epoch = tok
         # what attention reads that this launch does not write, requested during the barrier (so its
         # latency overlaps the wait instead of following it)
         c, s, kt1, kt2, v, n_ok = _attention_first_tile(
@@ -2093,8 +2167,9 @@ def _decoder_layer_kernel(
                     kv_stride_blk, kv_stride_h, kv_stride_tok, D, TILE_N, BLOCK_SIZE, IS_NEOX)
             _decoder_attention(qkv_ptr, seq_ptr, slot_ptr, bt_ptr, kv_ptr, att_ptr, part_acc_ptr, part_ml_ptr,
                                cnt_ptr, item, num_splits, scale, kv_stride_kv, kv_stride_blk, kv_stride_h,
-                               kv_stride_tok, c, s, kt1, kt2, v, n_ok, trace_ptr, pid, NQ, NKV, D, GROUP_PAD,
-                               TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, TRACE)
+                               kv_stride_tok, c, s, kt1, kt2, v, n_ok, trace_ptr, pid, bar_ptr + 4, epoch, NQ, NKV,
+                               D, GROUP_PAD, TILE_N, BLOCK_SIZE, NUM_SPLITS, IS_NEOX, IEEE, TRACE, 0,
+                               FLAGS and FIRST < 1)
         _stamp(trace_ptr, pid, 4, TRACE)
     if FIRST <= 2 and LAST >= 2:
         if DOT:
@@ -2103,14 +2178,20 @@ def _decoder_layer_kernel(
             _stream_rows(att_ptr, w_o_ptr, o_ptr, pid, nprog, H, NQD, 0, TN_O, BK, STAGES, False, LIB)
         else:
             R3_O: tl.constexpr = (ROWS3 & 2) != 0
-            if FIRST < 2:
-                tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
-            w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD, R3_O)
-            if FIRST < 2:
-                _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+            if FLAGS:
+                w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD, R3_O)
+                _o_proj_by_group(w, att_ptr, bar_ptr + 4, epoch, bar_ptr + 3, o_ptr, w_o_ptr, pid, nprog, H, NQD,
+                                 TN_O, NQD_PAD, R3_O, NKV, (NQ // NKV) * D, FIRST < 2, SPIN_LIMIT)
                 _stamp(trace_ptr, pid, 5, TRACE)
-            x = _x_rows(att_ptr, NQD, TN_O, NQD_PAD, R3_O)
-            _gemv_rows(w, w, w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD, 1, R3_O)
+            else:
+                if FIRST < 2:
+                    tok = _phase_arrive(bar_ptr, nprog, BARRIER, SPLIT)
+                w = _weight_rows(w_o_ptr, pid, H, NQD, TN_O, NQD_PAD, R3_O)
+                if FIRST < 2:
+                    _phase_wait(bar_ptr, nprog, tok, SPIN_LIMIT, BARRIER, SYNC_TWICE, SPLIT)
+                    _stamp(trace_ptr, pid, 5, TRACE)
+                x = _x_rows(att_ptr, NQD, TN_O, NQD_PAD, R3_O)
+                _gemv_rows(w, w, w, w_o_ptr, x, o_ptr, pid, nprog, H, NQD, TN_O, NQD_PAD, 1, R3_O)
             _stamp(trace_ptr, pid, 6, TRACE)
     if FIRST <= 3 and LAST >= 3 and DOT:
         if FIRST < 3:
@@ -2177,6 +2258,9 @@ CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 8, "TN_GU": 8, "TN_D
                            "programs": None,  # programs: None = one per SM
                            "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 3, "DEPTH_DOWN": 1,
                            "ROWS3": 7,
+                           # FLAGS 1: o_proj starts on each KV group's columns as its attention is stored, no
+                           # grid barrier between (session 15: built, interpreter-checked, not measured)
+                           "FLAGS": 0,
                            # MOE layers (moe_tiles): the router in chunks of at most this many elements, and
                            # rows of a down tile (each chosen expert's, in turn)
                            "router_elems": 32768, "TN_DOWN_MOE": 16,
@@ -2333,7 +2417,10 @@ def decoder_layer_decode(hidden, residual, positions, slot_mapping, block_table,
         SPIN_LIMIT=SPIN_LIMIT, LIB=LIBDEVICE, DOT=int(cfg["DOT"]), BK=cfg["BK"], STAGES=cfg["STAGES"],
         BARRIER=cfg["BARRIER"], SYNC_TWICE=bool(cfg.get("sync_twice")), num_warps=cfg["num_warps"], PDL=PDL,
         TRACE=trace is not None, SPLIT=bool(cfg["SPLIT"]),
-        DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], ROWS3=rows3, launch_pdl=PDL)
+        DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], ROWS3=rows3, launch_pdl=PDL,
+        # ready flags instead of the barrier after attention: their epoch is the split counting barrier's
+        FLAGS=bool(cfg.get("FLAGS")) and bool(cfg["SPLIT"]) and cfg["BARRIER"] == 1 and not cfg["DOT"]
+        and num_kv_heads < MAX_READY_FLAGS)
     for first, last in phases:
         if persistent and first != last:
             _check_resident(args, {**consts, "FIRST": first, "LAST": last}, nprog, num_sms)

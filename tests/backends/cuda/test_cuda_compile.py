@@ -122,9 +122,10 @@ def _local_memory_bytes(compiled) -> int | None:
     return int(m.group(1)) + int(m.group(2)) if m else None
 
 
-@pytest.mark.parametrize("shape, dot, barrier", [(s, d, b) for s in sorted(SHAPES) for d, b in ((0, 1), (2, 0))
-                                                  if d == 0 or "E" not in SHAPES[s]])  # MOE: register tiles only
-def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
+@pytest.mark.parametrize("shape, dot, barrier, flags", [
+    (s, d, b, f) for s in sorted(SHAPES) for d, b, f in ((0, 1, False), (2, 0, False), (0, 1, True))
+    if d == 0 or "E" not in SHAPES[s]])  # MOE: register tiles only
+def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier, flags):
     """The interpreter runs _decoder_layer_kernel one phase per launch (its programs run one after another,
     so a grid barrier would wait forever); the persistent variant (all phases, grid barriers, volatile
     polls) is compiled here with the tiles and launch options the GPU uses, at the measured Llama-1B shape
@@ -153,7 +154,7 @@ def test_persistent_decoder_layer_compiles_for_sm90(shape, dot, barrier):
                   **tiles, **moe_consts, HAS_RES=True, IS_NEOX=True,
                   IEEE=False, FIRST=0, LAST=k.DECODER_PHASES - 1, SPIN_LIMIT=k.SPIN_LIMIT, LIB=True, DOT=dot,
                   BK=cfg["BK"], STAGES=cfg["STAGES"], BARRIER=barrier, SYNC_TWICE=False, PDL=True, TRACE=False, SPLIT=bool(cfg["SPLIT"]), ROWS3=k.rows3_mask(pads["H"], pads["NQD"], cfg),
-                  DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"])
+                  DEPTH_QKV=cfg["DEPTH_QKV"], DEPTH_DOWN=cfg["DEPTH_DOWN"], FLAGS=flags)
     ptrs = {"pos_ptr": "i64", "slot_ptr": "i64", "bt_ptr": "i32", "seq_ptr": "i32", "cnt_ptr": "i32", "bar_ptr": "i64",
             "part_acc_ptr": "fp32", "part_ml_ptr": "fp32", "trace_ptr": "i64", "moe_ids_ptr": "i32",
             "moe_wts_ptr": "fp32", "lg_ptr": "fp32"}

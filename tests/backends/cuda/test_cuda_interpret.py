@@ -29,6 +29,9 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("the CUDA backend's kernels need Triton (its interpreter runs them on CPU)", allow_module_level=True)
 
 import accel_backend_cuda as C  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from accel_backend_cuda._triton_kernels import _o_proj_by_group, _weight_rows  # noqa: E402
 import accel_backend_reference as R  # noqa: E402
 
 F64 = torch.float64
@@ -626,7 +629,11 @@ def _run_decoder_layer(kernels, overrides, w, cache, table, slot, pos, cs, hid, 
     # two programs, each with more row tiles than its ring holds (tiles rotate through the ring), and the
     # split barrier (arrive, then the next phase's first loads, then wait: a no-op one phase a launch)
     dict(DOT=0, programs=2, DEPTH_QKV=3, DEPTH_DOWN=2, TN_DOWN=2),
-], ids=["stream", "registers", "registers-1-program", "registers-ring"])
+    # o_proj by KV group behind ready flags (one group a pass one phase a launch), one row tile a program and
+    # more row tiles than programs (the later tiles once every group is in)
+    dict(DOT=0, FLAGS=1),
+    dict(DOT=0, programs=2, TN_O=8, FLAGS=1),
+], ids=["stream", "registers", "registers-1-program", "registers-ring", "flags", "flags-later-tiles"])
 def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_res, is_neox, tile_n, max_splits, variant):
     heads, kv_heads, head_size, block_size, eps = 4, 2, 32, 16, 1e-5
     scale = head_size**-0.5
@@ -646,16 +653,51 @@ def test_decoder_layer_decode_matches_float64_layer(kernels, seed, n_old, has_re
         assert torch.equal(cache[0, table[p // block_size], :, p % block_size], past_k[p])
 
 
-@pytest.mark.parametrize("rows3, programs", [(7, 2), (5, 1)])
-def test_decoder_layer_decode_rows3_tiles_match_float64_layer(kernels, rows3, programs):
+@triton.jit
+def _o_proj_by_group_probe(w_ptr, att_ptr, flag_ptr, err_ptr, o_ptr, epoch, H, NQD: tl.constexpr, TN: tl.constexpr,
+                           NQD_PAD: tl.constexpr, R3: tl.constexpr, NKV: tl.constexpr, GD: tl.constexpr):
+    """A test kernel around _o_proj_by_group (polls on, 3 polls at most): one row tile a program."""
+    pid = tl.program_id(0)
+    w = _weight_rows(w_ptr, pid, H, NQD, TN, NQD_PAD, R3)
+    _o_proj_by_group(w, att_ptr, flag_ptr, epoch, err_ptr, o_ptr, w_ptr, pid, tl.num_programs(0), H, NQD, TN, NQD_PAD,
+                     R3, NKV, GD, True, 3)
+
+
+@pytest.mark.parametrize("r3", [False, True])
+def test_o_proj_by_group_adds_only_the_groups_whose_flag_is_ready(kernels, r3):
+    """_o_proj_by_group polling the ready flags: groups 0 and 2 carry the epoch, 1 and 3 an older one and
+    NaN outputs; after its polls give up (a small SPIN_LIMIT) the rows hold exactly the ready groups'
+    products (a column of a group not ready would bring its NaN) and the error word is set."""
+    probe = _o_proj_by_group_probe
+    g = torch.Generator().manual_seed(3)
+    nkv, h, tn = 4, 16, 8
+    nqd = 256 if r3 else 128
+    gd = nqd // nkv
+    w = torch.randn(h, nqd, generator=g)
+    att = torch.randn(nqd, generator=g)
+    epoch = 1000
+    flags = torch.tensor([epoch, epoch - 5, epoch, epoch - 5], dtype=torch.int64)
+    for grp in (1, 3):
+        att[grp * gd : (grp + 1) * gd] = float("nan")
+    err = torch.zeros(1, dtype=torch.int64)
+    o = torch.empty(h)
+    probe[(h // tn,)](w, att, flags, err, o, epoch, h, NQD=nqd, TN=tn, NQD_PAD=nqd, R3=r3, NKV=nkv, GD=gd)
+    ready = torch.cat([torch.arange(0, gd), torch.arange(2 * gd, 3 * gd)])
+    exp = w.to(F64)[:, ready] @ att.to(F64)[ready]
+    assert not o.isnan().any() and rel(o, exp) < 1e-6
+    assert int(err[0]) == 1  # the polls gave up: groups 1 and 3 never showed the epoch
+
+
+@pytest.mark.parametrize("rows3, programs, flags", [(7, 2, 0), (5, 1, 0), (7, 2, 1), (7, 1, 1)])
+def test_decoder_layer_decode_rows3_tiles_match_float64_layer(kernels, rows3, programs, flags):
     """ROWS3 tiles (row, 256-element chunk, element: a warp per row) at a width of two chunks, one of
     them part padding (hidden 300, heads x head_size 256); one or two programs, so a program's tiles rotate
-    through its ring."""
+    through its ring. FLAGS: o_proj by KV group (two groups of 128 columns inside one 256-element chunk)."""
     hidden, inter, heads, kv_heads, head_size, block_size, eps, n_old = 300, 96, 8, 2, 32, 16, 1e-5, 40
     scale = head_size**-0.5
     w, cache, table, slot, pos, cs, hid, res, past_k, past_v = _decoder_layer_case(
         5, n_old, True, True, hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads, head_size=head_size)
-    out, res_out = _run_decoder_layer(kernels, dict(DOT=0, ROWS3=rows3, programs=programs, TN_O=8), w, cache, table,
+    out, res_out = _run_decoder_layer(kernels, dict(DOT=0, ROWS3=rows3, programs=programs, TN_O=8, FLAGS=flags), w, cache, table,
                                       slot, pos, cs, hid, res, n_old, heads, kv_heads, head_size, True, eps)
     e_out, e_res, _, _ = _decoder_layer_ref(w, hid, res, pos, cs, past_k, past_v, heads, kv_heads, head_size,
                                             True, eps, scale)

@@ -713,7 +713,7 @@ LINEAR_CONFIG: dict[str, Any] = {
     # best for that shape at 64 rows in isolation (15.2 vs cuBLAS 15.0 us). Not measured end to end: off.
     "wide": None,
 }
-#: the wide entry an A/B sets (bench/cuda/results/decode-h200-s15/call3.sh)
+#: the wide entry an A/B sets (bench/cuda/results/decode-h200-s15/call4.sh)
 WIDE_DOWN = {"max_m": 64, "min_bytes": 30 << 20, "max_bytes": 40 << 20, "BLOCK_N": 64, "BLOCK_K": 128,
              "SPLIT_K": 4, "num_warps": 4, "num_stages": 3}
 

@@ -2051,12 +2051,10 @@ def _o_proj_by_group(w, att_ptr, flag_ptr, epoch, err_ptr, o_ptr, w_o_ptr, pid, 
         tl.atomic_xchg(err_ptr, 1, sem="relaxed", scope="gpu")
     rows = pid * TN + tl.arange(0, TN)
     tl.store(o_ptr + rows, acc.to(dt), mask=rows < H)
-    if pid + nprog < tl.cdiv(H, TN):
-        x = _x_rows(att_ptr, NQD, TN, NQD_PAD, R3)
-        for u in range(pid + nprog, tl.cdiv(H, TN), nprog):
-            rows = u * TN + tl.arange(0, TN)
-            tl.store(o_ptr + rows, _row_sums(_weight_rows(w_o_ptr, u, H, NQD, TN, NQD_PAD, R3), x, R3).to(dt),
-                     mask=rows < H)
+    if pid + nprog < tl.cdiv(H, TN):  # the later tiles as the barrier path does them (next tile in flight)
+        w = _weight_rows(w_o_ptr, pid + nprog, H, NQD, TN, NQD_PAD, R3)
+        _gemv_rows(w, w, w, w_o_ptr, _x_rows(att_ptr, NQD, TN, NQD_PAD, R3), o_ptr, pid + nprog, nprog, H, NQD, TN,
+                   NQD_PAD, 1, R3)
 
 
 @triton.jit
@@ -2259,7 +2257,8 @@ CONFIG["decoder_layer"] = {"num_warps": 8, "TN": 8, "TN_O": 8, "TN_GU": 8, "TN_D
                            "DOT": 0, "BK": 512, "STAGES": 8, "BARRIER": 1, "SPLIT": 1, "DEPTH_QKV": 3, "DEPTH_DOWN": 1,
                            "ROWS3": 7,
                            # FLAGS 1: o_proj starts on each KV group's columns as its attention is stored, no
-                           # grid barrier between (session 15: built, interpreter-checked, not measured)
+                           # grid barrier between (session 15: built, interpreter-checked, not measured); taken
+                           # only with SPLIT 1, BARRIER 1 and DOT 0 (its epoch is the split counting barrier's)
                            "FLAGS": 0,
                            # MOE layers (moe_tiles): the router in chunks of at most this many elements, and
                            # rows of a down tile (each chosen expert's, in turn)

@@ -116,6 +116,13 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     num_actual_tokens: int  # tokens before any padding
+    #: Host copies of ``query_start_loc`` and ``seq_lens`` (the same values, as Python ints) where whoever
+    #: builds the metadata has them (the runtime's builder does; None otherwise). Backends whose kernels
+    #: take host-side lengths (torch_npu's fused attention takes ``SymInt[]`` lists) read these instead of
+    #: copying the tensors back from the device, which would synchronize with the host once a step and
+    #: cannot happen inside a device-graph capture. Nothing else reads them.
+    query_start_loc_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
 
 
 @dataclass
@@ -144,6 +151,12 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         yield ctx
     finally:
         _FORWARD_CONTEXT.reset(token)
+
+
+def current_forward_context() -> ForwardContext | None:
+    """The current forward context, or None outside one (for code that can do without it, e.g. a backend
+    looking for :attr:`AttentionMetadata.seq_lens_host`)."""
+    return _FORWARD_CONTEXT.get()
 
 
 def get_forward_context() -> ForwardContext:

@@ -71,6 +71,8 @@ def build_attn_metadata(
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         num_actual_tokens=num_tokens,
+        query_start_loc_host=qsl.tolist(),
+        seq_lens_host=[int(s) for s in seq_lens],
     )
 
 

@@ -26,12 +26,15 @@ captured size run eagerly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from accel_models.context import ForwardContext, forward_context
 
 logger = logging.getLogger("accel_models.runtime")
 
@@ -73,6 +76,8 @@ class DecodeGraphs:
         self.batch_sizes = tuple(sorted(batch_sizes))
         self.max_model_len = max_model_len
         self.graphs: dict[int, Any] = {}
+        #: per size, the inputs it was captured with (replays run in a forward context of their metadata)
+        self._captured: dict[int, Any] = {}
         #: per size, the greedy variant (argmax in the graph, ids written to the input-ids buffer); a size
         #: whose greedy capture failed has none and samples after its plain graph
         self.greedy_graphs: dict[int, Any] = {}
@@ -112,6 +117,7 @@ class DecodeGraphs:
                 return
             pool = getattr(graph, "pool", None)
             self.graphs[size] = graph
+            self._captured[size] = inputs
             self._capture_greedy(size, inputs, pool)
         logger.info("captured decode graphs for batch sizes %s (greedy variants: %s)", sorted(self.graphs),
                     sorted(self.greedy_graphs))
@@ -173,9 +179,21 @@ class DecodeGraphs:
         """Run the graph of ``size`` on the inputs the metadata builder just published (the real sequences
         first, then the padding from :meth:`pad`: the builder's host-to-device copy moves whole buffers
         into the captured addresses); returns the ``num_seqs`` real logits rows."""
-        logits = self.graphs[size].replay()
+        logits = self._replay(self.graphs[size], size)
         self.replays += 1
         return logits[:num_seqs]
+
+    def _replay(self, graph: Any, size: int) -> Any:
+        """``graph.replay()`` inside a forward context whose attention metadata is the one ``size`` was captured
+        with (the same tensors) carrying this step's host lengths, padding included: a backend whose captured
+        kernels take host-side lengths (ACL graphs: torch_npu's attention) updates them from there before it
+        replays. The lengths are read from the host buffers the metadata builder just published."""
+        h = self.buffers.host
+        md = dataclasses.replace(self._captured[size].attn_metadata,
+                                 query_start_loc_host=h["query_start_loc"][: size + 1].tolist(),
+                                 seq_lens_host=h["seq_lens"][:size].tolist())
+        with forward_context(ForwardContext(md, self.runner.kv_caches)):
+            return graph.replay()
 
     def has_greedy(self, size: int) -> bool:
         """Whether a greedy step of padded size ``size`` can run as :meth:`replay_greedy`."""
@@ -184,7 +202,7 @@ class DecodeGraphs:
     def replay_greedy(self, num_seqs: int, size: int) -> torch.Tensor:
         """Run the greedy graph of ``size`` (inputs published as for :meth:`replay`); returns the ``num_seqs``
         real rows' argmax ids (int64, on the device), which are also in the input-ids buffer's first rows."""
-        tokens = self.greedy_graphs[size].replay()
+        tokens = self._replay(self.greedy_graphs[size], size)
         self.replays += 1
         self.greedy_replays += 1
         return tokens[:num_seqs]

@@ -130,6 +130,7 @@ class InputBuffers:
             self._dev_bytes[skip:].copy_(self._staging[skip:], non_blocking=True)
             self._copied[self._cur] = device_event(self.device)
         d = self.dev
+        h = self.host
         md = AttentionMetadata(
             query_start_loc=d["query_start_loc"][: num_seqs + 1],
             seq_lens=d["seq_lens"][:num_seqs],
@@ -138,6 +139,8 @@ class InputBuffers:
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
             num_actual_tokens=num_tokens,
+            query_start_loc_host=h["query_start_loc"][: num_seqs + 1].tolist(),
+            seq_lens_host=h["seq_lens"][:num_seqs].tolist(),
         )
         return StepInputs(input_ids=d["input_ids"][:num_tokens], positions=d["positions"][:num_tokens],
                           attn_metadata=md, logits_indices=d["logits_indices"][:num_logits])

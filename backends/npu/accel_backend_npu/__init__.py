@@ -22,6 +22,8 @@ import torch
 import accel_backend_reference as _reference
 from accel_models import BackendInfo, KVCacheLayout, argcheck, hookimpl
 
+from accel_backend_npu import _graphs
+from accel_backend_npu._graphs import accel_capture_graph  # noqa: F401  (the capture_graph hook: ACL graphs)
 from accel_backend_npu._runtime import (
     INSTALL_HINT,
     TorchNpuUnavailableError,
@@ -125,6 +127,27 @@ class _HostLengths:
 
 
 _host_lengths = _HostLengths()
+
+
+def _step_lengths(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, max_seq_len: int) -> tuple[list[int], list[int]]:
+    """The host lists npu_fused_infer_attention_score takes: from the forward context's host copies of these
+    tensors when it has them (the runtime's metadata does: no device-to-host copy at all), else copied back
+    once per step. Inside a graph capture a copy would synchronize, which the capture does not allow: that
+    step cannot be captured (RuntimeError; the runtime runs it eagerly). Each call is noted for the capture,
+    whose replays update its lengths; the capture itself runs every row at ``max_seq_len`` (a graph is
+    captured with the longest context it may replay), so whatever the kernel sizes from its lengths at
+    capture (its workspace, in torch_npu's graph handler) covers every replay."""
+    host = _graphs.host_lengths_from_context(query_start_loc, seq_lens)
+    if host is None:
+        if _graphs.capturing():
+            raise RuntimeError("paged_attention inside an NPU graph capture has no host copy of seq_lens and "
+                               "query_start_loc (AttentionMetadata.seq_lens_host / query_start_loc_host): reading "
+                               "them from the device would synchronize inside the capture")
+        host = _host_lengths.get(query_start_loc, seq_lens)
+    if _graphs.capturing():
+        _graphs.note_attention(query_start_loc, seq_lens)
+        host = (host[0], [max_seq_len] * len(host[1]))
+    return host
 _masks: dict[torch.device, torch.Tensor] = {}
 
 
@@ -309,7 +332,7 @@ def accel_paged_attention(
             query_start_loc=query_start_loc, max_query_len=max_query_len, max_seq_len=max_seq_len, scale=scale,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
-    q_ends, kv_lens = _host_lengths.get(query_start_loc, seq_lens)
+    q_ends, kv_lens = _step_lengths(query_start_loc, seq_lens, int(max_seq_len))
     if window is None:  # rightDownCausal: row i of a sequence sees keys j <= i + kv_len - q_len
         sparse_mode, pre_tokens, next_tokens = 3, _INT_MAX, _INT_MAX
     else:  # band, right-down origin: sees j in [p - pre_tokens, p]; the spec's window W holds p itself

@@ -19,6 +19,9 @@ Use it by injection, never by patching ``sys.modules``::
     with use_torch_npu(TorchNpuEmulation()):
         ops = accel_models.resolve_ops(backend="npu", allow_unavailable=True)
 
+The instance's ``npu`` attribute stands in for ``torch_npu.npu``'s ACL graph API (``NPUGraph``, ``graph``,
+streams): :mod:`accel_backend_npu.emulation_graph`, whose captures record the kernels called here.
+
 Where the wheel's documentation is silent, the emulation makes a choice and says so in a comment marked
 ``ASSUMPTION`` (the README lists them).
 """
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from accel_backend_npu import emulation_graph
 
 IS_EMULATION = True
 __all__ = ["CALL_LOG", "EMULATED_FUNCTIONS", "EmulatedKernelError", "EmulationLimitError", "RecordedCall",
@@ -114,6 +119,8 @@ class TorchNpuEmulation:
         self.record_globally = record_globally
         for name, fn in EMULATED_FUNCTIONS.items():
             setattr(self, name, self._recording(name, fn))
+        # torch_npu.npu's ACL graph API (NPUGraph, graph, streams), emulated in emulation_graph
+        self.npu = emulation_graph.NpuNamespaceEmulation()
 
     def _recording(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -124,6 +131,9 @@ class TorchNpuEmulation:
             if self.record_globally:
                 with _log_lock:
                     CALL_LOG.setdefault(rec, None)
+            graph = emulation_graph.active_capture()
+            if graph is not None:  # inside an emulated NPU graph capture: one recorded entry per kernel
+                return graph.record_kernel(name, fn, args, kwargs)
             return fn(*args, **kwargs)
 
         return call

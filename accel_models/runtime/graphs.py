@@ -87,6 +87,7 @@ class DecodeGraphs:
         self.greedy_replays = 0  # of which by a greedy graph
         self.eager_decode_steps = 0
         self.unsupported: str | None = None  # why the backend captured nothing
+        self.capture_failed = False  # it offered graphs, but a capture raised
 
     # -- capture ---------------------------------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class DecodeGraphs:
                 graph = self.capture_graph(fn=step, device=self.buffers.device, pool=pool)
             except RuntimeError as exc:
                 self.unsupported = f"capture of decode batch {size} failed: {exc}"
+                self.capture_failed = True
                 logger.warning("device graphs disabled (eager steps): %s", self.unsupported)
                 self.graphs.clear()
                 self.greedy_graphs.clear()

@@ -17,7 +17,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from accel_models.runtime.sampler import Sampler, SamplerOutput, SamplingRow, po
 from accel_models.runtime.sampling_params import SamplingParams, default_sampling_params
 from accel_models.runtime.scheduler import Request, RequestStatus, Scheduler
 from accel_models.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accel_models.backends import OpTable
 
 logger = logging.getLogger("accel_models.runtime")
 
@@ -98,7 +101,9 @@ class LLM:
     Args:
         model: a checkpoint directory (config.json + safetensors [+ tokenizer.json,
             generation_config.json]).
-        backend, dtype, device: as in :func:`accel_models.load_model`.
+        backend, dtype, device: as in :func:`accel_models.load_model`; ``backend`` may also be an op table
+            already bound with :func:`accel_models.resolve_ops` (per-op overrides, or a backend bound with
+            ``allow_unavailable=True`` over an emulation, as the conformance kit's graph check does).
         max_num_seqs: sequences in one step at most.
         max_model_len: prompt + output tokens at most per request (default: the model's
             ``max_position_embeddings``, capped to what the KV cache holds).
@@ -135,7 +140,7 @@ class LLM:
     def __init__(
         self,
         model: str | Path,
-        backend: str | None = None,
+        backend: str | OpTable | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         *,
@@ -171,7 +176,7 @@ class LLM:
                 self._tp.shutdown()
             raise
 
-    def _setup(self, model: str | Path, backend: str | None, dtype: str | torch.dtype | None,
+    def _setup(self, model: str | Path, backend: str | OpTable | None, dtype: str | torch.dtype | None,
                device: str | torch.device | None, *, max_num_seqs: int, max_model_len: int | None,
                block_size: int | None, kv_cache_memory: int, max_num_batched_tokens: int | None,
                seed: int | None, tokenizer: str | Path | None, kv_cache_dtype: torch.dtype | None,
@@ -186,10 +191,10 @@ class LLM:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {kv_cache_memory}")
-        from accel_models.backends import resolve_ops
+        from accel_models.backends import OpTable, resolve_ops
 
         self.model_path = Path(model)
-        self.ops = resolve_ops(backend)
+        self.ops = backend if isinstance(backend, OpTable) else resolve_ops(backend)
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1:
             from accel_models.config import load_config
@@ -298,6 +303,10 @@ class LLM:
         from accel_models.runtime.graphs import DecodeGraphs, check_batch_sizes
 
         self.graphs: DecodeGraphs | None = None
+        #: why no decode graphs were captured although they were wanted (a declining backend or a failed
+        #: capture, also logged), else None
+        self.graphs_unavailable: str | None = None
+        self.graph_capture_failed = False  # the backend offered graphs, but capturing the step failed
         sizes = check_batch_sizes(batch_sizes, self.max_num_seqs)
         if enforce_eager or self._tp is not None:
             return
@@ -305,6 +314,8 @@ class LLM:
         graphs.capture()
         if graphs.graphs:
             self.graphs = graphs
+        else:
+            self.graphs_unavailable, self.graph_capture_failed = graphs.unsupported, graphs.capture_failed
 
     def _resolve_async_scheduling(self, requested: bool | None) -> bool:
         """Overlap pays where the host and the device run apart (default: not on the CPU). Off the CPU it

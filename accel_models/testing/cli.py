@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases (a minute or less)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--native-only", action="store_true", help="skip the ops the backend falls back on")
-    p.add_argument("--no-models", action="store_true", help="skip the model-level check")
+    p.add_argument("--no-models", action="store_true", help="skip the model-level checks (tiny models vs the reference; device graphs vs eager steps)")
     p.add_argument("--allow-unavailable", action="store_true",
                    help="check a backend that reports itself unusable here (e.g. through an emulation)")
     p.add_argument("--device", help="device to run on (default: the backend's device type)")

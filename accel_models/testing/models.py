@@ -107,6 +107,57 @@ def check_model(name: str, backend: str, *, dtype: torch.dtype, device: Any, all
             "error": f"{worst:.2e}", "message": "" if ok else f"tolerance {MODEL_TOLERANCE[dtype]:g}"}
 
 
+def check_graphs(name: str, backend: str, *, dtype: torch.dtype, device: Any, allow_unavailable: bool = False,
+                 seed: int = 0) -> dict[str, Any]:
+    """The backend's device graphs (its ``capture_graph`` hook) give the eager steps' greedy tokens.
+
+    A tiny ``name`` checkpoint (random weights, head size 32) is generated through :class:`accel_models.LLM`
+    twice on the backend: eagerly, and with decode graphs of batch 1, 2 and 4 (four prompts, two of which
+    cross a KV block during decode, padded to the captured sizes as they finish), once with the greedy token
+    taken inside the graph and once sampled after it. The tokens must be identical and graphs must have been
+    replayed. Skipped when the backend has no ``capture_graph`` of its own or it captures nothing on
+    ``device`` (returns None); a capture that fails is a failure, with the runtime's reason.
+    """
+    import tempfile
+
+    from accel_models.runtime.demo import llama_config, mixtral_config, write_checkpoint
+    from accel_models.runtime.llm import LLM
+    from accel_models.runtime.sampling_params import SamplingParams
+
+    row = {"model": f"{name} (graphs)", "dtype": str(dtype).replace("torch.", ""), "error": "-"}
+    ops = resolve_ops(backend, allow_unavailable=allow_unavailable)
+    if ops.providers["capture_graph"] != backend:
+        return {**row, "status": "skip", "message": f"capture_graph from {ops.providers['capture_graph']}"}
+    block = ops.kv_cache_layout(num_kv_heads=2, head_size=32, dtype=dtype).block_sizes[0]
+    make = {"llama": llama_config, "mixtral": mixtral_config}[name]
+    config = make(384, hidden_size=128, num_heads=4, num_kv_heads=2, max_position_embeddings=block + 64,
+                  torch_dtype=str(dtype).replace("torch.", ""))
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (block - 6, 5, block - 1, 17)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    kw = dict(backend=ops, dtype=dtype, device=device, max_num_seqs=4, kv_cache_memory=8 << 20, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(tmp, config, seed=seed)
+        with LLM(path, graph_batch_sizes=[1, 2, 4], enable_prefix_caching=False, **kw) as llm:
+            graphs = llm.graphs
+            if graphs is None:
+                return {**row, "status": "fail" if llm.graph_capture_failed else "skip",
+                        "message": str(llm.graphs_unavailable)[:200]}
+            runs = {}
+            for in_graph in (True, False):
+                graphs.sample_in_graph = in_graph
+                before = graphs.replays
+                runs[in_graph] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+                if graphs.replays == before:
+                    return {**row, "status": "fail", "message": "no decode step replayed a graph"}
+        with LLM(path, enforce_eager=True, **kw) as llm:
+            eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    bad = [("greedy in graph" if k else "sampled after the graph") for k, v in runs.items() if v != eager]
+    if bad:
+        return {**row, "status": "fail", "message": f"tokens differ from eager steps ({', '.join(bad)})"}
+    return {**row, "status": "pass", "message": f"{graphs.replays} replays, tokens = eager"}
+
+
 def run_model_checks(backend: str, *, quick: bool = False, device: Any = None,
                      allow_unavailable: bool = False) -> list[dict[str, Any]]:
     ops = resolve_ops(backend, allow_unavailable=allow_unavailable)
@@ -123,4 +174,12 @@ def run_model_checks(backend: str, *, quick: bool = False, device: Any = None,
             except Exception as exc:  # a crash inside the model on this backend is a failure with its reason
                 results.append({"model": name, "dtype": str(dtype).replace("torch.", ""), "status": "fail",
                                 "error": "-", "message": f"{type(exc).__name__}: {exc}"[:200]})
+    # device graphs, where the backend captures its own: bfloat16 (the dtype decode graphs are used in)
+    for name in ("llama", "mixtral"):
+        try:
+            results.append(check_graphs(name, backend, dtype=torch.bfloat16, device=device,
+                                        allow_unavailable=allow_unavailable))
+        except Exception as exc:
+            results.append({"model": f"{name} (graphs)", "dtype": "bfloat16", "status": "fail", "error": "-",
+                            "message": f"{type(exc).__name__}: {exc}"[:200]})
     return results

@@ -66,3 +66,17 @@ class BackendConformance:
         result = check_model(model, self.backend, dtype=torch.float32, device=device,
                              allow_unavailable=self.allow_unavailable)
         assert result["status"] == "pass", f"{self.backend}: {result}"
+
+    @pytest.mark.parametrize("model", ["llama", "mixtral"])
+    def test_graphs_give_the_eager_tokens(self, model: str) -> None:
+        """The backend's device graphs (capture_graph) replay decode steps with the eager steps' greedy tokens
+        (skipped for a backend without graphs of its own, or none on this device)."""
+        from accel_models.testing.models import check_graphs
+
+        table = resolve_ops(self.backend, allow_unavailable=self.allow_unavailable)
+        device = self.device or (table.device_type if table.info.available else "cpu")
+        result = check_graphs(model, self.backend, dtype=torch.bfloat16, device=device,
+                              allow_unavailable=self.allow_unavailable)
+        if result["status"] == "skip":
+            pytest.skip(f"{self.backend}: {result['message']}")
+        assert result["status"] == "pass", f"{self.backend}: {result}"

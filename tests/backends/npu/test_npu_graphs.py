@@ -11,7 +11,6 @@ into the graph API is checked against the real torch-npu wheel's Python source.
 from __future__ import annotations
 
 import ast
-import types
 import zipfile
 
 import pytest
@@ -22,38 +21,24 @@ import accel_models
 import npu_wheel_schema as wheel
 from accel_backend_npu import _graphs, emulation_graph, use_torch_npu
 from accel_backend_npu.emulation import TorchNpuEmulation
-from accel_models import BackendInfo, hookimpl
-from accel_models import backends as B
 from accel_models.runtime.demo import llama_config, mixtral_config, write_checkpoint
 from accel_models.runtime.graphs import DecodeGraphs
 from accel_models.runtime.llm import LLM
 from accel_models.runtime.sampling_params import SamplingParams
 
-NAME = "npu-emulated"
 VOCAB = 384
-
-
-def npu_emulated_module() -> types.ModuleType:
-    """The NPU backend's hooks under another name, reporting itself usable (so an LLM can select it) on the
-    CPU: its ops run over whatever torch_npu stand-in is injected."""
-    mod = types.ModuleType("npu_emulated_backend")
-    for attr in dir(accel_backend_npu):
-        if attr.startswith("accel_") and attr != "accel_backend_info":
-            setattr(mod, attr, getattr(accel_backend_npu, attr))
-
-    def backend_info():
-        return BackendInfo(name=NAME, device_type="cpu", available=True, reason=None, priority=-300)
-
-    mod.accel_backend_info = hookimpl(backend_info)
-    return mod
 
 
 @pytest.fixture
 def npu_llm_backend():
-    B.register_backend(npu_emulated_module(), NAME)
+    """The torch_npu emulation injected; LLMs get the NPU op table bound with allow_unavailable (the backend
+    reports itself unusable without a real NPU)."""
     with use_torch_npu(TorchNpuEmulation()) as emu:
         yield emu
-    B.unregister_backend(NAME)
+
+
+def npu_table() -> accel_models.OpTable:
+    return accel_models.resolve_ops("npu", allow_unavailable=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +54,7 @@ PROMPTS = [list(range(3, 3 + n)) for n in (120, 5, 126, 40)]
 
 
 def generate(model_dir, prompts, *, eager: bool, max_tokens: int = 12, **kw):
-    with LLM(model_dir, backend=NAME, dtype=torch.bfloat16, max_num_seqs=4, kv_cache_memory=8 << 20,
+    with LLM(model_dir, backend=npu_table(), device="cpu", dtype=torch.bfloat16, max_num_seqs=4, kv_cache_memory=8 << 20,
              enforce_eager=eager, graph_batch_sizes=None if eager else [1, 2, 4], **kw) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         out = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
@@ -111,13 +96,13 @@ def test_a_step_that_reads_the_device_on_the_host_is_not_captured(npu_llm_backen
     """Float32 attention has no fused kernel: the reference runs it and checks seq_lens on the host, which a
     capture does not allow. The runtime then runs every step eagerly, with the same tokens."""
     fp32 = {}
-    with LLM(model_dirs["llama"], backend=NAME, dtype=torch.float32, max_num_seqs=2, kv_cache_memory=8 << 20,
+    with LLM(model_dirs["llama"], backend=npu_table(), device="cpu", dtype=torch.float32, max_num_seqs=2, kv_cache_memory=8 << 20,
              graph_batch_sizes=[2]) as llm:
         assert llm.graphs is None
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         fp32["graphs"] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)]
     assert "ACL graph capture failed" in caplog.text and "reads device data on the host" in caplog.text
-    with LLM(model_dirs["llama"], backend=NAME, dtype=torch.float32, max_num_seqs=2, kv_cache_memory=8 << 20,
+    with LLM(model_dirs["llama"], backend=npu_table(), device="cpu", dtype=torch.float32, max_num_seqs=2, kv_cache_memory=8 << 20,
              enforce_eager=True) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == fp32["graphs"]
@@ -312,7 +297,7 @@ def test_eager_steps_take_the_lengths_from_the_host_copies(npu_llm_backend, mode
 def test_the_capture_runs_attention_at_the_longest_context(npu_llm_backend, model_dirs):
     """What the kernel sizes from its lengths at capture (torch_npu's handler: the workspace) must cover any
     replay: every row is captured at max_model_len, and the replays' updates then set the real lengths."""
-    with LLM(model_dirs["llama"], backend=NAME, dtype=torch.bfloat16, max_num_seqs=4, kv_cache_memory=8 << 20,
+    with LLM(model_dirs["llama"], backend=npu_table(), device="cpu", dtype=torch.bfloat16, max_num_seqs=4, kv_cache_memory=8 << 20,
              graph_batch_sizes=[4]) as llm:
         entries = [e for e in llm.graphs.graphs[4].graph._entries
                    if getattr(e, "name", None) == "npu_fused_infer_attention_score"]

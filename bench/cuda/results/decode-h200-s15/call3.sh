@@ -7,6 +7,12 @@ timeout 150 python3 bench/cuda/bench_small_m.py --sections verify_attn,attn --he
 echo "attn rc $?"; grep -E "attn d=|FAIL|fail" $O/attn.log | head -40
 timeout 170 python3 -m accel_models.cli check --backend cuda --quick --ops argmax,paged_attention,decoder_layer_decode,moe_decoder_layer_decode --no-models > $O/kit.txt 2>&1
 echo "kit rc $?"; tail -8 $O/kit.txt
+# (added in session 16) the kit's device-graph check: CUDA graphs replay tiny Llama/Mixtral with the eager tokens
+timeout 120 python3 -c "
+import torch
+from accel_models.testing.models import check_graphs
+for m in ('llama', 'mixtral'): print('graphs', check_graphs(m, 'cuda', dtype=torch.bfloat16, device='cuda'))
+" > $O/kit-graphs.txt 2>&1; echo "kit graphs rc $?"; grep graphs $O/kit-graphs.txt
 python3 - <<'PY'
 import json, os
 import accel_backend_cuda._triton_kernels as k

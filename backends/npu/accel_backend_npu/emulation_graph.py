@@ -12,8 +12,8 @@ that makes graphs hard to get right: **what was captured is replayed as it was c
   the tensor the capture produced, so later entries read it at the captured address. Every host-side value
   (an int, a list of lengths, a Python branch taken) stays what it was at capture, as on the device.
 * A host synchronization inside a capture (``.item()``, ``int(t)``, ``torch.equal``, ``nonzero``, ...:
-  the aten ops that hand device data to the host) raises :class:`GraphCaptureError`, as a capture on the
-  device fails on a synchronous copy.
+  the aten ops that hand device data to the host, and ``Tensor.tolist``, which reads without dispatching)
+  raises :class:`GraphCaptureError`, as a capture on the device fails on a synchronous copy.
 * ``update(cpu_update_input)`` does what torch_npu's auto-dispatch capture documents: for each recorded
   ``npu_fused_infer_attention_score`` (the op its IFA handler registers), in capture order, the keyword
   arguments ``actual_seq_lengths`` / ``actual_seq_lengths_kv`` present in the call are replaced; a
@@ -175,8 +175,12 @@ class EmulatedNPUGraph:
 
     def record_kernel(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run an emulated torch_npu kernel inside the capture as one recorded entry."""
-        with _disable_current_modes():
-            out = fn(*args, **kwargs)
+        patched, torch.Tensor.tolist = torch.Tensor.tolist, _REAL_TOLIST  # type: ignore[method-assign]
+        try:  # the kernel's own internals are the device's business, not the capture's
+            with _disable_current_modes():
+                out = fn(*args, **kwargs)
+        finally:
+            torch.Tensor.tolist = patched  # type: ignore[method-assign]
         self._entries.append(_KernelEntry(name, fn, _frozen(args), _frozen(kwargs), out,
                                           updatable=self.auto_dispatch_capture and name in UPDATABLE))
         return out
@@ -211,6 +215,14 @@ class EmulatedNPUGraph:
         return self._pool
 
 
+_REAL_TOLIST = torch.Tensor.tolist
+
+
+def _tolist_in_capture(self: torch.Tensor) -> Any:
+    raise GraphCaptureError("Tensor.tolist reads device data on the host inside an NPU graph capture (a "
+                            "synchronization the capture does not allow)")
+
+
 class _GraphContext:
     """``torch_npu.npu.graph(npu_graph, pool=None, stream=None, auto_dispatch_capture=False, ...)``."""
 
@@ -228,11 +240,15 @@ class _GraphContext:
         if self.graph._captured:
             raise RuntimeError("this NPUGraph already holds a capture (EMULATION)")
         _active = self.graph
+        # Tensor.tolist reads the data without dispatching an aten op: on the device it is a synchronous copy
+        self._tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = _tolist_in_capture  # type: ignore[method-assign]
         self._mode.__enter__()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         global _active
         self._mode.__exit__(exc_type, exc, tb)
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
         _active = None
         self.graph._captured = exc_type is None
 

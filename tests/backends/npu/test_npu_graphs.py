@@ -161,10 +161,12 @@ def test_emulated_capture_freezes_host_values_and_update_rewrites_the_lengths():
         with pytest.raises(RuntimeError, match="1 operators"):
             graph.update(cpu_update_input=[{}, {}])
 
-    graph = emu.npu.NPUGraph()
-    with pytest.raises(emulation_graph.GraphCaptureError, match="reads device data on the host"):
-        with emu.npu.graph(graph):
-            int(q.sum())
+    for host_read in (lambda: int(q.sum()), lambda: q.tolist()):
+        graph = emu.npu.NPUGraph()
+        with pytest.raises(emulation_graph.GraphCaptureError, match="reads device data on the host"):
+            with emu.npu.graph(graph):
+                host_read()
+    assert isinstance(q.tolist(), list)  # restored after the capture
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -74,6 +74,19 @@ def test_graphs_give_the_eager_tokens(npu_llm_backend, model_dirs, model):
     assert len(g.attention) == 2 and len({(id(a), id(b)) for a, b in g.attention}) == 1
 
 
+def test_graphs_with_overlapped_steps_give_the_eager_tokens(npu_llm_backend, model_dirs):
+    """Async scheduling: a greedy graph leaves the next step's ids in place and the host fills the next step
+    while the last one is in flight; the lengths each replay updates must be that step's."""
+    eager, _ = generate(model_dirs["llama"], PROMPTS, eager=True)
+    with LLM(model_dirs["llama"], backend=npu_table(), device="cpu", dtype=torch.bfloat16, max_num_seqs=4,
+             kv_cache_memory=8 << 20, graph_batch_sizes=[1, 2, 4], async_scheduling=True) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        graphed = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        assert llm.graphs.greedy_replays > 10 and llm.overlapped_steps >= 10, (llm.graphs.greedy_replays,
+                                                                                llm.overlapped_steps)
+    assert graphed == eager
+
+
 def test_without_the_length_update_a_replay_is_stale(npu_llm_backend, model_dirs, monkeypatch):
     """The emulated capture freezes the attention's host lengths: replaying without update() gives other
     tokens, so the test above passes because of the update and not by accident."""

@@ -119,10 +119,11 @@ def accel_capture_graph(fn: Callable[[], Any], device: torch.device, pool: Any) 
         later captures (anything, including None). Raise ``RuntimeError`` with the reason when ``fn``
         cannot be captured (e.g. it synchronizes with the host); the runtime then falls back to eager.
 
-    The runtime calls ``fn`` (at capture) and ``replay()`` inside a forward context
+    The runtime's ``fn`` runs its step inside a forward context
     (:func:`accel_models.context.current_forward_context`) whose attention metadata describes the step,
-    including host copies of its lengths (``query_start_loc_host``, ``seq_lens_host``; at a replay, the
-    replayed step's, padding included, with the same tensors as at capture). A backend whose captured
+    including host copies of its lengths (``query_start_loc_host``, ``seq_lens_host``), and the runtime
+    calls ``replay()`` inside one too: the captured metadata (the same tensors) with the replayed step's
+    host lengths, padding included. (None of it is there while the hook itself runs, outside ``fn``.) A backend whose captured
     kernels take host-side arguments that change per step (ACL graphs: torch_npu's fused attention takes
     its sequence lengths as host lists) updates them from there before it replays; a CUDA graph needs
     nothing of it.

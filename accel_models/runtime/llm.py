@@ -103,7 +103,8 @@ class LLM:
             generation_config.json]).
         backend, dtype, device: as in :func:`accel_models.load_model`; ``backend`` may also be an op table
             already bound with :func:`accel_models.resolve_ops` (per-op overrides, or a backend bound with
-            ``allow_unavailable=True`` over an emulation, as the conformance kit's graph check does).
+            ``allow_unavailable=True`` over an emulation, as the conformance kit's graph check does; with
+            one rank only: tensor-parallel ranks bind their own tables by name).
         max_num_seqs: sequences in one step at most.
         max_model_len: prompt + output tokens at most per request (default: the model's
             ``max_position_embeddings``, capped to what the KV cache holds).
@@ -194,6 +195,9 @@ class LLM:
         from accel_models.backends import OpTable, resolve_ops
 
         self.model_path = Path(model)
+        if isinstance(backend, OpTable) and tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 takes a backend name, not an op table: every rank binds its "
+                             f"own table, so the table's overrides would not reach them; pass {backend.backend!r}")
         self.ops = backend if isinstance(backend, OpTable) else resolve_ops(backend)
         self.tensor_parallel_size = tensor_parallel_size
         if tensor_parallel_size > 1:

@@ -270,3 +270,16 @@ def test_step_inputs_live_in_persistent_buffers(llm):
     buf = llm.buffers
     assert buf.dev["input_ids"].shape == (llm.max_num_batched_tokens,)
     assert buf.dev["block_table"].shape == (llm.max_num_seqs, -(-llm.max_model_len // llm.block_size))
+
+
+def test_an_op_table_is_taken_for_one_rank_only(llama_dir):
+    """LLM(backend=<OpTable>) runs on that table; tensor-parallel ranks bind their own by name, so a table
+    there (whose overrides would not reach them) is refused before any rank starts."""
+    from accel_models.backends import resolve_ops
+    from accel_models.runtime.llm import LLM
+
+    table = resolve_ops("reference", ops="paged_attention=reference")
+    with LLM(llama_dir, backend=table, max_num_seqs=2, kv_cache_memory=4 << 20) as llm:
+        assert llm.ops is table
+    with pytest.raises(ValueError, match="takes a backend name, not an op table"):
+        LLM(llama_dir, backend=table, tensor_parallel_size=2)

@@ -65,6 +65,11 @@ def host_lengths_from_context(query_start_loc: torch.Tensor, seq_lens: torch.Ten
     if (md is None or md.query_start_loc_host is None or md.seq_lens_host is None
             or md.query_start_loc is not query_start_loc or md.seq_lens is not seq_lens):
         return None
+    if len(md.query_start_loc_host) != query_start_loc.numel() or len(md.seq_lens_host) != seq_lens.numel():
+        raise ValueError(f"AttentionMetadata's host copies do not match its tensors: query_start_loc_host has "
+                         f"{len(md.query_start_loc_host)} entries for {query_start_loc.numel()}, seq_lens_host "
+                         f"{len(md.seq_lens_host)} for {seq_lens.numel()}; build them from the same values (or "
+                         "leave them None)")
     return list(md.query_start_loc_host[1:]), list(md.seq_lens_host)
 
 

@@ -247,9 +247,11 @@ class _GraphContext:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         global _active
-        self._mode.__exit__(exc_type, exc, tb)
-        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
-        _active = None
+        try:
+            self._mode.__exit__(exc_type, exc, tb)
+        finally:  # whatever happened, the process gets its tolist back and no capture stays active
+            torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+            _active = None
         self.graph._captured = exc_type is None
 
 

@@ -319,3 +319,30 @@ def test_the_capture_runs_attention_at_the_longest_context(npu_llm_backend, mode
         assert len(entries) == 2
         assert all(e.kwargs["actual_seq_lengths_kv"] == [llm.max_model_len] * 4 for e in entries)
         assert all(e.kwargs["actual_seq_lengths"] == [1, 2, 3, 4] for e in entries)
+
+
+def test_host_copies_that_do_not_match_their_tensors_are_refused():
+    """Host copies of another batch's lengths would give the kernel wrong lengths silently: a clear error."""
+    from accel_models.context import AttentionMetadata, ForwardContext, forward_context
+
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    with use_torch_npu(TorchNpuEmulation(record_globally=False)):
+        ops = accel_models.resolve_ops(backend="npu", allow_unavailable=True)
+        kv = ops.allocate_kv_cache(num_blocks=2, block_size=128, num_kv_heads=1, head_size=16, dtype=bf16,
+                                   device=torch.device("cpu"))
+        kv.copy_(torch.randn(kv.shape, generator=g))
+        md = AttentionMetadata(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
+                               seq_lens=torch.tensor([5, 9], dtype=torch.int32),
+                               block_table=torch.tensor([[0], [1]], dtype=torch.int32),
+                               slot_mapping=torch.tensor([4, 136]), max_query_len=1, max_seq_len=128,
+                               num_actual_tokens=2, query_start_loc_host=[0, 1, 2, 3], seq_lens_host=[5, 9, 1])
+        args = dict(query=torch.randn((2, 2, 16), generator=g).to(bf16), kv_cache=kv, block_table=md.block_table,
+                    seq_lens=md.seq_lens, query_start_loc=md.query_start_loc, max_query_len=1, max_seq_len=128,
+                    scale=0.25, sliding_window=None, logits_soft_cap=None)
+        with forward_context(ForwardContext(md, {})), pytest.raises(ValueError, match="host copies do not match"):
+            ops.paged_attention(**args)
+        copied_back = ops.paged_attention(**args)  # outside a forward context: the lengths read from the tensors
+        ok = AttentionMetadata(**{**md.__dict__, "query_start_loc_host": [0, 1, 2], "seq_lens_host": [5, 9]})
+        with forward_context(ForwardContext(ok, {})):
+            assert torch.equal(ops.paged_attention(**args), copied_back)

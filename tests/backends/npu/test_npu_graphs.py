@@ -121,20 +121,24 @@ def test_a_step_that_reads_the_device_on_the_host_is_not_captured(npu_llm_backen
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == fp32["graphs"]
 
 
-def test_attention_in_a_capture_without_host_lengths_is_refused():
-    """Outside the runtime (no host copies in the metadata), a capture cannot read the lengths back."""
+def attention_args(ops) -> dict:
+    """paged_attention's arguments for two decode rows (5 and 9 cached keys) over a random bfloat16 cache."""
     g = torch.Generator().manual_seed(0)
     bf16 = torch.bfloat16
+    kv = ops.allocate_kv_cache(num_blocks=2, block_size=128, num_kv_heads=1, head_size=16, dtype=bf16,
+                               device=torch.device("cpu"))
+    kv.copy_(torch.randn(kv.shape, generator=g))
+    return dict(query=torch.randn((2, 2, 16), generator=g).to(bf16), kv_cache=kv,
+                block_table=torch.tensor([[0], [1]], dtype=torch.int32), seq_lens=torch.tensor([5, 9], dtype=torch.int32),
+                query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), max_query_len=1, max_seq_len=128,
+                scale=0.25, sliding_window=None, logits_soft_cap=None)
+
+
+def test_attention_in_a_capture_without_host_lengths_is_refused():
+    """Outside the runtime (no host copies in the metadata), a capture cannot read the lengths back."""
     with use_torch_npu(TorchNpuEmulation(record_globally=False)):
         ops = accel_models.resolve_ops(backend="npu", allow_unavailable=True)
-        kv = ops.allocate_kv_cache(num_blocks=2, block_size=128, num_kv_heads=1, head_size=16, dtype=bf16,
-                                   device=torch.device("cpu"))
-        kv.copy_(torch.randn(kv.shape, generator=g))
-        args = dict(query=torch.randn((2, 2, 16), generator=g).to(bf16), kv_cache=kv,
-                    block_table=torch.tensor([[0], [1]], dtype=torch.int32),
-                    seq_lens=torch.tensor([5, 9], dtype=torch.int32),
-                    query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32), max_query_len=1, max_seq_len=128,
-                    scale=0.25, sliding_window=None, logits_soft_cap=None)
+        args = attention_args(ops)
         eager = ops.paged_attention(**args)  # outside a capture: copied back once
         with pytest.raises(RuntimeError, match="no host copy of seq_lens"):
             ops.capture_graph(fn=lambda: ops.paged_attention(**args), device=torch.device("cpu"), pool=None)
@@ -325,21 +329,13 @@ def test_host_copies_that_do_not_match_their_tensors_are_refused():
     """Host copies of another batch's lengths would give the kernel wrong lengths silently: a clear error."""
     from accel_models.context import AttentionMetadata, ForwardContext, forward_context
 
-    g = torch.Generator().manual_seed(0)
-    bf16 = torch.bfloat16
     with use_torch_npu(TorchNpuEmulation(record_globally=False)):
         ops = accel_models.resolve_ops(backend="npu", allow_unavailable=True)
-        kv = ops.allocate_kv_cache(num_blocks=2, block_size=128, num_kv_heads=1, head_size=16, dtype=bf16,
-                                   device=torch.device("cpu"))
-        kv.copy_(torch.randn(kv.shape, generator=g))
-        md = AttentionMetadata(query_start_loc=torch.tensor([0, 1, 2], dtype=torch.int32),
-                               seq_lens=torch.tensor([5, 9], dtype=torch.int32),
-                               block_table=torch.tensor([[0], [1]], dtype=torch.int32),
-                               slot_mapping=torch.tensor([4, 136]), max_query_len=1, max_seq_len=128,
-                               num_actual_tokens=2, query_start_loc_host=[0, 1, 2, 3], seq_lens_host=[5, 9, 1])
-        args = dict(query=torch.randn((2, 2, 16), generator=g).to(bf16), kv_cache=kv, block_table=md.block_table,
-                    seq_lens=md.seq_lens, query_start_loc=md.query_start_loc, max_query_len=1, max_seq_len=128,
-                    scale=0.25, sliding_window=None, logits_soft_cap=None)
+        args = attention_args(ops)
+        md = AttentionMetadata(query_start_loc=args["query_start_loc"], seq_lens=args["seq_lens"],
+                               block_table=args["block_table"], slot_mapping=torch.tensor([4, 136]), max_query_len=1,
+                               max_seq_len=128, num_actual_tokens=2, query_start_loc_host=[0, 1, 2, 3],
+                               seq_lens_host=[5, 9, 1])
         with forward_context(ForwardContext(md, {})), pytest.raises(ValueError, match="host copies do not match"):
             ops.paged_attention(**args)
         copied_back = ops.paged_attention(**args)  # outside a forward context: the lengths read from the tensors

@@ -620,6 +620,141 @@ class Qwen3MoeConfig(Qwen3Config, _QwenMoeFields):
         return layer_idx not in self.mlp_only_layers and (layer_idx + 1) % self.decoder_sparse_step == 0
 
 
+class DeepseekV2Config(ModelConfig):
+    """DeepseekV2ForCausalLM: multi-head latent attention (MLA) and DeepSeekMoE (transformers 5.19 defaults).
+
+    MLA: queries come from ``q_proj`` (``q_lora_rank`` null) or the low-rank ``q_a_proj`` -> RMSNorm ->
+    ``q_b_proj``; keys and values from one compressed latent of ``kv_lora_rank`` (RMSNorm, ``kv_b_proj``)
+    plus a rotary key part of ``qk_rope_head_dim`` shared by all heads. A query/key head is
+    ``qk_nope_head_dim + qk_rope_head_dim`` wide, a value head ``v_head_dim``. ``head_dim`` is normalized to
+    ``qk_rope_head_dim`` (the rotary width), as transformers does; ``num_key_value_heads`` to
+    ``num_attention_heads`` (every head has its own key and value).
+
+    MoE: layers ``i >= first_k_dense_replace`` with ``i % moe_layer_freq == 0`` route over ``n_routed_experts``
+    experts of ``moe_intermediate_size`` (``topk_method``: ``greedy``, ``group_limited_greedy`` over
+    ``n_group`` groups, or ``noaux_tc``: sigmoid-style choice with a per-expert correction bias, as
+    DeepSeek-V3), plus ``n_shared_experts`` always-on experts as one MLP; the others are dense MLPs of
+    ``intermediate_size``. ``moe_layer_freq`` is what DeepSeek's own configs carry (always 1 in published
+    ones); transformers ignores it.
+    """
+
+    architecture_names: ClassVar[tuple[str, ...]] = ("DeepseekV2ForCausalLM",)
+    #: whether ``rope_interleave`` is read (DeepSeek-V3); DeepSeek-V2 always interleaves the rotary pairs
+    #: (GPT-J style), whatever the config says, as transformers does
+    reads_rope_interleave: ClassVar[bool] = False
+
+    q_lora_rank: int | None = Field(default=1536, gt=0)
+    kv_lora_rank: int = Field(default=512, gt=0)
+    qk_nope_head_dim: int = Field(default=128, ge=0)
+    qk_rope_head_dim: int = Field(default=64, gt=0)
+    v_head_dim: int = Field(default=128, gt=0)
+
+    n_routed_experts: int = Field(gt=0)
+    num_experts_per_tok: int = Field(gt=0)
+    moe_intermediate_size: int = Field(gt=0)
+    n_shared_experts: int | None = Field(default=2, ge=0)
+    routed_scaling_factor: float = Field(default=1.0, gt=0)
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = "greedy"
+    scoring_func: Literal["softmax", "sigmoid"] = "softmax"
+    n_group: int | None = Field(default=None, gt=0)
+    topk_group: int | None = Field(default=None, gt=0)
+    norm_topk_prob: bool = False
+    first_k_dense_replace: int = Field(default=0, ge=0)
+    moe_layer_freq: int = Field(default=1, gt=0)
+    rope_interleave: bool | None = None
+    num_nextn_predict_layers: int = Field(default=0, ge=0)
+
+    @classmethod
+    def _rename_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # transformers' attribute names for the same fields
+        cls._alias(data, "n_routed_experts", "num_experts")
+        cls._alias(data, "n_routed_experts", "num_local_experts")
+        cls._alias(data, "num_nextn_predict_layers", "num_mtp_layers")
+        # transformers derives both (and ignores what config.json says of them)
+        data["head_dim"] = data.get("qk_rope_head_dim") or cls.model_fields["qk_rope_head_dim"].default
+        data["num_key_value_heads"] = None
+        return data
+
+    def _check_family(self) -> None:
+        _check_top_k(self.num_experts_per_tok, self.n_routed_experts, "n_routed_experts")
+        if self.rope_interleave is None or not self.reads_rope_interleave:
+            self._put("rope_interleave", True)
+        if self.n_shared_experts is None:
+            self._put("n_shared_experts", 0)
+        if self.rotary_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"partial_rotary_factor is not supported with MLA: the rotary part is qk_rope_head_dim "
+                f"({self.qk_rope_head_dim}) wide; remove partial_rotary_factor"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        if self.uses_expert_groups:
+            if self.n_group is None or self.topk_group is None:
+                raise ValueError(f"topk_method {self.topk_method!r} needs n_group and topk_group (the expert groups "
+                                 "and how many of them a token may use)")
+            if self.n_routed_experts % self.n_group:
+                raise ValueError(f"n_routed_experts ({self.n_routed_experts}) must be a multiple of n_group "
+                                 f"({self.n_group}): the experts are split into equal groups")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group ({self.topk_group}) is larger than n_group ({self.n_group})")
+            per_group = self.n_routed_experts // self.n_group
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts of the topk_group "
+                    f"({self.topk_group}) groups a token may use ({self.topk_group * per_group})")
+            if self.topk_method == "noaux_tc" and per_group < 2:
+                raise ValueError("topk_method 'noaux_tc' scores a group by its two best experts: it needs at least "
+                                 f"2 experts per group (n_routed_experts {self.n_routed_experts} / n_group "
+                                 f"{self.n_group})")
+
+    @property
+    def uses_expert_groups(self) -> bool:
+        """Whether routing first picks ``topk_group`` of ``n_group`` expert groups."""
+        return self.topk_method in ("group_limited_greedy", "noaux_tc")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """The width of a query/key head: ``qk_nope_head_dim + qk_rope_head_dim``."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def mla_softmax_scale(self) -> float:
+        """``qk_head_dim ** -0.5``, times ``mscale(factor, mscale_all_dim) ** 2`` under yarn (transformers)."""
+        scale = self.qk_head_dim ** -0.5
+        rope = self.rope_parameters
+        if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+            m = _yarn_mscale(rope["factor"], rope["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        self._check_layer(layer_idx)
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+
+class DeepseekV3Config(DeepseekV2Config):
+    """DeepseekV3ForCausalLM: DeepSeek-V2's architecture with V3's routing (transformers 5.19): sigmoid
+    scores, a per-expert ``e_score_correction_bias`` for the choice (``topk_method`` ``noaux_tc``), groups
+    scored by their two best experts, renormalized weights times ``routed_scaling_factor``; and
+    ``rope_interleave`` (true: interleaved rotary pairs). Multi-token-prediction layers
+    (``num_nextn_predict_layers``) stored after the decoder layers are not used for generation."""
+
+    architecture_names: ClassVar[tuple[str, ...]] = ("DeepseekV3ForCausalLM",)
+    reads_rope_interleave: ClassVar[bool] = True
+    max_position_embeddings: int = Field(default=4096, gt=0)
+    n_shared_experts: int | None = Field(default=1, ge=0)
+    routed_scaling_factor: float = Field(default=2.5, gt=0)
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = "noaux_tc"
+    scoring_func: Literal["softmax", "sigmoid"] = "sigmoid"
+    n_group: int | None = Field(default=8, gt=0)
+    topk_group: int | None = Field(default=4, gt=0)
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = Field(default=3, ge=0)
+    num_nextn_predict_layers: int = Field(default=1, ge=0)
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+
+
 #: HF architecture name -> config class.
 CONFIG_CLASSES: dict[str, type[ModelConfig]] = {
     "LlamaForCausalLM": LlamaConfig,
@@ -629,11 +764,14 @@ CONFIG_CLASSES: dict[str, type[ModelConfig]] = {
     "MixtralForCausalLM": MixtralConfig,
     "Qwen2MoeForCausalLM": Qwen2MoeConfig,
     "Qwen3MoeForCausalLM": Qwen3MoeConfig,
+    "DeepseekV2ForCausalLM": DeepseekV2Config,
+    "DeepseekV3ForCausalLM": DeepseekV3Config,
 }
 _MODEL_TYPE_TO_ARCH = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
 
@@ -757,6 +895,8 @@ def _format_validation_error(exc: ValidationError, cls: type[ModelConfig], sourc
 __all__ = [
     "CONFIG_CLASSES",
     "ROPE_TYPES",
+    "DeepseekV2Config",
+    "DeepseekV3Config",
     "LlamaConfig",
     "MistralConfig",
     "MixtralConfig",

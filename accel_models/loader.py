@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,22 +247,27 @@ def iter_checkpoint_tensors(
     *,
     lazy: bool = False,
     seen: set[str] | None = None,
+    float32_names: re.Pattern[str] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """Stream ``(name, tensor)`` pairs from the checkpoint, one file open at a time.
 
     Floating-point tensors are converted to ``dtype`` (None: as stored); other tensors keep theirs.
+    ``float32_names``: tensors whose names it matches (``search``) become float32 instead when ``dtype`` is
+    a 16-bit float (a model's float32 islands, e.g. DeepSeek's router and its correction bias).
     With ``lazy=True`` yields :class:`LazyTensor` objects instead (read on demand, whole or sliced).
     ``seen``, when given, collects the names yielded. Raises CheckpointError naming an unreadable file.
     """
     if not isinstance(ckpt, CheckpointFiles):
         ckpt = find_checkpoint_files(ckpt)
+    widen = float32_names is not None and dtype in (torch.float16, torch.bfloat16)
     for path in ckpt.files:
         handle = _open(path)
         # Eager: the file is closed when its tensors are done. Lazy: each LazyTensor keeps the memory map
         # open (closed when the last of them is garbage-collected), so it can be read after iteration.
         with handle if not lazy else contextlib.nullcontext(handle) as f:
             for name in f.keys():
-                lazy_t = LazyTensor(f, path, name, dtype)
+                cast = torch.float32 if widen and float32_names.search(name) else dtype  # type: ignore[union-attr]
+                lazy_t = LazyTensor(f, path, name, cast)
                 if seen is not None:
                     seen.add(name)
                 yield name, (lazy_t if lazy else lazy_t.materialize())
@@ -358,7 +364,8 @@ def load_model(
     # (memory-mapped slices) instead of full ones.
     lazy = ctx.tp_group.world_size > 1
     try:
-        loaded = model.load_weights(iter_checkpoint_tensors(ckpt, params_dtype, seen=yielded, lazy=lazy))
+        loaded = model.load_weights(iter_checkpoint_tensors(
+            ckpt, params_dtype, seen=yielded, lazy=lazy, float32_names=getattr(model, "float32_weights", None)))
     except (CheckpointError, ConfigError):
         raise
     except Exception as exc:

@@ -31,7 +31,11 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int
 
 
 class FusedMoE(nn.Module):
-    """``forward(hidden_states [T, H], router_logits [T, E])`` -> ``[T, H]``."""
+    """``forward(hidden_states [T, H], router_logits [T, E], e_score_correction_bias=None)`` -> ``[T, H]``.
+
+    ``e_score_correction_bias`` (``[E]``, DeepSeek-V3's ``noaux_tc`` routing) is owned by the router, which
+    the checkpoint names it under, and is passed at each call.
+    """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
                  renormalize: bool = True, scoring_func: str = "softmax", activation: str = "silu",
@@ -132,11 +136,12 @@ class FusedMoE(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
 
-    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                e_score_correction_bias: torch.Tensor | None = None) -> torch.Tensor:
         topk_weights, topk_ids = self._moe_topk(
             router_logits=router_logits, top_k=self.top_k, scoring_func=self.scoring_func,
             renormalize=self.renormalize, num_expert_group=self.num_expert_group, topk_group=self.topk_group,
-            e_score_correction_bias=None, routed_scaling_factor=self.routed_scaling_factor,
+            e_score_correction_bias=e_score_correction_bias, routed_scaling_factor=self.routed_scaling_factor,
         )
         out = self._fused_experts(
             hidden_states=hidden_states, w13=self.w13_weight, w2=self.w2_weight, topk_weights=topk_weights,

@@ -51,12 +51,13 @@ class LinearBase(nn.Module):
         #: what the backend's prepare_linear returned for the current weight (None: not prepared)
         self.linear_prepared: Any = None
 
-    def _make_params(self, out_features: int, in_features: int, bias: bool) -> None:
-        self.weight = new_param(self._ctx, out_features, in_features)
+    def _make_params(self, out_features: int, in_features: int, bias: bool,
+                     dtype: torch.dtype | None = None) -> None:
+        self.weight = new_param(self._ctx, out_features, in_features, dtype=dtype)
         set_weight_attrs(self.weight, {"weight_loader": self.weight_loader})
         expect_shards(self.weight, self._expected_shards())
         if bias:
-            self.bias = new_param(self._ctx, out_features)
+            self.bias = new_param(self._ctx, out_features, dtype=dtype)
             set_weight_attrs(self.bias, {"weight_loader": self.weight_loader})
             expect_shards(self.bias, self._expected_shards())
         else:
@@ -77,12 +78,16 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    """A linear layer every rank holds whole (routers, small gates)."""
+    """A linear layer every rank holds whole (routers, small gates).
+
+    ``params_dtype``: the weight's dtype when it is not the model's (DeepSeek's float32 router); the
+    input must then come in that dtype too.
+    """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, *, skip_bias_add: bool = False,
-                 prefix: str = "") -> None:
+                 params_dtype: torch.dtype | None = None, prefix: str = "") -> None:
         super().__init__(input_size, output_size, skip_bias_add=skip_bias_add, prefix=prefix)
-        self._make_params(output_size, input_size, bias)
+        self._make_params(output_size, input_size, bias, dtype=params_dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None) -> None:
         self.linear_prepared = None  # the weight changes: a prepared copy would be stale

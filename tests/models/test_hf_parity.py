@@ -87,7 +87,8 @@ def test_float64_logits_match_transformers(case, ckpt_root):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (
-    "llama-gqa-hd32-default", "qwen2-sliding-tied", "qwen3-hd64", "mixtral-8x2", "qwen2moe-60x4-shared")],
+    "llama-gqa-hd32-default", "qwen2-sliding-tied", "qwen3-hd64", "mixtral-8x2", "qwen2moe-60x4-shared",
+    "deepseekv2-lite-yarn", "deepseekv3-noaux-yarn")],
     ids=lambda c: c.name)
 def test_bfloat16_logits_within_dtype_tolerance(case, ckpt_root):
     path, hf = checkpoint(case, ckpt_root)

@@ -92,7 +92,7 @@ def _to_stacked_experts(src: str, dst: Path, *, mixtral: bool) -> None:
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("name", ["mixtral-8x2", "qwen2moe-60x4-shared", "qwen3moe-8x2"])
+@pytest.mark.parametrize("name", ["mixtral-8x2", "qwen2moe-60x4-shared", "qwen3moe-8x2", "deepseekv3-noaux-yarn"])
 def test_stacked_expert_checkpoints_load_too(name, ckpt_root, tmp_path):
     case = CASES_BY_NAME[name]
     path, hf = checkpoint(case, ckpt_root)

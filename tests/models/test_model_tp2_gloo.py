@@ -25,7 +25,8 @@ if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
 JOBS = [("llama-mqa-dynamic", False), ("qwen3-hd32-tied-mha", False), ("qwen2moe-60x4-shared", False),
-        ("qwen2moe-60x4-shared", True)]
+        ("qwen2moe-60x4-shared", True), ("deepseekv3-noaux-yarn", False), ("deepseekv3-noaux-yarn", True),
+        ("deepseekv2-lite-yarn", False)]
 
 
 def _even(name: str) -> hf_cases.Case:

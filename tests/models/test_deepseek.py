@@ -1,0 +1,141 @@
+"""DeepSeek-V2/V3 specifics: config rules, float32 routing in 16-bit models, MTP layers, the MLA head layout.
+
+Logit parity with transformers (float32, float64, bfloat16, chunked prefill + decode, TP/EP) runs in
+test_hf_parity.py / test_model_tp2_gloo.py over the DeepSeek cases of hf_cases.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers builds the checkpoints these tests load")
+
+from hf_cases import CASES_BY_NAME, SEQUENCES, checkpoint, hf_logits  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from accel_models.config import load_config  # noqa: E402
+from accel_models.errors import CheckpointError, ConfigError  # noqa: E402
+from accel_models.layers import FusedMoE  # noqa: E402
+from accel_models.loader import load_model  # noqa: E402
+from accel_models.runner import ModelRunner  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("hf_checkpoints")
+
+
+def _rel_err(ours, ref) -> float:
+    scale = max(r.abs().max().item() for r in ref)
+    return max((o.to(r.dtype) - r).abs().max().item() for o, r in zip(ours, ref)) / scale
+
+
+V3 = dict(architectures=["DeepseekV3ForCausalLM"], vocab_size=64, hidden_size=32, intermediate_size=48,
+          num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+          qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+          n_group=4, topk_group=2)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (dict(n_group=None), "needs n_group and topk_group"),
+    (dict(n_group=3), "multiple of n_group"),
+    (dict(topk_group=5), "larger than n_group"),
+    (dict(num_experts_per_tok=5), "exceeds the experts of the topk_group"),
+    (dict(n_group=8, topk_group=2), "at least 2 experts per group"),
+    (dict(num_experts_per_tok=9, n_group=1, topk_group=1), "larger than n_routed_experts"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor is not supported with MLA"),
+    (dict(topk_method="sparse"), "topk_method"),
+    (dict(n_routed_experts=None), "n_routed_experts"),
+])
+def test_bad_deepseek_configs_say_what_is_wrong(change, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config({**V3, **change})
+
+
+def test_config_normalizes_as_transformers():
+    v3 = load_config({**V3, "head_dim": 999, "num_key_value_heads": 1, "num_local_experts": 8})
+    assert (v3.head_dim, v3.num_key_value_heads, v3.n_routed_experts) == (8, 2, 8)  # head_dim: the rotary width
+    assert (v3.scoring_func, v3.topk_method, v3.norm_topk_prob, v3.rope_interleave) == ("sigmoid", "noaux_tc", True,
+                                                                                        True)
+    assert [v3.is_moe_layer(i) for i in range(2)] == [False, False]  # first_k_dense_replace defaults to 3
+    assert v3.num_nextn_predict_layers == 1  # transformers' default for V3
+    v2 = load_config({**V3, "architectures": ["DeepseekV2ForCausalLM"], "rope_interleave": False,
+                      "first_k_dense_replace": 1, "moe_layer_freq": 1})
+    assert (v2.scoring_func, v2.topk_method, v2.rope_interleave) == ("softmax", "greedy", True)  # V2 always interleaves
+    assert [v2.is_moe_layer(i) for i in range(2)] == [False, True]
+
+
+def test_mla_heads_are_laid_out_for_the_shared_paged_attention(ckpt_root):
+    """Each head attends as [rotary | non-rotary], padded to one width; the cache holds that width."""
+    path, _ = checkpoint(CASES_BY_NAME["deepseekv3-halves-wide-v"], ckpt_root)  # qk 16 + 8, v 32
+    model = load_model(path, backend="reference", dtype="float32", device="cpu")
+    attn = model.model.layers[0].self_attn
+    assert (attn.attn_head_size, attn.attn.head_size, attn.attn.num_kv_heads) == (32, 32, 4)
+    assert (attn.rotary_emb.rotary_dim, attn.rotary_emb.is_neox) == (8, True)
+    v2 = load_model(checkpoint(CASES_BY_NAME["deepseekv2-qlora-grouped"], ckpt_root)[0], backend="reference",
+                    dtype="float32", device="cpu")
+    rope = v2.model.layers[0].self_attn.rotary_emb
+    assert (v2.model.layers[0].self_attn.attn_head_size, rope.rotary_dim, rope.is_neox) == (24, 8, False)
+    # MoE placement: first_k_dense_replace=1
+    kinds = [any(isinstance(m, FusedMoE) for m in layer.modules()) for layer in
+             load_model(checkpoint(CASES_BY_NAME["deepseekv3-noaux-yarn"], ckpt_root)[0], backend="reference",
+                        dtype="float32", device="cpu").model.layers]
+    assert kinds == [False, True]
+
+
+def test_router_and_correction_bias_stay_float32_in_a_bfloat16_model(ckpt_root):
+    path, hf = checkpoint(CASES_BY_NAME["deepseekv3-noaux-yarn"], ckpt_root)
+    stored = load_file(Path(path) / "model.safetensors")
+    bias = stored["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32 and not torch.equal(bias, bias.bfloat16().float())  # bf16 would round it
+    model = load_model(path, backend="reference", dtype="bfloat16", device="cpu")
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, bias)
+    assert torch.equal(gate.weight, stored["model.layers.1.mlp.gate.weight"])
+    assert model.model.layers[1].mlp.experts.w13_weight.dtype == torch.bfloat16
+    # float64 models route in float64 (no float32 island)
+    model64 = load_model(path, backend="reference", dtype="float64", device="cpu")
+    assert model64.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float64
+
+
+def _with_mtp_layer(src: str, dst: Path, *, declare: bool) -> Path:
+    """DeepSeek-V3's layout: a multi-token-prediction layer stored after the decoder layers."""
+    shutil.copytree(src, dst)
+    tensors = load_file(Path(src) / "model.safetensors")
+    for name in [n for n in tensors if n.startswith("model.layers.1.")]:
+        tensors[name.replace("model.layers.1.", "model.layers.2.")] = tensors[name].clone()
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(64, 128)
+    tensors["model.layers.2.enorm.weight"] = torch.ones(64)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["num_nextn_predict_layers"] = 1 if declare else 0
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_multi_token_prediction_layers_are_skipped_only_when_declared(ckpt_root, tmp_path):
+    path, hf = checkpoint(CASES_BY_NAME["deepseekv3-noaux-yarn"], ckpt_root)
+    ok = _with_mtp_layer(path, tmp_path / "mtp", declare=True)
+    model = load_model(ok, backend="reference", dtype="float32", device="cpu")
+    assert len(model.model.layers) == 2
+    assert _rel_err(ModelRunner(model).forward_sequences(SEQUENCES[:2]), hf_logits(hf, SEQUENCES[:2])) <= 1e-5
+    bad = _with_mtp_layer(path, tmp_path / "undeclared", declare=False)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*model\.layers\.2\.eh_proj\.weight"):
+        load_model(bad, backend="reference", dtype="float32", device="cpu")
+
+
+def test_missing_correction_bias_is_reported(ckpt_root, tmp_path):
+    path, _ = checkpoint(CASES_BY_NAME["deepseekv3-noaux-yarn"], ckpt_root)
+    bad = tmp_path / "nobias"
+    shutil.copytree(path, bad)
+    tensors = load_file(Path(path) / "model.safetensors")
+    del tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate\.e_score_correction_bias"):
+        load_model(bad, backend="reference", dtype="float32", device="cpu")

@@ -14,7 +14,7 @@ import torch
 from accel_models.backends import resolve_ops
 from accel_models.context import BuildContext, build_context
 
-#: tiny configs (hidden 64, 2 layers): a dense GQA model and a sparse one
+#: tiny configs (hidden 64, 2 layers): dense GQA models, a sparse one, and DeepSeek's latent attention + MoE
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128, "hidden_size": 64,
@@ -27,6 +27,20 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
         "head_dim": 32, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 1e6,
         "num_local_experts": 8, "num_experts_per_tok": 2, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "deepseek_v3": {  # MLA (query/key heads 32 + 32, value heads 32 padded to 64), grouped sigmoid routing
+        # with the correction bias, a shared expert, a dense first layer. Few experts and groups on purpose:
+        # in bfloat16 a near-tie between experts flips a token's choice, which moves its logits far more
+        # than rounding does (transformers' own bfloat16 run of a 16-expert grouped config is 0.39-0.59 of
+        # max |logit| away from its float32 one); with 8 experts in 2 groups the reference, cpu, gcu and
+        # npu-emulation backends are within 0.9-1.8e-2 over seeds 0-3.
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 128,
+        "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 32,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+        "moe_intermediate_size": 32, "first_k_dense_replace": 1, "routed_scaling_factor": 1.5,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu",
     },
     "qwen3": {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 128, "hidden_size": 64,

@@ -335,6 +335,15 @@ class VllmModelAdapter:
                 f"{OVERRIDE_ENV} and do not select the {NAME_PREFIX}* architecture)"
             )
         config = zoo_config(model_config.hf_config, self.zoo_architecture)
+        if getattr(config, "kv_lora_rank", None) is not None and getattr(model_config, "use_mla", False):
+            # vLLM would plan an MLA latent cache (and its block sizes) for layers that attend with expanded
+            # keys and values through vLLM's standard Attention: refuse before it fails deep in cache set-up
+            raise ValueError(
+                f"{type(self).__name__}: the zoo's DeepSeek attention runs through vLLM's standard attention "
+                "(keys and values expanded per head), not vLLM's MLA latent cache; start vLLM with "
+                "VLLM_MLA_DISABLE=1, or serve vLLM's own class (do not select the "
+                f"{NAME_PREFIX}* architecture)"
+            )
         ops = resolve_ops()
         _check_backend_device(ops, vllm_config.device_config.device_type)
         ctx = BuildContext(

@@ -139,3 +139,22 @@ def test_missing_correction_bias_is_reported(ckpt_root, tmp_path):
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.gate\.e_score_correction_bias"):
         load_model(bad, backend="reference", dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("name", ["deepseekv2-lite-yarn", "deepseekv3-noaux-yarn"])
+def test_llm_generates_transformers_greedy_tokens(name, ckpt_root):
+    """The runtime end to end (scheduler, paged cache across blocks, prefix caching, sampler) on DeepSeek."""
+    from accel_models import LLM, SamplingParams
+
+    path, hf = checkpoint(CASES_BY_NAME[name], ckpt_root)
+    prompts = [[3, 17, 42, 5, 99, 127, 0, 64], [9, 8, 7], [3, 17, 42, 5, 99, 1]]  # the third shares a prefix
+    expected = []
+    with torch.no_grad():
+        for p in prompts:  # transformers' greedy continuation, past any EOS (as ignore_eos)
+            ids = list(p)
+            for _ in range(12):
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[len(p):])
+    with LLM(path, backend="reference", dtype="float32", block_size=4) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == expected

@@ -1080,3 +1080,24 @@ def test_argmax_is_torch_argmax_across_chunks(dtype, kernels, monkeypatch):
     assert buf.tolist() == want[:3].tolist() + [123, 123, 123]
     st = kernels.argmax_state(x.device, 9)
     assert (st[0] == kernels._INT64_MIN).all() and (st[1] == 0).all()  # at rest for the next launch
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole tiny models on the kernels (the conformance kit's model check)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["llama", "mixtral", "qwen3", "deepseek_v3"])
+def test_tiny_models_match_the_reference_on_the_kernels(model, kernels):
+    """The kit's model check (prefill of four prompts as one mixed batch, then three decode steps) with every
+    op on this backend's kernels, against the float64 reference: DeepSeek-V3 brings latent attention (64-wide
+    heads rotated on their first 32 channels in GPT-J pairs, value heads zero-padded), a float32 router
+    beside float32 experts, and grouped sigmoid routing with the correction bias. Not yet run on a GPU."""
+    from accel_models.backends import resolve_ops
+    from accel_models.testing.models import check_model
+
+    ops = resolve_ops("cuda", allow_unavailable=True)
+    used = ("linear", "paged_attention", "rope_and_write_kv_cache", "moe_topk", "fused_experts", "rms_norm")
+    assert all(ops.providers[op] == "cuda" for op in used), ops.providers
+    result = check_model(model, "cuda", dtype=torch.float32, device="cpu", allow_unavailable=True)
+    assert result["status"] == "pass", result

@@ -303,7 +303,10 @@ def hf_view(hf_cfg) -> dict:
     windows = [w or None for w in windows]  # Qwen2-MoE stores 0 for "no window"
     rp = dict(hf_cfg.rope_parameters)
     rp.pop("type", None)
-    return {"head_dim": head_dim, "num_key_value_heads": hf_cfg.num_key_value_heads, "windows": windows,
+    kv_heads = hf_cfg.num_key_value_heads
+    if arch in ("DeepseekV2Config", "DeepseekV3Config"):
+        kv_heads = hf_cfg.num_attention_heads  # MLA: kv_b_proj expands a key and a value for every head
+    return {"head_dim": head_dim, "num_key_value_heads": kv_heads, "windows": windows,
             "rope_parameters": rp, "dtype": str(hf_cfg.dtype).removeprefix("torch.") if hf_cfg.dtype else None}
 
 
@@ -330,12 +333,18 @@ def assert_matches_hf(cfg, hf_cfg) -> None:
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "hidden_act", "bos_token_id",
                 "eos_token_id", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
-                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "num_local_experts", "num_experts"):
+                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "num_local_experts", "num_experts",
+                "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "routed_scaling_factor",
+                "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "rope_interleave", "num_nextn_predict_layers"):
         if hasattr(hf_cfg, key) and hasattr(cfg, key):
             assert getattr(cfg, key) == getattr(hf_cfg, key), key
     if hasattr(hf_cfg, "mlp_only_layers"):  # the sparse-layer rule of transformers' decoder layer
         want = [(i not in hf_cfg.mlp_only_layers) and hf_cfg.num_experts > 0 and (i + 1) % hf_cfg.decoder_sparse_step == 0
                 for i in range(hf_cfg.num_hidden_layers)]
+        assert [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == want
+    if hasattr(hf_cfg, "first_k_dense_replace"):  # DeepSeek's decoder layer: MoE from first_k_dense_replace on
+        want = [i >= hf_cfg.first_k_dense_replace for i in range(hf_cfg.num_hidden_layers)]
         assert [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] == want
 
 
@@ -370,6 +379,17 @@ def _tiny_hf_configs():
     yield "qwen3moe", T.Qwen3MoeConfig(**common, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
                                        moe_intermediate_size=16, norm_topk_prob=True,
                                        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+
+    yield "deepseekv2-lite-yarn", T.DeepseekV2Config(
+        **common, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+        first_k_dense_replace=1, max_position_embeddings=8192, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 2048,
+            "mscale": 0.707, "mscale_all_dim": 0.707})
+    yield "deepseekv3", T.DeepseekV3Config(
+        **common, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_group=4, topk_group=2,
+        first_k_dense_replace=2, rope_interleave=False)
 
 
 HF_TINY = dict(_tiny_hf_configs())
@@ -521,6 +541,8 @@ def test_absent_fields_take_transformers_defaults(arch):
         data.update(num_local_experts=4, num_experts_per_tok=2)
     elif "Moe" in arch:
         data.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    elif arch.startswith("Deepseek"):  # structural sizes are required; V3's 8 default groups need >= 16 experts
+        data.update(n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=8)
     cfg = load_config(data)
     assert_matches_hf(cfg, hf_config(data))
 

@@ -663,6 +663,12 @@ class DeepseekV2Config(ModelConfig):
     moe_layer_freq: int = Field(default=1, gt=0)
     rope_interleave: bool | None = None
     num_nextn_predict_layers: int = Field(default=0, ge=0)
+    #: accel-models' own key (not transformers'): how the paged KV cache holds MLA's keys and values.
+    #: ``"latent"``: the compressed latent and the rotary key, one 'head' of kv_lora_rank + qk_rope_head_dim
+    #: channels per token (the backend must accept that head size); ``"expanded"``: every head's key and
+    #: value; ``"auto"`` (default): latent where the backend's kv_cache_layout accepts the head size and the
+    #: zoo's own attention runs (not under vLLM), else expanded.
+    mla_cache: Literal["auto", "latent", "expanded"] = "auto"
 
     @classmethod
     def _rename_aliases(cls, data: dict[str, Any]) -> dict[str, Any]:

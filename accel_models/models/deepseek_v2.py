@@ -4,17 +4,27 @@ The layers are Llama's (pre-norm blocks, fused residual adds); what differs:
 
 * **Attention (MLA).** Queries come from ``q_proj``, or from the low-rank ``q_a_proj`` -> RMSNorm ->
   ``q_b_proj``. Keys and values come from one compressed latent per token: ``kv_a_proj_with_mqa`` gives the
-  latent (``kv_lora_rank``, then RMSNorm) and a rotary key part (``qk_rope_head_dim``) that every head
-  shares; ``kv_b_proj`` expands the latent into each head's non-rotary key part and its value.
-  The zoo attends with the same paged :class:`~accel_models.layers.Attention` as every family, so the
-  model runs on every backend unchanged: each head is laid out as ``[rotary part | non-rotary part]``
-  (a query/key dot product does not depend on the order of the channels, as long as q and k share it),
-  the rotary embedding rotates the leading ``qk_rope_head_dim`` channels in the same op call as the KV
-  write, and a value head narrower than a query head is zero-padded to it (its padding channels come
-  out zero and are dropped before ``o_proj``). The cost is memory: the cache holds each head's expanded
-  key and padded value (DeepSeek-V2-Lite: 16 heads x 192 x 2 per token and layer) where MLA could keep
-  only the latent and the rotary key (512 + 64). A latent-cache attention op is future work (see
-  docs/design.md).
+  latent ``c`` (``kv_lora_rank``, then RMSNorm) and a rotary key part (``qk_rope_head_dim``) that every
+  head shares; ``kv_b_proj`` expands ``c`` into each head's non-rotary key part (``W_UK c``) and its value
+  (``W_UV c``). The zoo attends with the same paged :class:`~accel_models.layers.Attention` as every
+  family, so the model runs on every backend unchanged, in one of two cache layouts
+  (``config.mla_cache``):
+
+  - **latent** (where the backend takes the head size): MLA's own trick with the shared ops. A head's
+    score ``q_nope . W_UK c + q_pe . k_pe`` is ``(W_UK^T q_nope) . c + q_pe . k_pe``, so the query becomes
+    ``[q_pe | W_UK^T q_nope]`` per head and the key ``[k_pe | c]``, one key head for all query heads
+    (MQA): the cache holds ``kv_lora_rank + qk_rope_head_dim`` channels per token and layer (twice: the
+    value slot holds the same vector, and the attention's output over it is ``softmax . [k_pe | c]``,
+    whose ``c`` part times ``W_UV`` is the head's output). DeepSeek-V2-Lite: 2 x 576 per token and layer
+    instead of 16 heads x 192 x 2. Prefill attends the same way (more multiply-adds per key than the
+    expanded form; the same bytes).
+  - **expanded** (elsewhere, e.g. vLLM's attention or a backend whose attention stops at 256 channels):
+    each head's key ``[k_pe | W_UK c]`` and value ``W_UV c``, zero-padded to one width (padding channels
+    come out zero and are dropped before ``o_proj``).
+
+  Either way a head's channels are laid out ``[rotary part | the rest]`` (a q.k product does not depend on
+  the channel order as long as q and k share it), so the rotary embedding turns the leading
+  ``qk_rope_head_dim`` channels in the same op call as the KV write.
 * **Rotary.** DeepSeek rotates interleaved channel pairs (GPT-J style; DeepSeek-V3's ``rope_interleave``
   false: halves, as Llama), usually with yarn; under yarn the softmax scale is multiplied by
   ``mscale(factor, mscale_all_dim) ** 2`` (``config.mla_softmax_scale``).
@@ -77,9 +87,7 @@ class DeepseekV2Attention(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
-        #: the head size the paged attention sees: query/key heads and value heads padded to one width
-        self.attn_head_size = max(self.qk_head_dim, self.v_head_dim)
-        self.scaling = config.mla_softmax_scale
+        self.scaling = config.mla_softmax_scale  # the same for both cache layouts: the scores are equal
         h = self.total_num_heads
 
         if self.q_lora_rank is None:
@@ -98,11 +106,39 @@ class DeepseekV2Attention(nn.Module):
                                               bias=False, prefix=f"{prefix}.kv_b_proj")
         self.o_proj = RowParallelLinear(h * self.v_head_dim, self.hidden_size, bias=config.attention_bias,
                                         prefix=f"{prefix}.o_proj")
+        #: channels of the latent cache's one key head: the latent and the rotary key part
+        self.latent_size = self.kv_lora_rank + self.qk_rope_head_dim
+        self.latent_cache = self._use_latent_cache(config)
+        if self.latent_cache:
+            self.attn_head_size, kv_heads = self.latent_size, 1
+        else:
+            self.attn_head_size, kv_heads = max(self.qk_head_dim, self.v_head_dim), self.num_heads
         self.rotary_emb = get_rope(self.attn_head_size, self.qk_rope_head_dim, config.max_position_embeddings,
                                    config.rope_parameters, is_neox=not config.rope_interleave,
                                    prefix=f"{prefix}.rotary_emb")
-        self.attn = Attention(self.num_heads, self.attn_head_size, self.scaling, num_kv_heads=self.num_heads,
+        self.attn = Attention(self.num_heads, self.attn_head_size, self.scaling, num_kv_heads=kv_heads,
                               prefix=f"{prefix}.attn", rotary_emb=self.rotary_emb)
+
+    def _use_latent_cache(self, config: Any) -> bool:
+        """``config.mla_cache``, with ``auto`` resolved against the build context (see the module docstring)."""
+        ctx = get_build_context()
+        mode = config.mla_cache
+        if mode == "expanded":
+            return False
+        if ctx.attention_factory is not None:  # vLLM's attention: its cache, sized per expanded head
+            if mode == "latent":
+                raise ValueError(f"{self.prefix}: mla_cache 'latent' needs the zoo's own paged attention; under "
+                                 "vLLM the layers attend through vLLM's standard attention: use 'auto' or 'expanded'")
+            return False
+        try:
+            ctx.ops.kv_cache_layout(num_kv_heads=1, head_size=self.latent_size, dtype=param_dtype(ctx))
+        except ValueError as exc:
+            if mode == "latent":
+                raise ValueError(f"{self.prefix}: mla_cache 'latent' needs one KV head of kv_lora_rank + "
+                                 f"qk_rope_head_dim = {self.latent_size} channels, which backend "
+                                 f"{ctx.ops.backend!r} refuses ({exc}); use 'auto' or 'expanded'") from None
+            return False
+        return True
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, heads, d]`` -> ``[T, heads, attn_head_size]``, zeros after ``d``."""
@@ -119,7 +155,10 @@ class DeepseekV2Attention(nn.Module):
         q_nope, q_pe = q.view(t, heads, self.qk_head_dim).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
         latent, _ = self.kv_a_proj_with_mqa(hidden_states)
         kv_c, k_pe = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv, _ = self.kv_b_proj(self.kv_a_layernorm(kv_c.contiguous()))
+        kv_c = self.kv_a_layernorm(kv_c.contiguous())
+        if self.latent_cache:
+            return self._forward_latent(positions, q_nope, q_pe, kv_c, k_pe)
+        kv, _ = self.kv_b_proj(kv_c)
         k_nope, v = kv.view(t, heads, self.qk_nope_head_dim + self.v_head_dim).split(
             [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         # [rotary | non-rotary] per head: the rotary embedding turns the leading qk_rope_head_dim channels
@@ -128,6 +167,21 @@ class DeepseekV2Attention(nn.Module):
         v = self._pad(v)
         out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1), positions)
         out = out.view(t, heads, self.attn_head_size)[..., : self.v_head_dim].reshape(t, heads * self.v_head_dim)
+        out, _ = self.o_proj(out)
+        return out
+
+    def _forward_latent(self, positions: torch.Tensor, q_nope: torch.Tensor, q_pe: torch.Tensor,
+                        kv_c: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        t, heads, lora = q_nope.shape[0], self.num_heads, self.kv_lora_rank
+        # kv_b_proj's rows per head: W_UK [nope, lora] then W_UV [v, lora] (this rank's heads)
+        w = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, lora)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+        q_lat = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # the query against the latent: W_UK^T q_nope
+        q = torch.cat((q_pe, q_lat), dim=-1)  # [T, heads, rope + lora]
+        k = torch.cat((k_pe, kv_c), dim=-1)  # [T, rope + lora]: one key head; the value slot holds it too
+        out = self.attn(q.reshape(t, -1), k, k, positions)
+        o_lat = out.view(t, heads, self.latent_size)[..., self.qk_rope_head_dim :]  # softmax . c per head
+        out = torch.einsum("thl,hvl->thv", o_lat, w_uv).reshape(t, heads * self.v_head_dim)
         out, _ = self.o_proj(out)
         return out
 

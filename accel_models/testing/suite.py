@@ -56,7 +56,7 @@ class BackendConformance:
         assert failure is None, f"{self.backend}.{op} [{dtype}] fails its contract: {failure}"
         assert cases > 0
 
-    @pytest.mark.parametrize("model", ["llama", "mixtral", "deepseek_v3"])
+    @pytest.mark.parametrize("model", ["llama", "mixtral", "deepseek_v2", "deepseek_v3"])
     def test_model_matches_reference(self, model: str) -> None:
         """Tiny zoo models on the backend give the reference backend's logits (prefill + decode)."""
         from accel_models.testing.models import check_model

@@ -79,9 +79,10 @@ CASES += [
               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 0.707,
                                "beta_fast": 32, "beta_slow": 1}), moe=True),
-    # DeepSeek-V2's: q low-rank, group-limited routing, scaled weights, value heads narrower than the rest
+    # DeepSeek-V2's: q low-rank, group-limited routing, scaled weights, value heads narrower than the rest;
+    # the expanded cache (accel-models' mla_cache key; the other two cases take the latent one)
     Case("deepseekv2-qlora-grouped", "DeepseekV2Config",
-         dict(_MLA, q_lora_rank=24, v_head_dim=12, n_routed_experts=16, num_experts_per_tok=3,
+         dict(_MLA, mla_cache="expanded", q_lora_rank=24, v_head_dim=12, n_routed_experts=16, num_experts_per_tok=3,
               moe_intermediate_size=20, n_shared_experts=1, topk_method="group_limited_greedy", n_group=4,
               topk_group=2, routed_scaling_factor=2.0, tie_word_embeddings=True), moe=True),
     # DeepSeek-V3's: sigmoid routing with the correction bias over expert groups, renormalized and scaled
@@ -91,9 +92,10 @@ CASES += [
               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0,
                                "beta_fast": 32, "beta_slow": 1}), moe=True),
-    # rope_interleave false (rotary halves) and value heads wider than query/key heads (those are padded)
+    # rope_interleave false (rotary halves) and value heads wider than query/key heads (those are padded in
+    # the expanded cache)
     Case("deepseekv3-halves-wide-v", "DeepseekV3Config",
-         dict(_MLA, q_lora_rank=None, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
+         dict(_MLA, mla_cache="expanded", q_lora_rank=None, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
               moe_intermediate_size=20, n_shared_experts=2, n_group=2, topk_group=1, first_k_dense_replace=0,
               rope_interleave=False), moe=True),
 ]

@@ -70,17 +70,56 @@ def test_config_normalizes_as_transformers():
     assert [v2.is_moe_layer(i) for i in range(2)] == [False, True]
 
 
+def _attn(name: str, ckpt_root, **kw):
+    path, _ = checkpoint(CASES_BY_NAME[name], ckpt_root)
+    return load_model(path, backend="reference", dtype="float32", device="cpu", **kw).model.layers[0].self_attn
+
+
 def test_mla_heads_are_laid_out_for_the_shared_paged_attention(ckpt_root):
-    """Each head attends as [rotary | non-rotary], padded to one width; the cache holds that width."""
-    path, _ = checkpoint(CASES_BY_NAME["deepseekv3-halves-wide-v"], ckpt_root)  # qk 16 + 8, v 32
-    model = load_model(path, backend="reference", dtype="float32", device="cpu")
-    attn = model.model.layers[0].self_attn
+    """Expanded cache: each head attends as [rotary | non-rotary], padded to one width. Latent cache: one key
+    head of [rotary key | latent] for every query head."""
+    attn = _attn("deepseekv3-halves-wide-v", ckpt_root)  # expanded; qk 16 + 8, v 32
+    assert not attn.latent_cache
     assert (attn.attn_head_size, attn.attn.head_size, attn.attn.num_kv_heads) == (32, 32, 4)
     assert (attn.rotary_emb.rotary_dim, attn.rotary_emb.is_neox) == (8, True)
-    v2 = load_model(checkpoint(CASES_BY_NAME["deepseekv2-qlora-grouped"], ckpt_root)[0], backend="reference",
-                    dtype="float32", device="cpu")
-    rope = v2.model.layers[0].self_attn.rotary_emb
-    assert (v2.model.layers[0].self_attn.attn_head_size, rope.rotary_dim, rope.is_neox) == (24, 8, False)
+    attn = _attn("deepseekv2-qlora-grouped", ckpt_root)  # expanded
+    assert (attn.attn_head_size, attn.rotary_emb.rotary_dim, attn.rotary_emb.is_neox) == (24, 8, False)
+    attn = _attn("deepseekv2-lite-yarn", ckpt_root)  # auto -> latent on the reference backend
+    assert attn.latent_cache and (attn.attn.head_size, attn.attn.num_kv_heads, attn.attn.num_heads) == (40, 1, 4)
+    assert (attn.rotary_emb.rotary_dim, attn.rotary_emb.is_neox) == (8, False)
+
+
+def test_latent_cache_is_smaller_and_auto_falls_back_where_the_backend_refuses_the_head_size(ckpt_root, tmp_path,
+                                                                                                monkeypatch):
+    from accel_models.backends import resolve_ops
+
+    path, hf = checkpoint(CASES_BY_NAME["deepseekv2-lite-yarn"], ckpt_root)
+    latent = ModelRunner(load_model(path, backend="reference", dtype="float32", device="cpu"), num_blocks=4)
+    expanded_dir = tmp_path / "expanded"
+    shutil.copytree(path, expanded_dir)
+    cfg = json.loads((expanded_dir / "config.json").read_text())
+    (expanded_dir / "config.json").write_text(json.dumps({**cfg, "mla_cache": "expanded"}))
+    expanded = ModelRunner(load_model(expanded_dir, backend="reference", dtype="float32", device="cpu"), num_blocks=4)
+    size = {name: sum(c.numel() for c in r.kv_caches.values()) for name, r in (("l", latent), ("e", expanded))}
+    assert size["e"] == size["l"] * (4 * 24 * 2) // (40 * 2)  # 4 heads x max(24, 16) x (k, v) vs (32 + 8) x 2
+    # a backend whose attention refuses the latent head size: auto takes the expanded cache; latent is an error
+    ops = resolve_ops("reference")
+    real = ops.kv_cache_layout
+
+    def layout(*, num_kv_heads, head_size, dtype):
+        if head_size > 32:
+            raise ValueError(f"head_size {head_size} is not supported; supported: 1..32")
+        return real(num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype)
+
+    monkeypatch.setattr(ops, "kv_cache_layout", layout)
+    small = load_model(path, ops=ops, dtype="float32", device="cpu")
+    assert not small.model.layers[0].self_attn.latent_cache
+    assert _rel_err(ModelRunner(small).forward_sequences(SEQUENCES), hf_logits(hf, SEQUENCES)) <= 1e-5
+    forced = tmp_path / "latent"
+    shutil.copytree(path, forced)
+    (forced / "config.json").write_text(json.dumps({**cfg, "mla_cache": "latent"}))
+    with pytest.raises(ValueError, match=r"mla_cache 'latent' needs one KV head of .* = 40 channels"):
+        load_model(forced, ops=ops, dtype="float32", device="cpu")
     # MoE placement: first_k_dense_replace=1
     kinds = [any(isinstance(m, FusedMoE) for m in layer.modules()) for layer in
              load_model(checkpoint(CASES_BY_NAME["deepseekv3-noaux-yarn"], ckpt_root)[0], backend="reference",

@@ -136,3 +136,50 @@ def test_model_level_check_passes_reference_and_catches_wrong_rms_norm(wrong_bac
     assert good["status"] == "pass", good
     bad = check_model("llama", wrong_backend, dtype=torch.float32, device="cpu")
     assert bad["status"] == "fail" and float(bad["error"]) > 1e-4, bad
+
+
+def _misrouting_backend(skip_bias: bool) -> types.SimpleNamespace:
+    """moe_topk defects that a model check must not excuse as rounding: the correction bias ignored, or each
+    token's best expert replaced by its worst."""
+
+    @hookimpl
+    def accel_backend_info():
+        return BackendInfo(name="misrouting", device_type="cpu", available=True, reason=None)
+
+    @hookimpl
+    def accel_moe_topk(router_logits, top_k, scoring_func, renormalize, num_expert_group, topk_group,
+                       e_score_correction_bias, routed_scaling_factor):
+        kw = dict(router_logits=router_logits, top_k=top_k, scoring_func=scoring_func, renormalize=renormalize,
+                  num_expert_group=num_expert_group, topk_group=topk_group,
+                  e_score_correction_bias=None if skip_bias else e_score_correction_bias,
+                  routed_scaling_factor=routed_scaling_factor)
+        weights, ids = ref.moe_topk(**kw)
+        if not skip_bias:
+            ids = ids.clone()
+            ids[:, 0] = router_logits.argmin(-1).to(ids.dtype)
+        return weights, ids
+
+    return types.SimpleNamespace(**{k: v for k, v in locals().items() if k.startswith("accel_")})
+
+
+@pytest.mark.parametrize("model, skip_bias", [("mixtral", False), ("deepseek_v3", False), ("deepseek_v3", True)])
+def test_model_check_fails_routing_that_is_not_a_near_tie(model, skip_bias):
+    from accel_models.testing.models import check_model
+
+    accel_models.register_backend(_misrouting_backend(skip_bias), "misrouting")
+    try:
+        bad = check_model(model, "misrouting", dtype=torch.bfloat16, device="cpu")
+    finally:
+        accel_models.unregister_backend("misrouting")
+    assert bad["status"] == "fail" and "routing differs beyond a near-tie" in bad["message"], bad
+    assert ".experts token " in bad["message"]
+
+
+def test_model_check_takes_near_tie_routing_the_backends_way():
+    """bfloat16 rounding breaks near-ties between experts either way; the check resolves them the backend's way
+    (the reference's own choice would put this seed's tiny Mixtral 0.18 of max |logit| away) and says so."""
+    from accel_models.testing.models import MODEL_TOLERANCE, check_model
+
+    got = check_model("mixtral", "reference", dtype=torch.bfloat16, device="cpu", seed=3)
+    assert got["status"] == "pass" and float(got["error"]) <= MODEL_TOLERANCE[torch.bfloat16] / 3, got
+    assert got["message"].startswith("1 near-tie routing choice(s) taken the backend's way"), got

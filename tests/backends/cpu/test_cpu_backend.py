@@ -50,7 +50,8 @@ def test_kit_passes_on_the_cpu_backend():
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops if r.status != "pass"]
     native = {r.op for r in report.ops if r.native}
     assert {"linear", "prepare_linear", "paged_attention", "write_kv_cache"} <= native
-    models = [check_model(m, "cpu", dtype=torch.float32, device="cpu") for m in ("llama", "mixtral", "deepseek_v3")]
+    models = [check_model(m, "cpu", dtype=torch.float32, device="cpu")
+              for m in ("llama", "mixtral", "deepseek_v2", "deepseek_v3")]
     assert all(m["status"] == "pass" for m in models), models
 
 

@@ -1087,7 +1087,7 @@ def test_argmax_is_torch_argmax_across_chunks(dtype, kernels, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["llama", "mixtral", "qwen3", "deepseek_v3"])
+@pytest.mark.parametrize("model", ["llama", "mixtral", "qwen3", "deepseek_v2", "deepseek_v3"])
 def test_tiny_models_match_the_reference_on_the_kernels(model, kernels):
     """The kit's model check (prefill of four prompts as one mixed batch, then three decode steps) with every
     op on this backend's kernels, against the float64 reference: DeepSeek-V3 brings latent attention (64-wide

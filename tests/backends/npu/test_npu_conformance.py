@@ -16,7 +16,7 @@ def test_kit_passes_on_the_emulated_npu_backend():
         report = run_conformance("npu", allow_unavailable=True, quick=True, device="cpu", max_examples=5,
                                  dtypes=(torch.float32, torch.bfloat16))
         models = [check_model(m, "npu", dtype=torch.bfloat16, device="cpu", allow_unavailable=True)
-                  for m in ("llama", "mixtral", "deepseek_v3")]
+                  for m in ("llama", "mixtral", "deepseek_v2", "deepseek_v3")]
         graphs = [check_graphs(m, "npu", dtype=torch.bfloat16, device="cpu", allow_unavailable=True)
                   for m in ("llama", "mixtral")]
     assert report.passed, [(r.op, r.status, r.message) for r in report.ops if r.status != "pass"]

@@ -28,14 +28,14 @@ DEEPSEEK_MOE = (MOE - {"npu_moe_gating_top_k_softmax"}) | {"npu_moe_gating_top_k
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("model", ["llama", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("model", ["llama", "mixtral", "deepseek_v2", "deepseek_v3"])
 def test_tiny_model_logits_match_reference(model: str, dtype: torch.dtype):
     before = collections.Counter(accel_backend_npu.FALLBACKS)
     with use_torch_npu(TorchNpuEmulation()) as emu:
         result = models.check_model(model, "npu", dtype=dtype, device="cpu", allow_unavailable=True)
     assert result["status"] == "pass", result
     called = set(emu.called())
-    expected = DENSE | {"mixtral": MOE, "deepseek_v3": DEEPSEEK_MOE}.get(model, set())
+    expected = DENSE | {"mixtral": MOE, "deepseek_v2": MOE, "deepseek_v3": DEEPSEEK_MOE}.get(model, set())
     if dtype == torch.bfloat16:
         expected.add("npu_fused_infer_attention_score")
     assert expected <= called, f"kernels not used: {sorted(expected - called)}"

@@ -13,6 +13,14 @@ import torch
 from accel_models.testing.models import check_graphs
 for m in ('llama', 'mixtral'): print('graphs', check_graphs(m, 'cuda', dtype=torch.bfloat16, device='cuda'))
 " > $O/kit-graphs.txt 2>&1; echo "kit graphs rc $?"; grep graphs $O/kit-graphs.txt
+# (added in session 17) DeepSeek on the GPU for the first time: the kit's tiny V2 (expanded MLA cache) and V3
+# (latent cache: one 64-channel key head; grouped sigmoid routing with the correction bias) vs float64
+timeout 120 python3 -c "
+import torch
+from accel_models.testing.models import check_model
+for m in ('deepseek_v2', 'deepseek_v3'):
+    for dt in (torch.float32, torch.bfloat16): print('kit', check_model(m, 'cuda', dtype=dt, device='cuda'))
+" > $O/kit-deepseek.txt 2>&1; echo "kit deepseek rc $?"; grep kit $O/kit-deepseek.txt; tail -3 $O/kit-deepseek.txt
 python3 - <<'PY'
 import json, os
 import accel_backend_cuda._triton_kernels as k

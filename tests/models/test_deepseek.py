@@ -197,3 +197,80 @@ def test_llm_generates_transformers_greedy_tokens(name, ckpt_root):
     with LLM(path, backend="reference", dtype="float32", block_size=4) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+#: DeepSeek-V2-Lite's published config.json (fields as on the hub, auto_map left out)
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+    "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+#: DeepSeek-V3's (its checkpoint is fp8: quantization_config)
+V3_FULL = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "bos_token_id": 0, "eos_token_id": 1,
+    "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+    "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "tie_word_embeddings": False,
+    "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
+}
+
+
+def test_published_configs_load_as_transformers_reads_them():
+    import math
+
+    import transformers
+
+    lite = load_config(V2_LITE)
+    hf = transformers.DeepseekV2Config.from_dict(V2_LITE)
+    assert (lite.head_dim, lite.qk_head_dim, lite.num_key_value_heads) == (64, 192, 16)
+    mscale = 0.1 * 0.707 * math.log(40) + 1
+    assert lite.mla_softmax_scale == pytest.approx(192 ** -0.5 * mscale**2, rel=1e-12)
+    assert lite.rope_parameters["attention_factor"] == pytest.approx(1.0)  # mscale == mscale_all_dim
+    assert [lite.is_moe_layer(i) for i in (0, 1, 26)] == [False, True, True] == [
+        i >= hf.first_k_dense_replace for i in (0, 1, 26)]
+    assert (lite.bos_token_id, lite.eos_token_id, lite.dtype) == (100000, 100001, "bfloat16")
+    assert not lite.uses_expert_groups  # greedy (n_group 1 is carried but unused)
+    with pytest.raises(ConfigError, match="quantized checkpoints are not supported yet.*'fp8'"):
+        load_config(V3_FULL)
+    v3 = load_config({k: v for k, v in V3_FULL.items() if k != "quantization_config"})
+    assert (v3.uses_expert_groups, v3.num_nextn_predict_layers, v3.rope_interleave) == (True, 1, True)
+    assert [v3.is_moe_layer(i) for i in (2, 3)] == [False, True]
+
+
+@pytest.mark.parametrize("backend, latent", [("reference", True), ("cpu", True), ("cuda", False), ("gcu", False)])
+def test_auto_cache_at_the_published_shape_follows_the_backends_attention(backend, latent):
+    """576-channel latent heads where the backend's kv_cache_layout takes them, expanded 192-channel heads
+    where its attention stops at 256 (built on the meta device: no memory)."""
+    from accel_models.backends import resolve_ops
+    from accel_models.context import BuildContext, build_context
+    from accel_models.models import get_model_class
+
+    config = load_config({**V2_LITE, "num_hidden_layers": 2})
+    ops = resolve_ops(backend, allow_unavailable=True)
+    with build_context(BuildContext(ops=ops, params_dtype=torch.bfloat16, device=torch.device("meta"))):
+        model = get_model_class(config.architecture)(config)
+    attn = model.model.layers[1].self_attn
+    assert attn.latent_cache is latent
+    heads, size = (1, 576) if latent else (16, 192)
+    assert (attn.attn.num_kv_heads, attn.attn.head_size) == (heads, size)
+    bytes_per_token = ops.kv_cache_layout(num_kv_heads=heads, head_size=size, dtype=torch.bfloat16).bytes_per_token
+    assert bytes_per_token == (2 * 576 * 2 if latent else 2 * 16 * 192 * 2)  # 2304 vs 12288: 5.3x
